@@ -1,0 +1,533 @@
+//! The int4 CPU engine: a llama/qwen2 decoder computed with this crate's kernels on weights
+//! memory-mapped from a GGUF file.
+//!
+//! Every buffer — activations for a batch of `max_batch` tokens, the KV cache for `n_ctx`
+//! positions, logits, per-thread scratch — is allocated once in [`CpuBackend::load`];
+//! `forward` allocates nothing.
+
+pub mod model;
+
+use std::path::Path;
+
+use crate::backend::{Backend, BackendError, BackendInfo};
+use crate::gguf::Gguf;
+use crate::kernels::matmul::{matmul, Acts};
+use crate::kernels::pool::{split, Pool, Shards};
+use crate::kernels::quant::{dequantize_row, BlockQ8, QK};
+use crate::kernels::{KernelKind, Kernels};
+use model::{Config, ModelError, RopeStyle, Weights};
+
+/// How to load a model on the CPU.
+#[derive(Debug, Clone)]
+pub struct CpuOptions {
+    /// Context window (positions in the KV cache). 0: the model's training context, capped at 4096.
+    pub n_ctx: usize,
+    /// Threads computing (the caller included). 0: the number of available cores.
+    pub threads: usize,
+    /// `None`: the fastest kernels for this CPU.
+    pub kernels: Option<KernelKind>,
+    /// Most tokens per forward call.
+    pub max_batch: usize,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions {
+            n_ctx: 0,
+            threads: 0,
+            kernels: None,
+            max_batch: 64,
+        }
+    }
+}
+
+/// Activation buffers for a batch of up to `max_batch` tokens.
+struct State {
+    /// Residual stream. (max_batch, dim)
+    x: Vec<f32>,
+    /// Normalised input of a block, then attention output. (max_batch, max(dim, q_dim))
+    xb: Vec<f32>,
+    /// Output of a projection before it is added to the stream. (max_batch, dim)
+    xb2: Vec<f32>,
+    /// (max_batch, q_dim)
+    q: Vec<f32>,
+    /// (max_batch, kv_dim)
+    k: Vec<f32>,
+    /// (max_batch, kv_dim)
+    v: Vec<f32>,
+    /// FFN gate, then gate·up. (max_batch, ffn)
+    hb: Vec<f32>,
+    /// FFN up. (max_batch, ffn)
+    hb2: Vec<f32>,
+    /// 8-bit activations of the current matmul input. (max_batch, max_cols / 32)
+    xq: Vec<BlockQ8>,
+    /// Attention scores, one row per thread. (threads, n_ctx)
+    att: Vec<f32>,
+    /// Dequantized weight rows, one per thread. (threads, max_cols)
+    scratch: Vec<f32>,
+    /// RoPE cos/sin for each token of the batch. (max_batch, head_dim / 2, 2)
+    rope: Vec<f32>,
+    /// (max_batch, vocab)
+    logits: Vec<f32>,
+    /// Keys, after RoPE. (layer, n_ctx, kv_dim)
+    k_cache: Vec<f32>,
+    /// (layer, n_ctx, kv_dim)
+    v_cache: Vec<f32>,
+}
+
+pub struct CpuBackend {
+    gguf: Gguf,
+    pub cfg: Config,
+    w: Weights,
+    kernels: Kernels,
+    pool: Pool,
+    n_ctx: usize,
+    max_batch: usize,
+    s: State,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("cfg", &self.cfg)
+            .field("kernels", &self.kernels)
+            .finish()
+    }
+}
+
+impl CpuBackend {
+    pub fn open(path: &Path, opts: &CpuOptions) -> Result<CpuBackend, ModelError> {
+        let gguf = Gguf::open(path)?;
+        CpuBackend::load(gguf, opts)
+    }
+
+    /// Validates the model and allocates every buffer it will ever use.
+    pub fn load(gguf: Gguf, opts: &CpuOptions) -> Result<CpuBackend, ModelError> {
+        let cfg = Config::from_gguf(&gguf)?;
+        let w = Weights::from_gguf(&gguf, &cfg)?;
+        let kernels = Kernels::select(opts.kernels)?;
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            opts.threads
+        };
+        if threads > 256 {
+            return Err(ModelError::Config(format!(
+                "threads = {threads}: allowed 1..=256"
+            )));
+        }
+        let n_ctx = if opts.n_ctx == 0 {
+            cfg.train_ctx.min(4096)
+        } else {
+            opts.n_ctx
+        };
+        if !(1..=1 << 20).contains(&n_ctx) {
+            return Err(ModelError::Config(format!(
+                "n_ctx = {n_ctx}: allowed 1..=1048576"
+            )));
+        }
+        let max_batch = opts.max_batch.clamp(1, 4096);
+        let pool = Pool::new(threads).map_err(ModelError::Threads)?;
+        let (b, dim, qd, kvd) = (max_batch, cfg.dim, cfg.q_dim(), cfg.kv_dim());
+        let max_cols = dim.max(qd).max(cfg.ffn);
+        let s = State {
+            x: vec![0.0; b * dim],
+            xb: vec![0.0; b * dim.max(qd)],
+            xb2: vec![0.0; b * dim],
+            q: vec![0.0; b * qd],
+            k: vec![0.0; b * kvd],
+            v: vec![0.0; b * kvd],
+            hb: vec![0.0; b * cfg.ffn],
+            hb2: vec![0.0; b * cfg.ffn],
+            xq: vec![BlockQ8::default(); b * max_cols / QK],
+            att: vec![0.0; threads * n_ctx],
+            scratch: vec![0.0; threads * max_cols],
+            rope: vec![0.0; b * cfg.head_dim],
+            logits: vec![0.0; b * cfg.vocab],
+            k_cache: vec![0.0; cfg.n_layer * n_ctx * kvd],
+            v_cache: vec![0.0; cfg.n_layer * n_ctx * kvd],
+        };
+        Ok(CpuBackend {
+            gguf,
+            cfg,
+            w,
+            kernels,
+            pool,
+            n_ctx,
+            max_batch,
+            s,
+        })
+    }
+
+    pub fn gguf(&self) -> &Gguf {
+        &self.gguf
+    }
+
+    pub fn kernels(&self) -> KernelKind {
+        self.kernels.kind
+    }
+
+    fn state_bytes(&self) -> u64 {
+        let s = &self.s;
+        let f = s.x.len()
+            + s.xb.len()
+            + s.xb2.len()
+            + s.q.len()
+            + s.k.len()
+            + s.v.len()
+            + s.hb.len()
+            + s.hb2.len()
+            + s.att.len()
+            + s.scratch.len()
+            + s.rope.len()
+            + s.logits.len()
+            + s.k_cache.len()
+            + s.v_cache.len();
+        (f * 4 + s.xq.len() * std::mem::size_of::<BlockQ8>()) as u64
+    }
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> BackendInfo {
+        let mut types: Vec<(String, usize)> = Vec::new();
+        let all = self.w.all();
+        for t in &all {
+            let name = t.ty.name().to_string();
+            match types.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c += 1,
+                None => types.push((name, 1)),
+            }
+        }
+        BackendInfo {
+            backend: "cpu".into(),
+            compute: self.kernels.kind.name().into(),
+            threads: self.pool.n_threads(),
+            n_ctx: self.n_ctx,
+            n_vocab: self.cfg.vocab,
+            max_batch: self.max_batch,
+            tensor_types: types,
+            weight_bytes: all.iter().map(|t| t.len as u64).sum(),
+            state_bytes: self.state_bytes(),
+        }
+    }
+
+    fn n_vocab(&self) -> usize {
+        self.cfg.vocab
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn reset(&mut self) {
+        // Positions are written before they are read (causal attention reads 0..=pos, all
+        // written by this or earlier calls), so nothing needs clearing.
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        all_logits: bool,
+    ) -> Result<&[f32], BackendError> {
+        let n = tokens.len();
+        if n == 0 || n > self.max_batch {
+            return Err(BackendError::BadBatch {
+                n,
+                max: self.max_batch,
+            });
+        }
+        if pos + n > self.n_ctx {
+            return Err(BackendError::ContextFull {
+                pos,
+                end: pos + n,
+                n_ctx: self.n_ctx,
+            });
+        }
+        let vocab = self.cfg.vocab;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(BackendError::BadToken { id, n_vocab: vocab });
+        }
+        self.run(tokens, pos, all_logits);
+        let out = if all_logits {
+            &self.s.logits[..n * vocab]
+        } else {
+            &self.s.logits[..vocab]
+        };
+        Ok(out)
+    }
+}
+
+impl CpuBackend {
+    fn run(&mut self, tokens: &[u32], pos: usize, all_logits: bool) {
+        let CpuBackend {
+            gguf,
+            cfg: c,
+            w,
+            kernels: k,
+            pool,
+            n_ctx,
+            s,
+            ..
+        } = self;
+        let bytes = gguf.bytes();
+        let n = tokens.len();
+        let (dim, qd, kvd, hd) = (c.dim, c.q_dim(), c.kv_dim(), c.head_dim);
+        let n_ctx = *n_ctx;
+
+        let embd = w.token_embd.mat(bytes);
+        for (t, &tok) in tokens.iter().enumerate() {
+            dequantize_row(
+                embd.ty,
+                embd.row(tok as usize),
+                &mut s.x[t * dim..(t + 1) * dim],
+            );
+        }
+        rope_table(c, pos, n, &mut s.rope);
+
+        for (li, l) in w.layers.iter().enumerate() {
+            // Attention block.
+            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], l.attn_norm.f32s(bytes), c.eps);
+            quantize(k, &s.xb[..n * dim], &mut s.xq);
+            {
+                let x = Acts {
+                    n,
+                    cols: dim,
+                    f: &s.xb[..n * dim],
+                    q: &s.xq,
+                };
+                let (wq, wk, wv) = (l.wq.mat(bytes), l.wk.mat(bytes), l.wv.mat(bytes));
+                matmul(
+                    pool,
+                    k,
+                    &x,
+                    &mut [(&wq, &mut s.q[..]), (&wk, &mut s.k[..]), (&wv, &mut s.v[..])],
+                    &mut s.scratch,
+                );
+            }
+            for (b, out, width) in [(l.bq, &mut s.q, qd), (l.bk, &mut s.k, kvd), (l.bv, &mut s.v, kvd)]
+            {
+                if let Some(b) = b {
+                    let b = b.f32s(bytes);
+                    for row in out[..n * width].chunks_exact_mut(width) {
+                        for (o, bi) in row.iter_mut().zip(b) {
+                            *o += bi;
+                        }
+                    }
+                }
+            }
+            for t in 0..n {
+                let rope = &s.rope[t * hd..(t + 1) * hd];
+                for h in s.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+                    apply_rope(c.rope_style, h, rope);
+                }
+                for h in s.k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+                    apply_rope(c.rope_style, h, rope);
+                }
+            }
+            let layer_off = li * n_ctx * kvd;
+            let dst = layer_off + pos * kvd;
+            s.k_cache[dst..dst + n * kvd].copy_from_slice(&s.k[..n * kvd]);
+            s.v_cache[dst..dst + n * kvd].copy_from_slice(&s.v[..n * kvd]);
+            attention(
+                pool,
+                k,
+                c,
+                pos,
+                n,
+                &s.q,
+                &s.k_cache[layer_off..layer_off + n_ctx * kvd],
+                &s.v_cache[layer_off..layer_off + n_ctx * kvd],
+                &mut s.att,
+                n_ctx,
+                &mut s.xb,
+            );
+            quantize(k, &s.xb[..n * qd], &mut s.xq);
+            {
+                let x = Acts {
+                    n,
+                    cols: qd,
+                    f: &s.xb[..n * qd],
+                    q: &s.xq,
+                };
+                let wo = l.wo.mat(bytes);
+                matmul(pool, k, &x, &mut [(&wo, &mut s.xb2[..])], &mut s.scratch);
+            }
+            add(&mut s.x[..n * dim], &s.xb2[..n * dim]);
+
+            // Feed-forward block (SwiGLU).
+            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], l.ffn_norm.f32s(bytes), c.eps);
+            quantize(k, &s.xb[..n * dim], &mut s.xq);
+            {
+                let x = Acts {
+                    n,
+                    cols: dim,
+                    f: &s.xb[..n * dim],
+                    q: &s.xq,
+                };
+                let (wg, wu) = (l.w_gate.mat(bytes), l.w_up.mat(bytes));
+                matmul(
+                    pool,
+                    k,
+                    &x,
+                    &mut [(&wg, &mut s.hb[..]), (&wu, &mut s.hb2[..])],
+                    &mut s.scratch,
+                );
+            }
+            let nf = n * c.ffn;
+            for (g, u) in s.hb[..nf].iter_mut().zip(&s.hb2[..nf]) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            quantize(k, &s.hb[..nf], &mut s.xq);
+            {
+                let x = Acts {
+                    n,
+                    cols: c.ffn,
+                    f: &s.hb[..nf],
+                    q: &s.xq,
+                };
+                let wd = l.w_down.mat(bytes);
+                matmul(pool, k, &x, &mut [(&wd, &mut s.xb2[..])], &mut s.scratch);
+            }
+            add(&mut s.x[..n * dim], &s.xb2[..n * dim]);
+        }
+
+        // Output: every token's logits, or the last one's.
+        let first = if all_logits { 0 } else { n - 1 };
+        let m = n - first;
+        rmsnorm(
+            &mut s.xb[..m * dim],
+            &s.x[first * dim..n * dim],
+            w.output_norm.f32s(bytes),
+            c.eps,
+        );
+        quantize(k, &s.xb[..m * dim], &mut s.xq);
+        let x = Acts {
+            n: m,
+            cols: dim,
+            f: &s.xb[..m * dim],
+            q: &s.xq,
+        };
+        let wout = w.output.mat(bytes);
+        matmul(pool, k, &x, &mut [(&wout, &mut s.logits[..])], &mut s.scratch);
+    }
+}
+
+fn quantize(k: &Kernels, x: &[f32], out: &mut [BlockQ8]) {
+    if !k.exact() {
+        (k.quantize_q8)(x, &mut out[..x.len() / QK]);
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// RMSNorm of each row of `x` (rows of `w.len()`), into `out`. The sum of squares is taken in
+/// f64, as ggml does, so long rows lose nothing.
+fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for (o, xr) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let mean = (ss / d as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &wi) in o.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * wi;
+        }
+    }
+}
+
+/// cos/sin of every rotated pair for positions `pos..pos + n`: theta_i = p · base^(-2i/d),
+/// computed by repeated multiplication in f32 as ggml does (the exact path must agree with it).
+fn rope_table(c: &Config, pos: usize, n: usize, out: &mut [f32]) {
+    let hd = c.head_dim;
+    let scale = c.rope_theta.powf(-2.0 / hd as f32);
+    for t in 0..n {
+        let mut theta = (pos + t) as f32;
+        for i in 0..hd / 2 {
+            let (sin, cos) = theta.sin_cos();
+            out[t * hd + 2 * i] = cos;
+            out[t * hd + 2 * i + 1] = sin;
+            theta *= scale;
+        }
+    }
+}
+
+fn apply_rope(style: RopeStyle, h: &mut [f32], cs: &[f32]) {
+    let half = h.len() / 2;
+    for i in 0..half {
+        let (cos, sin) = (cs[2 * i], cs[2 * i + 1]);
+        let (a, b) = match style {
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            RopeStyle::Halves => (i, i + half),
+        };
+        let (x0, x1) = (h[a], h[b]);
+        h[a] = x0 * cos - x1 * sin;
+        h[b] = x0 * sin + x1 * cos;
+    }
+}
+
+/// Causal grouped-query attention of `n` tokens at positions `pos..` over the cached keys and
+/// values, split over the pool by (token, head). Output: `out` (n, q_dim).
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    pool: &mut Pool,
+    k: &Kernels,
+    c: &Config,
+    pos: usize,
+    n: usize,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    att: &mut [f32],
+    n_ctx: usize,
+    out: &mut [f32],
+) {
+    let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
+    let group = c.n_head / c.n_kv_head;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let units = n * c.n_head;
+    let att = Shards::new(att);
+    let out = Shards::new(&mut out[..n * qd]);
+    pool.run(&|tid, nt| {
+        // SAFETY: thread `tid` alone uses score row `tid`.
+        let scores = unsafe { att.part(tid * n_ctx, n_ctx) };
+        for u in split(units, tid, nt, 1) {
+            let (t, h) = (u / c.n_head, u % c.n_head);
+            let g = h / group;
+            let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
+            let len = pos + t + 1;
+            let sc = &mut scores[..len];
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in sc.iter_mut().enumerate() {
+                let kj = &k_cache[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                *s = (k.dot_f32)(qh, kj) * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in sc.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            // SAFETY: unit (t, h) owns this head's slot of token t's output row.
+            let o = unsafe { out.part(t * qd + h * hd, hd) };
+            o.fill(0.0);
+            for (j, &s) in sc.iter().enumerate() {
+                let p = s * inv;
+                let vj = &v_cache[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                for (oi, vi) in o.iter_mut().zip(vj) {
+                    *oi += p * vi;
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,66 @@
+//! Backends run the model: token ids in, logits out, with the KV cache kept inside the backend.
+//!
+//! - [`cpu`]: the int4 CPU engine on a memory-mapped GGUF (this crate's own kernels).
+//! - An ONNX Runtime backend will implement the same trait, keeping its KV cache in ORT tensors.
+//!
+//! The engine (tokenizer, chat template, sampler, generation loop) only sees [`Backend`].
+
+pub mod cpu;
+
+/// What a backend reports about itself (status, `edgellm bench`, logs).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendInfo {
+    /// "cpu", "ort".
+    pub backend: String,
+    /// Kernels or execution provider in use ("avx2", "neon-dotprod", "reference", "cuda", ...).
+    pub compute: String,
+    pub threads: usize,
+    pub n_ctx: usize,
+    pub n_vocab: usize,
+    pub max_batch: usize,
+    /// Tensor types of the weights and how many tensors of each.
+    pub tensor_types: Vec<(String, usize)>,
+    /// Bytes of weights (mapped) and of the KV cache and scratch (allocated once).
+    pub weight_bytes: u64,
+    pub state_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    #[error("token id {id} is outside the vocabulary of {n_vocab} tokens")]
+    BadToken { id: u32, n_vocab: usize },
+    #[error("context full: positions {pos}..{end} do not fit in the window of {n_ctx} tokens")]
+    ContextFull { pos: usize, end: usize, n_ctx: usize },
+    #[error("batch of {n} tokens is empty or larger than the backend's {max} per call")]
+    BadBatch { n: usize, max: usize },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A model runner. One owner at a time (the engine worker), hence `&mut self` everywhere.
+pub trait Backend: Send {
+    fn info(&self) -> BackendInfo;
+
+    fn n_vocab(&self) -> usize;
+
+    /// Context window: the number of positions the KV cache holds.
+    fn n_ctx(&self) -> usize;
+
+    /// Most tokens one `forward` call takes; longer prompts are fed in chunks.
+    fn max_batch(&self) -> usize;
+
+    /// Forgets the cached context; the next `forward` starts at position 0.
+    fn reset(&mut self);
+
+    /// Runs `tokens` at positions `pos..pos + tokens.len()`, appending them to the KV cache,
+    /// which must hold positions `0..pos` from earlier calls (anything cached at `pos..` is
+    /// overwritten). Returns the logits of the last token (`n_vocab` floats), or of every token
+    /// (`tokens.len() × n_vocab`, row-major) when `all_logits`.
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        all_logits: bool,
+    ) -> Result<&[f32], BackendError>;
+}

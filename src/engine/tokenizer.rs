@@ -1,0 +1,393 @@
+//! The model's tokenizer, built from the GGUF metadata (`tokenizer.ggml.*`) with the
+//! `tokenizers` crate, or read from a `tokenizer.json` beside the model.
+//!
+//! - `gpt2` (byte-level BPE): vocabulary and merges from the file; the pre-tokenizer named by
+//!   `tokenizer.ggml.pre` (llama.cpp's names: `smollm` splits single digits first, then the GPT-2
+//!   byte-level split; `llama-bpe`/`llama3`, `qwen2` use their own regexes).
+//! - `llama` (SentencePiece): pieces and scores as a Unigram model with byte fallback.
+//!
+//! Control tokens (`token_type` 3) are special: parsed in text, never rendered in output.
+//! Decoding goes through a per-token byte table, so a stream can be decoded token by token.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::{json, Value as Json};
+
+use crate::gguf::{Gguf, GgufError, Value};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenizerError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("unsupported tokenizer model {0:?} (supported: gpt2, llama)")]
+    UnsupportedModel(String),
+    #[error("tokenizer metadata: {0}")]
+    Bad(String),
+    #[error("tokenizer: {0}")]
+    Library(String),
+}
+
+const TYPE_NORMAL: i64 = 1;
+const TYPE_CONTROL: i64 = 3;
+const TYPE_USER: i64 = 4;
+const TYPE_BYTE: i64 = 6;
+
+/// llama.cpp's pre-tokenizer regexes, by `tokenizer.ggml.pre` name.
+const GPT2_SPLIT: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Bytes each token stands for in output (empty for control tokens).
+    pieces: Vec<Vec<u8>>,
+    /// Text of each token as stored (for special-token lookups).
+    texts: Vec<String>,
+    special: Vec<bool>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Tokens that end a generation.
+    pub eog: Vec<u32>,
+    pub add_bos: bool,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.pieces.len())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer of a GGUF model; a `tokenizer.json` in `dir`, when given and present,
+    /// takes precedence for encoding.
+    pub fn from_gguf(g: &Gguf, dir: Option<&Path>) -> Result<Tokenizer, TokenizerError> {
+        let model = g.get_str("tokenizer.ggml.model")?.to_string();
+        let tokens: Vec<String> = strings(g.get_array("tokenizer.ggml.tokens")?, "tokens")?;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(TokenizerError::Bad("tokenizer.ggml.tokens is empty".into()));
+        }
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(a)) => a.iter().map(|v| v.as_i64().unwrap_or(TYPE_NORMAL)).collect(),
+            _ => vec![TYPE_NORMAL; n],
+        };
+        if types.len() != n {
+            return Err(TokenizerError::Bad(format!(
+                "{} token types for {} tokens",
+                types.len(),
+                n
+            )));
+        }
+        let id = |key: &str| -> Result<Option<u32>, TokenizerError> {
+            match g.get(key) {
+                None => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(i) if (i as usize) < n => Ok(Some(i as u32)),
+                    _ => Err(TokenizerError::Bad(format!(
+                        "{key} = {v:?} is not a token id below {n}"
+                    ))),
+                },
+            }
+        };
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let eos = id("tokenizer.ggml.eos_token_id")?;
+        let add_bos = match g.get("tokenizer.ggml.add_bos_token") {
+            Some(Value::Bool(b)) => *b,
+            _ => model == "llama",
+        };
+        let special: Vec<bool> = types.iter().map(|&t| t == TYPE_CONTROL).collect();
+
+        let (inner_json, pieces) = match model.as_str() {
+            "gpt2" => {
+                let merges = match g.get("tokenizer.ggml.merges") {
+                    Some(Value::Array(a)) => strings(a, "merges")?,
+                    _ => return Err(TokenizerError::Bad("gpt2 tokenizer without merges".into())),
+                };
+                let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
+                (
+                    gpt2_json(&tokens, &types, &merges, pre),
+                    byte_level_pieces(&tokens, &types),
+                )
+            }
+            "llama" => {
+                let scores: Vec<f64> = match g.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(a)) => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+                    _ => vec![0.0; n],
+                };
+                let add_space = match g.get("tokenizer.ggml.add_space_prefix") {
+                    Some(Value::Bool(b)) => *b,
+                    _ => true,
+                };
+                let unk = id("tokenizer.ggml.unknown_token_id")?.unwrap_or(0);
+                (
+                    spm_json(&tokens, &types, &scores, unk, add_space),
+                    spm_pieces(&tokens, &types),
+                )
+            }
+            other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
+        };
+        let inner = match dir.map(|d| d.join("tokenizer.json")).filter(|p| p.is_file()) {
+            Some(p) => tokenizers::Tokenizer::from_file(&p)
+                .map_err(|e| TokenizerError::Library(format!("{}: {e}", p.display())))?,
+            None => inner_json
+                .to_string()
+                .parse::<tokenizers::Tokenizer>()
+                .map_err(|e| TokenizerError::Library(e.to_string()))?,
+        };
+
+        let mut eog: Vec<u32> = Vec::new();
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
+            if let Some(t) = id(key)? {
+                eog.push(t);
+            }
+        }
+        // As llama.cpp does: control tokens that end a turn in common chat formats.
+        const END_TEXTS: [&str; 8] = [
+            "<|eot_id|>",
+            "<|im_end|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "<|eom_id|>",
+            "<EOT>",
+            "<|end_of_text|>",
+        ];
+        for (i, t) in tokens.iter().enumerate() {
+            if special[i] && END_TEXTS.contains(&t.as_str()) && !eog.contains(&(i as u32)) {
+                eog.push(i as u32);
+            }
+        }
+        Ok(Tokenizer {
+            inner,
+            pieces,
+            texts: tokens,
+            special,
+            bos,
+            eos,
+            eog,
+            add_bos,
+        })
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// Token ids of `text`, special tokens parsed (as `llama-tokenize --ids` with parse_special).
+    /// BOS is not added here; see [`Tokenizer::encode_prompt`].
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Library(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids of a prompt, with BOS first when the model asks for it and the text lacks it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = self.encode(text)?;
+        if let (true, Some(b)) = (self.add_bos, self.bos) {
+            if ids.first() != Some(&b) {
+                ids.insert(0, b);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Bytes the token stands for in output text (empty for control tokens).
+    pub fn piece(&self, id: u32) -> &[u8] {
+        self.pieces.get(id as usize).map(|p| &p[..]).unwrap_or(&[])
+    }
+
+    /// The token's text as stored in the vocabulary.
+    pub fn text(&self, id: u32) -> Option<&str> {
+        self.texts.get(id as usize).map(|s| s.as_str())
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.contains(&id)
+    }
+
+    /// Text of a sequence of tokens (control tokens omitted, invalid UTF-8 replaced).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            bytes.extend_from_slice(self.piece(id));
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+fn strings(a: &[Value], what: &str) -> Result<Vec<String>, TokenizerError> {
+    a.iter()
+        .map(|v| match v {
+            Value::String(s) => Ok(s.clone()),
+            other => Err(TokenizerError::Bad(format!(
+                "tokenizer {what}: element of type {}",
+                other.type_name()
+            ))),
+        })
+        .collect()
+}
+
+fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<Json> {
+    tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, &t))| t == TYPE_CONTROL || t == TYPE_USER)
+        .map(|(i, (s, &t))| {
+            json!({
+                "id": i, "content": s, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": t == TYPE_CONTROL,
+            })
+        })
+        .collect()
+}
+
+fn gpt2_json(tokens: &[String], types: &[i64], merges: &[String], pre: &str) -> Json {
+    let byte_level = |use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex})
+    };
+    let split = |re: &str| {
+        json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
+    };
+    let pre_tokenizer = match pre {
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "llama-bpe" | "llama3" | "llama-v3" => {
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]})
+        }
+        "qwen2" => {
+            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]})
+        }
+        "default" | "gpt2" | "gpt-2" => {
+            json!({"type": "Sequence", "pretokenizers": [split(GPT2_SPLIT), byte_level(false)]})
+        }
+        other => {
+            tracing::warn!(pre = other, "unknown pre-tokenizer, using the GPT-2 split");
+            json!({"type": "Sequence", "pretokenizers": [split(GPT2_SPLIT), byte_level(false)]})
+        }
+    };
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(tokens, types),
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        }
+    })
+}
+
+fn spm_json(tokens: &[String], types: &[i64], scores: &[f64], unk: u32, add_space: bool) -> Json {
+    let vocab: Vec<Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!([t, scores.get(i).copied().unwrap_or(0.0)]))
+        .collect();
+    let mut norms = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+    if add_space {
+        norms.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(tokens, types),
+        "normalizer": {"type": "Sequence", "normalizers": norms},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "Unigram", "unk_id": unk, "vocab": vocab, "byte_fallback": true}
+    })
+}
+
+/// GPT-2's byte ↔ printable character table: bytes that are printable map to themselves, the
+/// others to U+0100 onwards in order.
+fn byte_decoder() -> HashMap<char, u8> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + extra);
+            extra += 1;
+        }
+    }
+    bs.into_iter()
+        .zip(cs)
+        .filter_map(|(b, c)| char::from_u32(c).map(|c| (c, b as u8)))
+        .collect()
+}
+
+fn byte_level_pieces(tokens: &[String], types: &[i64]) -> Vec<Vec<u8>> {
+    let dec = byte_decoder();
+    tokens
+        .iter()
+        .zip(types)
+        .map(|(t, &ty)| match ty {
+            TYPE_CONTROL => Vec::new(),
+            TYPE_USER => t.as_bytes().to_vec(),
+            _ => {
+                let mut out = Vec::with_capacity(t.len());
+                for ch in t.chars() {
+                    match dec.get(&ch) {
+                        Some(&b) => out.push(b),
+                        None => {
+                            let mut buf = [0u8; 4];
+                            out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                        }
+                    }
+                }
+                out
+            }
+        })
+        .collect()
+}
+
+fn spm_pieces(tokens: &[String], types: &[i64]) -> Vec<Vec<u8>> {
+    tokens
+        .iter()
+        .zip(types)
+        .map(|(t, &ty)| match ty {
+            TYPE_CONTROL => Vec::new(),
+            TYPE_BYTE => {
+                let hex = t.trim_start_matches("<0x").trim_end_matches('>');
+                u8::from_str_radix(hex, 16).map(|b| vec![b]).unwrap_or_default()
+            }
+            _ => t.replace('\u{2581}', " ").into_bytes(),
+        })
+        .collect()
+}

@@ -1,0 +1,262 @@
+//! x86_64 kernels with AVX2, FMA and F16C: the same operations as `generic.rs`, same names.
+//!
+//! The safe wrappers at the bottom are installed in the kernel table only after
+//! `is_x86_feature_detected!` confirmed the features (see `mod.rs`); nothing else may call them.
+
+use std::arch::x86_64::*;
+
+use super::quant::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, QK};
+
+#[inline(always)]
+unsafe fn f16(h: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// 16 bytes of packed nibbles to 32 bytes: element j (low nibble of byte j) in lane j, element
+/// j+16 (high nibble of byte j) in lane j+16 — ggml's Q4 element order.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let t = _mm_loadu_si128(p as *const __m128i);
+    let v = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
+}
+
+/// Sum of products of unsigned bytes `a` and signed bytes `b`, as 8 f32 lanes.
+#[inline(always)]
+unsafe fn mul_sum_us8(a: __m256i, b: __m256i) -> __m256 {
+    let p16 = _mm256_maddubs_epi16(a, b);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+}
+
+/// Sum of products of signed bytes, as 8 f32 lanes.
+#[inline(always)]
+unsafe fn mul_sum_i8(a: __m256i, b: __m256i) -> __m256 {
+    mul_sum_us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+}
+
+/// Lane j is 0xff where bit j of `x` is set.
+#[inline(always)]
+unsafe fn bytes_from_bits(x: u32) -> __m256i {
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let b = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_0_imp(w: &[BlockQ4_0], x: &[BlockQ8]) -> f32 {
+    let n = w.len().min(x.len());
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let off = _mm256_set1_epi8(8);
+    let mut i = 0;
+    while i + 1 < n {
+        let (b0, y0, b1, y1) = (&w[i], &x[i], &w[i + 1], &x[i + 1]);
+        let q0 = _mm256_sub_epi8(nibbles(b0.qs.as_ptr()), off);
+        let q1 = _mm256_sub_epi8(nibbles(b1.qs.as_ptr()), off);
+        let p0 = mul_sum_i8(q0, _mm256_loadu_si256(y0.qs.as_ptr() as *const __m256i));
+        let p1 = mul_sum_i8(q1, _mm256_loadu_si256(y1.qs.as_ptr() as *const __m256i));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(b0.d) * y0.d), p0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(b1.d) * y1.d), p1, acc1);
+        i += 2;
+    }
+    if i < n {
+        let q = _mm256_sub_epi8(nibbles(w[i].qs.as_ptr()), off);
+        let p = mul_sum_i8(q, _mm256_loadu_si256(x[i].qs.as_ptr() as *const __m256i));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[i].d) * x[i].d), p, acc0);
+    }
+    hsum(_mm256_add_ps(acc0, acc1))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_1_imp(w: &[BlockQ4_1], x: &[BlockQ8]) -> f32 {
+    let n = w.len().min(x.len());
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    let mut i = 0;
+    while i + 1 < n {
+        let (b0, y0, b1, y1) = (&w[i], &x[i], &w[i + 1], &x[i + 1]);
+        let p0 = mul_sum_us8(
+            nibbles(b0.qs.as_ptr()),
+            _mm256_loadu_si256(y0.qs.as_ptr() as *const __m256i),
+        );
+        let p1 = mul_sum_us8(
+            nibbles(b1.qs.as_ptr()),
+            _mm256_loadu_si256(y1.qs.as_ptr() as *const __m256i),
+        );
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(b0.d) * y0.d), p0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(b1.d) * y1.d), p1, acc1);
+        summs += f16(b0.m) * y0.s + f16(b1.m) * y1.s;
+        i += 2;
+    }
+    if i < n {
+        let p = mul_sum_us8(
+            nibbles(w[i].qs.as_ptr()),
+            _mm256_loadu_si256(x[i].qs.as_ptr() as *const __m256i),
+        );
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[i].d) * x[i].d), p, acc0);
+        summs += f16(w[i].m) * x[i].s;
+    }
+    hsum(_mm256_add_ps(acc0, acc1)) + summs
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_0_imp(w: &[BlockQ5_0], x: &[BlockQ8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (b, y) in w.iter().zip(x) {
+        let q = nibbles(b.qs.as_ptr());
+        // Where the fifth bit is clear, the value is q - 16 = q | 0xf0 as a signed byte.
+        let hi = _mm256_andnot_si256(
+            bytes_from_bits(u32::from_le_bytes(b.qh)),
+            _mm256_set1_epi8(0xf0u8 as i8),
+        );
+        let q = _mm256_or_si256(q, hi);
+        let p = mul_sum_i8(q, _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(b.d) * y.d), p, acc);
+    }
+    hsum(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0_imp(w: &[BlockQ8_0], x: &[BlockQ8]) -> f32 {
+    let n = w.len().min(x.len());
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 1 < n {
+        let (b0, y0, b1, y1) = (&w[i], &x[i], &w[i + 1], &x[i + 1]);
+        let p0 = mul_sum_i8(
+            _mm256_loadu_si256(b0.qs.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(y0.qs.as_ptr() as *const __m256i),
+        );
+        let p1 = mul_sum_i8(
+            _mm256_loadu_si256(b1.qs.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(y1.qs.as_ptr() as *const __m256i),
+        );
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(b0.d) * y0.d), p0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(b1.d) * y1.d), p1, acc1);
+        i += 2;
+    }
+    if i < n {
+        let p = mul_sum_i8(
+            _mm256_loadu_si256(w[i].qs.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(x[i].qs.as_ptr() as *const __m256i),
+        );
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(w[i].d) * x[i].d), p, acc0);
+    }
+    hsum(_mm256_add_ps(acc0, acc1))
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let o = i + 8 * k;
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+        i += 8;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_q8_imp(x: &[f32], out: &mut [BlockQ8]) {
+    let sign_mask = _mm256_set1_ps(-0.0);
+    for (c, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let p = c.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let mut m = _mm256_andnot_ps(sign_mask, v[0]);
+        for vk in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign_mask, *vk));
+        }
+        let m128 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m128 = _mm_max_ps(m128, _mm_movehl_ps(m128, m128));
+        let m128 = _mm_max_ss(m128, _mm_movehdup_ps(m128));
+        let amax = _mm_cvtss_f32(m128);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let idv = _mm256_set1_ps(id);
+        // Round half away from zero like f32::round in the scalar twin.
+        let r = |v: __m256| -> __m256i {
+            let s = _mm256_mul_ps(v, idv);
+            let half = _mm256_or_ps(_mm256_and_ps(s, sign_mask), _mm256_set1_ps(0.5));
+            _mm256_cvttps_epi32(_mm256_add_ps(s, half))
+        };
+        let (i0, i1, i2, i3) = (r(v[0]), r(v[1]), r(v[2]), r(v[3]));
+        let sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        let s128 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        let s128 = _mm_hadd_epi32(s128, s128);
+        let s128 = _mm_hadd_epi32(s128, s128);
+        let total = _mm_cvtsi128_si32(s128);
+        // Pack i32 -> i16 -> i8; the packs interleave 128-bit lanes, the permute undoes it.
+        let p01 = _mm256_packs_epi32(i0, i1);
+        let p23 = _mm256_packs_epi32(i2, i3);
+        let p = _mm256_packs_epi16(p01, p23);
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, p);
+        b.d = d;
+        b.s = d * total as f32;
+    }
+}
+
+// Safe wrappers, installed only after detection (see `Kernels::avx2`).
+
+pub(super) fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8]) -> f32 {
+    // SAFETY: only reachable through the AVX2 kernel table, built after feature detection.
+    unsafe { dot_q4_0_imp(w, x) }
+}
+pub(super) fn dot_q4_1(w: &[BlockQ4_1], x: &[BlockQ8]) -> f32 {
+    // SAFETY: as above.
+    unsafe { dot_q4_1_imp(w, x) }
+}
+pub(super) fn dot_q5_0(w: &[BlockQ5_0], x: &[BlockQ8]) -> f32 {
+    // SAFETY: as above.
+    unsafe { dot_q5_0_imp(w, x) }
+}
+pub(super) fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8]) -> f32 {
+    // SAFETY: as above.
+    unsafe { dot_q8_0_imp(w, x) }
+}
+pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: as above.
+    unsafe { dot_f32_imp(a, b) }
+}
+pub(super) fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    // SAFETY: as above.
+    unsafe { quantize_q8_imp(x, out) }
+}

@@ -1,0 +1,83 @@
+//! Scalar reference kernels: the twins every SIMD kernel is tested against, and the kernels of
+//! the `scalar` set on CPUs without a SIMD port. Written for clarity, not speed.
+
+use super::quant::{f16_to_f32, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, QK};
+
+/// Quantizes activations to 8 bits per block of 32 (symmetric, round to nearest).
+pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    for (c, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(c) {
+            let r = (v * id).round() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+}
+
+pub fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.iter().zip(x) {
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            s += ((b.qs[j] & 0x0f) as i32 - 8) * y.qs[j] as i32;
+            s += ((b.qs[j] >> 4) as i32 - 8) * y.qs[j + QK / 2] as i32;
+        }
+        acc += f16_to_f32(b.d) * y.d * s as f32;
+    }
+    acc
+}
+
+pub fn dot_q4_1(w: &[BlockQ4_1], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.iter().zip(x) {
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            s += (b.qs[j] & 0x0f) as i32 * y.qs[j] as i32;
+            s += (b.qs[j] >> 4) as i32 * y.qs[j + QK / 2] as i32;
+        }
+        acc += f16_to_f32(b.d) * y.d * s as f32 + f16_to_f32(b.m) * y.s;
+    }
+    acc
+}
+
+pub fn dot_q5_0(w: &[BlockQ5_0], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.iter().zip(x) {
+        let qh = u32::from_le_bytes(b.qh);
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            s += (((b.qs[j] & 0x0f) as u32 | h0) as i32 - 16) * y.qs[j] as i32;
+            s += (((b.qs[j] >> 4) as u32 | h1) as i32 - 16) * y.qs[j + QK / 2] as i32;
+        }
+        acc += f16_to_f32(b.d) * y.d * s as f32;
+    }
+    acc
+}
+
+pub fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.iter().zip(x) {
+        let mut s = 0i32;
+        for j in 0..QK {
+            s += b.qs[j] as i32 * y.qs[j] as i32;
+        }
+        acc += f16_to_f32(b.d) * y.d * s as f32;
+    }
+    acc
+}
+
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        acc += x * y;
+    }
+    acc
+}

@@ -1,0 +1,193 @@
+//! Compute kernels of the int4 CPU engine.
+//!
+//! - [`quant`]: ggml block formats, reference dequantizers and quantizers.
+//! - [`generic`]: scalar kernels, the reference twin of every SIMD kernel.
+//! - `avx2` (x86_64) and `neon` (aarch64, with a `dotprod` variant): the same operations.
+//! - [`pool`]: the worker pool, started once, that splits rows across threads.
+//! - [`matmul`]: matrix × activations over a range of rows, on top of the table.
+//!
+//! [`Kernels`] is the one dispatch point: a table of function pointers chosen once at start from
+//! what the CPU has (or what `--kernels` asks for). Everything above it calls through the table.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod generic;
+pub mod matmul;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+pub mod pool;
+pub mod quant;
+
+use quant::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0};
+
+/// Which kernels compute the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// Exact mode: weights dequantized to f32, activations kept in f32, f32 arithmetic.
+    Reference,
+    /// Integer dot products on 8-bit activations, scalar code (any CPU).
+    Scalar,
+    /// x86_64 AVX2 + FMA + F16C.
+    Avx2,
+    /// aarch64 NEON without the dot-product extension.
+    Neon,
+    /// aarch64 NEON with `sdot` (ARMv8.2 dotprod).
+    NeonDotprod,
+}
+
+impl KernelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Reference => "reference",
+            KernelKind::Scalar => "scalar",
+            KernelKind::Avx2 => "avx2",
+            KernelKind::Neon => "neon",
+            KernelKind::NeonDotprod => "neon-dotprod",
+        }
+    }
+
+    pub const ALL: [KernelKind; 5] = [
+        KernelKind::Reference,
+        KernelKind::Scalar,
+        KernelKind::Avx2,
+        KernelKind::Neon,
+        KernelKind::NeonDotprod,
+    ];
+
+    /// Parses `auto` or a kernel name.
+    pub fn parse(s: &str) -> Result<Option<KernelKind>, KernelError> {
+        if s == "auto" {
+            return Ok(None);
+        }
+        KernelKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .map(Some)
+            .ok_or_else(|| KernelError::Unknown(s.to_string()))
+    }
+
+    /// Whether this CPU can run these kernels.
+    pub fn available(self) -> bool {
+        match self {
+            KernelKind::Reference | KernelKind::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "aarch64")]
+            KernelKind::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            KernelKind::NeonDotprod => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The fastest integer kernels this CPU has.
+    pub fn best() -> KernelKind {
+        [
+            KernelKind::NeonDotprod,
+            KernelKind::Neon,
+            KernelKind::Avx2,
+            KernelKind::Scalar,
+        ]
+        .into_iter()
+        .find(|k| k.available())
+        .unwrap_or(KernelKind::Scalar)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    #[error("unknown kernels {0:?} (allowed: auto, reference, scalar, avx2, neon, neon-dotprod)")]
+    Unknown(String),
+    #[error("kernels {0:?} are not available on this CPU")]
+    Unavailable(&'static str),
+}
+
+/// The kernel table: one entry per operation, all with the scalar twin's signature.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub kind: KernelKind,
+    pub quantize_q8: fn(&[f32], &mut [BlockQ8]),
+    pub dot_q4_0: fn(&[BlockQ4_0], &[BlockQ8]) -> f32,
+    pub dot_q4_1: fn(&[BlockQ4_1], &[BlockQ8]) -> f32,
+    pub dot_q5_0: fn(&[BlockQ5_0], &[BlockQ8]) -> f32,
+    pub dot_q8_0: fn(&[BlockQ8_0], &[BlockQ8]) -> f32,
+    pub dot_f32: fn(&[f32], &[f32]) -> f32,
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind.name())
+    }
+}
+
+impl Kernels {
+    /// The table for `kind`, or an error when this CPU lacks the instructions.
+    pub fn new(kind: KernelKind) -> Result<Kernels, KernelError> {
+        if !kind.available() {
+            return Err(KernelError::Unavailable(kind.name()));
+        }
+        let scalar = Kernels {
+            kind,
+            quantize_q8: generic::quantize_q8,
+            dot_q4_0: generic::dot_q4_0,
+            dot_q4_1: generic::dot_q4_1,
+            dot_q5_0: generic::dot_q5_0,
+            dot_q8_0: generic::dot_q8_0,
+            dot_f32: generic::dot_f32,
+        };
+        Ok(match kind {
+            KernelKind::Reference | KernelKind::Scalar => scalar,
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 => Kernels {
+                kind,
+                quantize_q8: avx2::quantize_q8,
+                dot_q4_0: avx2::dot_q4_0,
+                dot_q4_1: avx2::dot_q4_1,
+                dot_q5_0: avx2::dot_q5_0,
+                dot_q8_0: avx2::dot_q8_0,
+                dot_f32: avx2::dot_f32,
+            },
+            #[cfg(target_arch = "aarch64")]
+            KernelKind::Neon => Kernels {
+                kind,
+                quantize_q8: neon::quantize_q8,
+                dot_q4_0: neon::dot_q4_0,
+                dot_q4_1: neon::dot_q4_1,
+                dot_q5_0: neon::dot_q5_0,
+                dot_q8_0: neon::dot_q8_0,
+                dot_f32: neon::dot_f32,
+            },
+            #[cfg(target_arch = "aarch64")]
+            KernelKind::NeonDotprod => Kernels {
+                kind,
+                quantize_q8: neon::quantize_q8,
+                dot_q4_0: neon::dot_q4_0_dotprod,
+                dot_q4_1: neon::dot_q4_1_dotprod,
+                dot_q5_0: neon::dot_q5_0_dotprod,
+                dot_q8_0: neon::dot_q8_0_dotprod,
+                dot_f32: neon::dot_f32,
+            },
+            #[allow(unreachable_patterns)]
+            _ => return Err(KernelError::Unavailable(kind.name())),
+        })
+    }
+
+    /// `auto` (None) picks the fastest available.
+    pub fn select(kind: Option<KernelKind>) -> Result<Kernels, KernelError> {
+        Kernels::new(kind.unwrap_or_else(KernelKind::best))
+    }
+
+    /// Exact mode computes in f32 on dequantized weights.
+    pub fn exact(&self) -> bool {
+        self.kind == KernelKind::Reference
+    }
+}
