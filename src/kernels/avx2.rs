@@ -234,6 +234,259 @@ unsafe fn quantize_q8_imp(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tiles: R weight rows × C tokens per call. Unpacked weights are shared by the C tokens and
+// loaded activations by the R rows, which is what makes batched prompt processing faster than
+// one dot product at a time. Every weight type is handled as unsigned bytes times signed
+// activations plus an offset term: value = d·(u + k) gives d·dy·Σu·y + d·k·(dy·Σy), and dy·Σy
+// is the activation block's `s`.
+
+/// The integer core: Σ u8 × i8 in groups of four into i32 lanes.
+trait IDot {
+    const VNNI: bool;
+    unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256i;
+}
+
+struct Madd;
+impl IDot for Madd {
+    const VNNI: bool = false;
+    #[inline(always)]
+    unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+}
+
+struct Vnni;
+impl IDot for Vnni {
+    const VNNI: bool = true;
+    #[inline(always)]
+    unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+    }
+}
+
+trait WBlock: Copy {
+    /// The block's 32 weights prepared for `idot`.
+    unsafe fn prep<D: IDot>(&self) -> __m256i;
+    #[inline(always)]
+    unsafe fn idot<D: IDot>(p: __m256i, y: __m256i) -> __m256i {
+        D::dot_us(p, y)
+    }
+    /// (scale, offset coefficient): the block's dot is scale·dy·idot + coef·s.
+    unsafe fn scales<D: IDot>(&self) -> (f32, f32);
+    /// The scale's f16 bits.
+    fn d_bits(&self) -> u16;
+    /// The offset coefficient is either `k·d` (`Some(k)`) or the block's own f16 `m`.
+    fn d_coef<D: IDot>() -> Option<f32>;
+    fn m_bits(&self) -> u16 {
+        0
+    }
+}
+
+impl WBlock for BlockQ4_0 {
+    #[inline(always)]
+    unsafe fn prep<D: IDot>(&self) -> __m256i {
+        nibbles(self.qs.as_ptr())
+    }
+    #[inline(always)]
+    fn d_bits(&self) -> u16 {
+        self.d
+    }
+    #[inline(always)]
+    fn d_coef<D: IDot>() -> Option<f32> {
+        Some(-8.0)
+    }
+    #[inline(always)]
+    unsafe fn scales<D: IDot>(&self) -> (f32, f32) {
+        let d = f16(self.d);
+        (d, -8.0 * d)
+    }
+}
+
+impl WBlock for BlockQ4_1 {
+    #[inline(always)]
+    unsafe fn prep<D: IDot>(&self) -> __m256i {
+        nibbles(self.qs.as_ptr())
+    }
+    #[inline(always)]
+    fn d_bits(&self) -> u16 {
+        self.d
+    }
+    #[inline(always)]
+    fn d_coef<D: IDot>() -> Option<f32> {
+        None
+    }
+    #[inline(always)]
+    fn m_bits(&self) -> u16 {
+        self.m
+    }
+    #[inline(always)]
+    unsafe fn scales<D: IDot>(&self) -> (f32, f32) {
+        (f16(self.d), f16(self.m))
+    }
+}
+
+impl WBlock for BlockQ8_0 {
+    #[inline(always)]
+    fn d_bits(&self) -> u16 {
+        self.d
+    }
+    #[inline(always)]
+    fn d_coef<D: IDot>() -> Option<f32> {
+        Some(if D::VNNI { -128.0 } else { 0.0 })
+    }
+    #[inline(always)]
+    unsafe fn prep<D: IDot>(&self) -> __m256i {
+        let w = _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i);
+        if D::VNNI {
+            // w + 128 as unsigned bytes; the -128 comes back through the offset term.
+            _mm256_xor_si256(w, _mm256_set1_epi8(-128))
+        } else {
+            w
+        }
+    }
+    #[inline(always)]
+    unsafe fn idot<D: IDot>(p: __m256i, y: __m256i) -> __m256i {
+        if D::VNNI {
+            D::dot_us(p, y)
+        } else {
+            // u8 × i8 pairs of up to 255·127·2 would saturate maddubs: use |w| and sign(y, w).
+            D::dot_us(_mm256_sign_epi8(p, p), _mm256_sign_epi8(y, p))
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales<D: IDot>(&self) -> (f32, f32) {
+        let d = f16(self.d);
+        (d, if D::VNNI { -128.0 * d } else { 0.0 })
+    }
+}
+
+#[inline(always)]
+unsafe fn tile_fixed<B: WBlock, D: IDot, const R: usize, const C: usize>(
+    w: &[&[B]],
+    x: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    let nb = w[0].len();
+    assert!(w.len() == R && x.len() == C && out.len() >= R * C);
+    assert!(w.iter().all(|r| r.len() == nb) && x.iter().all(|c| c.len() >= nb));
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut off = [[0f32; C]; R];
+    for b in 0..nb {
+        let mut y = [_mm256_setzero_si256(); C];
+        let mut yd = [0f32; C];
+        let mut ys = [0f32; C];
+        for c in 0..C {
+            // SAFETY: b < nb <= x[c].len() (asserted above); c < C == x.len().
+            let yb = x.get_unchecked(c).get_unchecked(b);
+            y[c] = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
+            yd[c] = yb.d;
+            ys[c] = yb.s;
+        }
+        for r in 0..R {
+            // SAFETY: b < nb == w[r].len(); r < R == w.len().
+            let blk = w.get_unchecked(r).get_unchecked(b);
+            let p = blk.prep::<D>();
+            let (d, coef) = blk.scales::<D>();
+            for c in 0..C {
+                let s = _mm256_cvtepi32_ps(B::idot::<D>(p, y[c]));
+                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * yd[c]), s, acc[r][c]);
+                off[r][c] += coef * ys[c];
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            out[r * C + c] = hsum(acc[r][c]) + off[r][c];
+        }
+    }
+}
+
+/// Eight rows × one token, the decoding shape. Instead of a horizontal sum per row and block,
+/// the eight rows' integer sums of a block are reduced together into one vector (lane r = row r),
+/// and the eight scales are gathered into one vector, so the float work per block is a handful
+/// of instructions for all eight rows. The accumulator ends with one lane per row: no final sums.
+#[inline(always)]
+unsafe fn tile_8x1<B: WBlock, D: IDot>(w: &[&[B]], x: &[BlockQ8], out: &mut [f32]) {
+    let nb = w[0].len();
+    assert!(w.len() == 8 && out.len() >= 8 && x.len() >= nb);
+    assert!(w.iter().all(|r| r.len() == nb));
+    let mut acc = _mm256_setzero_ps();
+    let mut off = _mm256_setzero_ps();
+    for b in 0..nb {
+        // SAFETY: b < nb <= x.len() (asserted above).
+        let yb = x.get_unchecked(b);
+        let y = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
+        let mut p = [_mm256_setzero_si256(); 8];
+        let mut d = [0u16; 8];
+        let mut m = [0u16; 8];
+        for r in 0..8 {
+            // SAFETY: r < 8 == w.len(), b < nb == w[r].len().
+            let blk = w.get_unchecked(r).get_unchecked(b);
+            p[r] = B::idot::<D>(blk.prep::<D>(), y);
+            d[r] = blk.d_bits();
+            m[r] = blk.m_bits();
+        }
+        let s01 = _mm256_hadd_epi32(p[0], p[1]);
+        let s23 = _mm256_hadd_epi32(p[2], p[3]);
+        let s45 = _mm256_hadd_epi32(p[4], p[5]);
+        let s67 = _mm256_hadd_epi32(p[6], p[7]);
+        let s0123 = _mm256_hadd_epi32(s01, s23);
+        let s4567 = _mm256_hadd_epi32(s45, s67);
+        let tot = _mm256_add_epi32(
+            _mm256_permute2x128_si256(s0123, s4567, 0x20),
+            _mm256_permute2x128_si256(s0123, s4567, 0x31),
+        );
+        let dv = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i));
+        acc = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(tot),
+            _mm256_mul_ps(dv, _mm256_set1_ps(yb.d)),
+            acc,
+        );
+        let coef = match B::d_coef::<D>() {
+            Some(k) => _mm256_mul_ps(dv, _mm256_set1_ps(k)),
+            None => _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i)),
+        };
+        off = _mm256_fmadd_ps(coef, _mm256_set1_ps(yb.s), off);
+    }
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc, off));
+}
+
+/// Any tile shape: the common ones are monomorphised, the rest are built from 1 × 1 tiles.
+#[inline(always)]
+unsafe fn tile_any<B: WBlock, D: IDot>(w: &[&[B]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    match (w.len(), x.len()) {
+        (8, 1) => tile_8x1::<B, D>(w, x[0], out),
+        (4, 1) => tile_fixed::<B, D, 4, 1>(w, x, out),
+        (2, 4) => tile_fixed::<B, D, 2, 4>(w, x, out),
+        (1, 4) => tile_fixed::<B, D, 1, 4>(w, x, out),
+        (1, 1) => tile_fixed::<B, D, 1, 1>(w, x, out),
+        (nr, nc) => {
+            for r in 0..nr {
+                for c in 0..nc {
+                    let mut o = [0f32];
+                    tile_fixed::<B, D, 1, 1>(&w[r..r + 1], &x[c..c + 1], &mut o);
+                    out[r * nc + c] = o[0];
+                }
+            }
+        }
+    }
+}
+
+macro_rules! tile_fns {
+    ($feat:literal, $d:ty, $($name:ident: $b:ty),*) => {
+        $(
+            #[target_feature(enable = $feat)]
+            unsafe fn $name(w: &[&[$b]], x: &[&[BlockQ8]], out: &mut [f32]) {
+                tile_any::<$b, $d>(w, x, out)
+            }
+        )*
+    };
+}
+
+tile_fns!("avx2,fma,f16c", Madd, tile_q4_0_imp: BlockQ4_0, tile_q4_1_imp: BlockQ4_1, tile_q8_0_imp: BlockQ8_0);
+tile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4_0_vnni_imp: BlockQ4_0, tile_q4_1_vnni_imp: BlockQ4_1, tile_q8_0_vnni_imp: BlockQ8_0);
+
 // Safe wrappers, installed only after detection (see `Kernels::avx2`).
 
 pub(super) fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8]) -> f32 {
@@ -259,4 +512,29 @@ pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub(super) fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     // SAFETY: as above.
     unsafe { quantize_q8_imp(x, out) }
+}
+
+pub(super) fn tile_q4_0(w: &[&[BlockQ4_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    // SAFETY: only reachable through the AVX2 kernel tables, built after feature detection.
+    unsafe { tile_q4_0_imp(w, x, out) }
+}
+pub(super) fn tile_q4_1(w: &[&[BlockQ4_1]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { tile_q4_1_imp(w, x, out) }
+}
+pub(super) fn tile_q8_0(w: &[&[BlockQ8_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { tile_q8_0_imp(w, x, out) }
+}
+pub(super) fn tile_q4_0_vnni(w: &[&[BlockQ4_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    // SAFETY: only reachable through the AVX-VNNI table, built after detecting avxvnni.
+    unsafe { tile_q4_0_vnni_imp(w, x, out) }
+}
+pub(super) fn tile_q4_1_vnni(w: &[&[BlockQ4_1]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { tile_q4_1_vnni_imp(w, x, out) }
+}
+pub(super) fn tile_q8_0_vnni(w: &[&[BlockQ8_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { tile_q8_0_vnni_imp(w, x, out) }
 }

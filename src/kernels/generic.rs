@@ -81,3 +81,33 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     }
     acc
 }
+
+/// A tile of dot products: `out[r * x.len() + c] = dot(w[r], x[c])`. The SIMD kernels compute
+/// whole tiles at once (sharing unpacked weights across tokens and loaded activations across
+/// rows); this is their twin, and the fallback for any shape.
+#[inline]
+pub fn tile<B>(
+    dot: fn(&[B], &[BlockQ8]) -> f32,
+    w: &[&[B]],
+    x: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    let nc = x.len();
+    for (r, wr) in w.iter().enumerate() {
+        for (c, xc) in x.iter().enumerate() {
+            out[r * nc + c] = dot(wr, xc);
+        }
+    }
+}
+
+pub fn tile_q4_0(w: &[&[BlockQ4_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    tile(dot_q4_0, w, x, out)
+}
+
+pub fn tile_q4_1(w: &[&[BlockQ4_1]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    tile(dot_q4_1, w, x, out)
+}
+
+pub fn tile_q8_0(w: &[&[BlockQ8_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    tile(dot_q8_0, w, x, out)
+}

@@ -29,6 +29,8 @@ pub enum KernelKind {
     Scalar,
     /// x86_64 AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2 with the AVX-VNNI dot-product instruction (Alder Lake, Sapphire Rapids, Zen 5).
+    AvxVnni,
     /// aarch64 NEON without the dot-product extension.
     Neon,
     /// aarch64 NEON with `sdot` (ARMv8.2 dotprod).
@@ -41,15 +43,17 @@ impl KernelKind {
             KernelKind::Reference => "reference",
             KernelKind::Scalar => "scalar",
             KernelKind::Avx2 => "avx2",
+            KernelKind::AvxVnni => "avx-vnni",
             KernelKind::Neon => "neon",
             KernelKind::NeonDotprod => "neon-dotprod",
         }
     }
 
-    pub const ALL: [KernelKind; 5] = [
+    pub const ALL: [KernelKind; 6] = [
         KernelKind::Reference,
         KernelKind::Scalar,
         KernelKind::Avx2,
+        KernelKind::AvxVnni,
         KernelKind::Neon,
         KernelKind::NeonDotprod,
     ];
@@ -76,6 +80,8 @@ impl KernelKind {
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::AvxVnni => KernelKind::Avx2.available() && is_x86_feature_detected!("avxvnni"),
             #[cfg(target_arch = "aarch64")]
             KernelKind::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[cfg(target_arch = "aarch64")]
@@ -93,6 +99,7 @@ impl KernelKind {
         [
             KernelKind::NeonDotprod,
             KernelKind::Neon,
+            KernelKind::AvxVnni,
             KernelKind::Avx2,
             KernelKind::Scalar,
         ]
@@ -105,7 +112,7 @@ impl KernelKind {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KernelError {
-    #[error("unknown kernels {0:?} (allowed: auto, reference, scalar, avx2, neon, neon-dotprod)")]
+    #[error("unknown kernels {0:?} (allowed: auto, reference, scalar, avx2, avx-vnni, neon, neon-dotprod)")]
     Unknown(String),
     #[error("kernels {0:?} are not available on this CPU")]
     Unavailable(&'static str),
@@ -121,7 +128,13 @@ pub struct Kernels {
     pub dot_q5_0: fn(&[BlockQ5_0], &[BlockQ8]) -> f32,
     pub dot_q8_0: fn(&[BlockQ8_0], &[BlockQ8]) -> f32,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    /// Tiles of R rows × C tokens: `out[r * C + c] = dot(w[r], x[c])`.
+    pub tile_q4_0: Tile<BlockQ4_0>,
+    pub tile_q4_1: Tile<BlockQ4_1>,
+    pub tile_q8_0: Tile<BlockQ8_0>,
 }
+
+pub type Tile<B> = fn(&[&[B]], &[&[BlockQ8]], &mut [f32]);
 
 impl std::fmt::Debug for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,6 +156,9 @@ impl Kernels {
             dot_q5_0: generic::dot_q5_0,
             dot_q8_0: generic::dot_q8_0,
             dot_f32: generic::dot_f32,
+            tile_q4_0: generic::tile_q4_0,
+            tile_q4_1: generic::tile_q4_1,
+            tile_q8_0: generic::tile_q8_0,
         };
         Ok(match kind {
             KernelKind::Reference | KernelKind::Scalar => scalar,
@@ -155,6 +171,22 @@ impl Kernels {
                 dot_q5_0: avx2::dot_q5_0,
                 dot_q8_0: avx2::dot_q8_0,
                 dot_f32: avx2::dot_f32,
+                tile_q4_0: avx2::tile_q4_0,
+                tile_q4_1: avx2::tile_q4_1,
+                tile_q8_0: avx2::tile_q8_0,
+            },
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::AvxVnni => Kernels {
+                kind,
+                quantize_q8: avx2::quantize_q8,
+                dot_q4_0: avx2::dot_q4_0,
+                dot_q4_1: avx2::dot_q4_1,
+                dot_q5_0: avx2::dot_q5_0,
+                dot_q8_0: avx2::dot_q8_0,
+                dot_f32: avx2::dot_f32,
+                tile_q4_0: avx2::tile_q4_0_vnni,
+                tile_q4_1: avx2::tile_q4_1_vnni,
+                tile_q8_0: avx2::tile_q8_0_vnni,
             },
             #[cfg(target_arch = "aarch64")]
             KernelKind::Neon => Kernels {
@@ -165,6 +197,9 @@ impl Kernels {
                 dot_q5_0: neon::dot_q5_0,
                 dot_q8_0: neon::dot_q8_0,
                 dot_f32: neon::dot_f32,
+                tile_q4_0: neon::tile_q4_0,
+                tile_q4_1: neon::tile_q4_1,
+                tile_q8_0: neon::tile_q8_0,
             },
             #[cfg(target_arch = "aarch64")]
             KernelKind::NeonDotprod => Kernels {
@@ -175,6 +210,9 @@ impl Kernels {
                 dot_q5_0: neon::dot_q5_0_dotprod,
                 dot_q8_0: neon::dot_q8_0_dotprod,
                 dot_f32: neon::dot_f32,
+                tile_q4_0: neon::tile_q4_0_dotprod,
+                tile_q4_1: neon::tile_q4_1_dotprod,
+                tile_q8_0: neon::tile_q8_0_dotprod,
             },
             #[allow(unreachable_patterns)]
             _ => return Err(KernelError::Unavailable(kind.name())),

@@ -251,3 +251,22 @@ pub(super) fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     // SAFETY: as above.
     unsafe { quantize_q8_imp(x, out) }
 }
+
+// Tiles as loops of dot products (a tiled NEON kernel is future work).
+macro_rules! neon_tiles {
+    ($($name:ident: $b:ty => $dot:ident),*) => {
+        $(
+            pub(super) fn $name(w: &[&[$b]], x: &[&[BlockQ8]], out: &mut [f32]) {
+                super::generic::tile($dot, w, x, out)
+            }
+        )*
+    };
+}
+neon_tiles!(
+    tile_q4_0: BlockQ4_0 => dot_q4_0,
+    tile_q4_1: BlockQ4_1 => dot_q4_1,
+    tile_q8_0: BlockQ8_0 => dot_q8_0,
+    tile_q4_0_dotprod: BlockQ4_0 => dot_q4_0_dotprod,
+    tile_q4_1_dotprod: BlockQ4_1 => dot_q4_1_dotprod,
+    tile_q8_0_dotprod: BlockQ8_0 => dot_q8_0_dotprod
+);
