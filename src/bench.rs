@@ -109,7 +109,12 @@ pub fn run(
 }
 
 /// Options for a benchmark load: a window that holds prompt and generation, one batch per prompt.
-pub fn options(threads: usize, kernels: Option<crate::kernels::KernelKind>, n_prompt: usize, n_gen: usize) -> CpuOptions {
+pub fn options(
+    threads: usize,
+    kernels: Option<crate::kernels::KernelKind>,
+    n_prompt: usize,
+    n_gen: usize,
+) -> CpuOptions {
     CpuOptions {
         n_ctx: n_prompt.max(n_gen),
         threads,

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Beside them: [`gguf`] reads the weight file in place (memory-mapped, bounds-checked), and
-//! [`bench`] measures prompt and generation speed as `llama-bench` does.
+//! [`bench`] measures prompt and generation speed as `llama-bench` does, and [`testing`] writes
+//! small synthetic models for the tests.
 
 pub mod backend;
 pub mod bench;
@@ -20,3 +21,4 @@ pub mod frontend;
 pub mod gguf;
 pub mod kernels;
 pub mod queue;
+pub mod testing;

@@ -22,7 +22,11 @@ use edgellm::queue::{GenerateRequest, Prompt};
 const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser)]
-#[command(name = "edgellm", version, about = "LLM daemon and tools for edge boards")]
+#[command(
+    name = "edgellm",
+    version,
+    about = "LLM daemon and tools for edge boards"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -138,7 +142,11 @@ fn main() -> ExitCode {
 fn exit_code(e: &anyhow::Error) -> u8 {
     use edgellm::engine::EngineError;
     for cause in e.chain() {
-        if let Some(ee) = cause.downcast_ref::<EngineError>() {
+        let engine_error = match cause.downcast_ref::<cli::AskError>() {
+            Some(cli::AskError::Engine(ee)) => Some(ee),
+            _ => cause.downcast_ref::<EngineError>(),
+        };
+        if let Some(ee) = engine_error {
             return match ee {
                 EngineError::PromptTooLong { .. }
                 | EngineError::EmptyPrompt
@@ -146,7 +154,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => 1,
             };
         }
-        if cause.downcast_ref::<edgellm::kernels::KernelError>().is_some()
+        if cause
+            .downcast_ref::<edgellm::kernels::KernelError>()
+            .is_some()
             || cause.downcast_ref::<UsageError>().is_some()
         {
             return 2;
@@ -269,7 +279,11 @@ fn run(cli: Cli) -> Result<()> {
                 tokens.len(),
                 tokens.len() / ctx.max(1),
                 model.kernels().name(),
-                if compare_exact { ", against reference" } else { "" }
+                if compare_exact {
+                    ", against reference"
+                } else {
+                    ""
+                }
             );
             let r = perplexity(
                 &mut model,
@@ -338,7 +352,11 @@ fn model_path(arg: Option<&Path>) -> Result<PathBuf> {
     let mut candidates = vec![PathBuf::from("models/cache").join(DEFAULT_MODEL)];
     if let Ok(exe) = std::env::current_exe() {
         // target/{release,debug}/edgellm → the checkout's models/cache
-        if let Some(root) = exe.parent().and_then(|d| d.parent()).and_then(|d| d.parent()) {
+        if let Some(root) = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .and_then(|d| d.parent())
+        {
             candidates.push(root.join("models/cache").join(DEFAULT_MODEL));
         }
     }

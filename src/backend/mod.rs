@@ -31,7 +31,11 @@ pub enum BackendError {
     #[error("token id {id} is outside the vocabulary of {n_vocab} tokens")]
     BadToken { id: u32, n_vocab: usize },
     #[error("context full: positions {pos}..{end} do not fit in the window of {n_ctx} tokens")]
-    ContextFull { pos: usize, end: usize, n_ctx: usize },
+    ContextFull {
+        pos: usize,
+        end: usize,
+        n_ctx: usize,
+    },
     #[error("batch of {n} tokens is empty or larger than the backend's {max} per call")]
     BadBatch { n: usize, max: usize },
     #[error("{0}")]

@@ -241,5 +241,4 @@ impl Engine {
             tokens: generated,
         })
     }
-
 }

@@ -16,6 +16,9 @@ pub struct PplResult {
     /// Scored tokens.
     pub tokens: usize,
     pub chunks: usize,
+    /// Perplexity of the exact path, when compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ppl_exact: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mean_kld: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -51,7 +54,9 @@ pub fn perplexity(
     bos: Option<u32>,
     progress: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<PplResult, PplError> {
-    let window = model.n_ctx().min(exact.as_ref().map_or(usize::MAX, |e| e.n_ctx()));
+    let window = model
+        .n_ctx()
+        .min(exact.as_ref().map_or(usize::MAX, |e| e.n_ctx()));
     if n_ctx < 8 || n_ctx > window {
         return Err(PplError::BadCtx { n_ctx, window });
     }
@@ -65,7 +70,7 @@ pub fn perplexity(
     let vocab = model.n_vocab();
     let first = n_ctx / 2;
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
-    let (mut kld_sum, mut same_top1) = (0f64, 0usize);
+    let (mut kld_sum, mut same_top1, mut nll_exact) = (0f64, 0usize, 0f64);
     let mut chunk_tokens = vec![0u32; n_ctx];
     let mut exact_rows: Vec<f32> = Vec::new();
     for c in 0..n_chunks {
@@ -111,6 +116,7 @@ pub fn perplexity(
                         kl += lpe.exp() * (lpe - (lm as f64 - lse));
                     }
                     kld_sum += kl;
+                    nll_exact -= erow[target] as f64 - e_lse;
                     if crate::engine::sampler::argmax(erow) == crate::engine::sampler::argmax(row) {
                         same_top1 += 1;
                     }
@@ -133,7 +139,10 @@ pub fn perplexity(
         ppl_stderr,
         tokens: count,
         chunks: n_chunks,
+        ppl_exact: exact.as_ref().map(|_| (nll_exact / count as f64).exp()),
         mean_kld: exact.as_ref().map(|_| kld_sum / count as f64),
-        same_top1_pct: exact.as_ref().map(|_| 100.0 * same_top1 as f64 / count as f64),
+        same_top1_pct: exact
+            .as_ref()
+            .map(|_| 100.0 * same_top1 as f64 / count as f64),
     })
 }

@@ -176,7 +176,11 @@ impl Sampler {
         if p.min_p > 0.0 {
             // cand[0] has probability 1/sum relative weight 1.
             let floor = p.min_p;
-            keep = cand[..keep].iter().take_while(|c| c.0 >= floor).count().max(1);
+            keep = cand[..keep]
+                .iter()
+                .take_while(|c| c.0 >= floor)
+                .count()
+                .max(1);
         }
         cand.truncate(keep);
         // Temperature: p^(1/T) renormalised equals softmax(logit / T).

@@ -177,7 +177,10 @@ mod tests {
 
     #[test]
     fn stop_string_across_tokens_is_cut_and_never_streamed() {
-        let (chunks, text, stopped) = run(&["\n\nUser:"], &[b"Hello", b"\n", b"\nUs", b"er:", b" more"]);
+        let (chunks, text, stopped) = run(
+            &["\n\nUser:"],
+            &[b"Hello", b"\n", b"\nUs", b"er:", b" more"],
+        );
         assert!(stopped);
         assert_eq!(text, "Hello");
         assert_eq!(chunks.concat(), "Hello");

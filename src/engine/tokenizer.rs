@@ -75,7 +75,10 @@ impl Tokenizer {
             return Err(TokenizerError::Bad("tokenizer.ggml.tokens is empty".into()));
         }
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
-            Some(Value::Array(a)) => a.iter().map(|v| v.as_i64().unwrap_or(TYPE_NORMAL)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_i64().unwrap_or(TYPE_NORMAL))
+                .collect(),
             _ => vec![TYPE_NORMAL; n],
         };
         if types.len() != n {
@@ -133,7 +136,10 @@ impl Tokenizer {
             }
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
-        let inner = match dir.map(|d| d.join("tokenizer.json")).filter(|p| p.is_file()) {
+        let inner = match dir
+            .map(|d| d.join("tokenizer.json"))
+            .filter(|p| p.is_file())
+        {
             Some(p) => tokenizers::Tokenizer::from_file(&p)
                 .map_err(|e| TokenizerError::Library(format!("{}: {e}", p.display())))?,
             None => inner_json
@@ -261,12 +267,8 @@ fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<Json> {
 }
 
 fn gpt2_json(tokens: &[String], types: &[i64], merges: &[String], pre: &str) -> Json {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex})
-    };
-    let split = |re: &str| {
-        json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex});
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     let pre_tokenizer = match pre {
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
@@ -313,7 +315,8 @@ fn spm_json(tokens: &[String], types: &[i64], scores: &[f64], unk: u32, add_spac
         .enumerate()
         .map(|(i, t)| json!([t, scores.get(i).copied().unwrap_or(0.0)]))
         .collect();
-    let mut norms = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+    let mut norms =
+        vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
     if add_space {
         norms.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
     }
@@ -385,7 +388,9 @@ fn spm_pieces(tokens: &[String], types: &[i64]) -> Vec<Vec<u8>> {
             TYPE_CONTROL => Vec::new(),
             TYPE_BYTE => {
                 let hex = t.trim_start_matches("<0x").trim_end_matches('>');
-                u8::from_str_radix(hex, 16).map(|b| vec![b]).unwrap_or_default()
+                u8::from_str_radix(hex, 16)
+                    .map(|b| vec![b])
+                    .unwrap_or_default()
             }
             _ => t.replace('\u{2581}', " ").into_bytes(),
         })

@@ -15,7 +15,11 @@ struct Stdout<W: Write> {
 impl<W: Write> Sink for Stdout<W> {
     fn text(&mut self, text: &str) {
         if self.error.is_none() {
-            if let Err(e) = self.out.write_all(text.as_bytes()).and_then(|_| self.out.flush()) {
+            if let Err(e) = self
+                .out
+                .write_all(text.as_bytes())
+                .and_then(|_| self.out.flush())
+            {
                 self.error = Some(e);
             }
         }
@@ -38,7 +42,11 @@ pub enum AskError {
 }
 
 /// Generates the answer to `req`, streaming it to `out`; ends the answer with a newline.
-pub fn ask<W: Write>(engine: &mut Engine, req: &GenerateRequest, out: W) -> Result<Completion, AskError> {
+pub fn ask<W: Write>(
+    engine: &mut Engine,
+    req: &GenerateRequest,
+    out: W,
+) -> Result<Completion, AskError> {
     let mut sink = Stdout { out, error: None };
     let c = engine.generate(req, &mut sink)?;
     if let Some(e) = sink.error {

@@ -12,7 +12,10 @@ pub enum Bytes {
     Mapped(Mmap),
     /// Stored as u64 words so the buffer is 8-byte aligned like a mapping is page aligned:
     /// block structs with f16 fields can then be viewed in place.
-    Owned { words: Vec<u64>, len: usize },
+    Owned {
+        words: Vec<u64>,
+        len: usize,
+    },
 }
 
 impl Bytes {

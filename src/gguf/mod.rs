@@ -69,7 +69,11 @@ pub enum GgufError {
         len: u64,
     },
     #[error("tensor {name:?}: offset {offset} is not a multiple of the alignment {align}")]
-    Misaligned { name: String, offset: u64, align: u64 },
+    Misaligned {
+        name: String,
+        offset: u64,
+        align: u64,
+    },
     #[error("general.alignment {0} is not a power of two between 1 and 65536")]
     BadAlignment(u64),
     #[error("duplicate {what} {name:?}")]
@@ -287,10 +291,11 @@ impl Gguf {
                 }
                 let raw_ty = r.u32("tensor type")?;
                 let offset = r.u64("tensor offset")?;
-                let ty = GgmlType::from_u32(raw_ty).ok_or_else(|| GgufError::UnknownTensorType {
-                    name: name.clone(),
-                    ty: raw_ty,
-                })?;
+                let ty =
+                    GgmlType::from_u32(raw_ty).ok_or_else(|| GgufError::UnknownTensorType {
+                        name: name.clone(),
+                        ty: raw_ty,
+                    })?;
                 infos.push((name, dims, ty, offset));
             }
             let data_start = align_up(r.pos as u64, alignment);
@@ -351,6 +356,11 @@ impl Gguf {
         &self.bytes
     }
 
+    /// Whether the image is a memory mapping of the file (weights used in place, not copied).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.bytes, Bytes::Mapped(_))
+    }
+
     /// Number of bytes of the file (mapped, not resident).
     pub fn file_len(&self) -> u64 {
         self.bytes.len() as u64
@@ -377,7 +387,8 @@ impl Gguf {
     }
 
     fn require(&self, key: &str) -> Result<&Value, GgufError> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey { key: key.into() })
+        self.get(key)
+            .ok_or_else(|| GgufError::MissingKey { key: key.into() })
     }
 
     pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
@@ -441,7 +452,7 @@ fn tensor_bytes(name: &str, dims: &[u64], ty: GgmlType) -> Result<u64, GgufError
             .ok_or_else(|| bad(format!("element count of {dims:?} overflows")))?;
     }
     let block = ty.block_size() as u64;
-    if dims[0] % block != 0 {
+    if !dims[0].is_multiple_of(block) {
         return Err(bad(format!(
             "row length {} is not a multiple of the {} block size {}",
             dims[0],
@@ -545,7 +556,7 @@ impl<'a> Reader<'a> {
                 let min_size = match ety {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     8..=12 => 8,
                     _ => {
                         return Err(GgufError::BadValueType {

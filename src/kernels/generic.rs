@@ -86,12 +86,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 /// whole tiles at once (sharing unpacked weights across tokens and loaded activations across
 /// rows); this is their twin, and the fallback for any shape.
 #[inline]
-pub fn tile<B>(
-    dot: fn(&[B], &[BlockQ8]) -> f32,
-    w: &[&[B]],
-    x: &[&[BlockQ8]],
-    out: &mut [f32],
-) {
+pub fn tile<B>(dot: fn(&[B], &[BlockQ8]) -> f32, w: &[&[B]], x: &[&[BlockQ8]], out: &mut [f32]) {
     let nc = x.len();
     for (r, wr) in w.iter().enumerate() {
         for (c, xc) in x.iter().enumerate() {

@@ -53,7 +53,11 @@ impl Acts<'_> {
 
 /// Whether `matmul` reads the quantized activations for this weight type and kernel set.
 pub fn uses_q8(k: &Kernels, ty: GgmlType) -> bool {
-    !k.exact() && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0)
+    !k.exact()
+        && matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0
+        )
 }
 
 /// `out[t][r] = w[r] · x[t]` for rows `rows` of `w`, every token `t`; `out` is (n, w.rows).

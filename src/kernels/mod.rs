@@ -81,7 +81,9 @@ impl KernelKind {
                     && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
-            KernelKind::AvxVnni => KernelKind::Avx2.available() && is_x86_feature_detected!("avxvnni"),
+            KernelKind::AvxVnni => {
+                KernelKind::Avx2.available() && is_x86_feature_detected!("avxvnni")
+            }
             #[cfg(target_arch = "aarch64")]
             KernelKind::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[cfg(target_arch = "aarch64")]
@@ -161,7 +163,14 @@ impl Kernels {
             tile_q8_0: generic::tile_q8_0,
         };
         Ok(match kind {
-            KernelKind::Reference | KernelKind::Scalar => scalar,
+            KernelKind::Scalar => scalar,
+            // Exact mode is defined by its arithmetic (f32 on dequantized weights), not by its
+            // speed: it takes the fastest f32 dot product this CPU has, which sums in eight
+            // lanes of four accumulators as ggml's f32 dot does.
+            KernelKind::Reference => Kernels {
+                dot_f32: Kernels::new(KernelKind::best())?.dot_f32,
+                ..scalar
+            },
             #[cfg(target_arch = "x86_64")]
             KernelKind::Avx2 => Kernels {
                 kind,

@@ -165,7 +165,10 @@ unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
         }
         i += 16;
     }
-    let mut s = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+    let mut s = vaddvq_f32(vaddq_f32(
+        vaddq_f32(acc[0], acc[1]),
+        vaddq_f32(acc[2], acc[3]),
+    ));
     while i < n {
         s += a[i] * b[i];
         i += 1;

@@ -146,7 +146,8 @@ fn worker(s: Arc<Shared>, tid: usize) {
         // keeps the closure alive until `pending` reaches 0.
         let job = unsafe { (*s.job.get()).map(|p| &*p) };
         if let Some(job) = job {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(tid, s.n_threads)));
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(tid, s.n_threads)));
             if r.is_err() {
                 s.panicked.store(true, SeqCst);
             }

@@ -228,7 +228,9 @@ pub fn as_blocks<T: Block>(bytes: &[u8]) -> Option<&[T]> {
 /// Views a slice of blocks as bytes (for writing files).
 pub fn block_bytes<T: Block>(blocks: &[T]) -> &[u8] {
     // SAFETY: T is plain old data without padding, so all its bytes are initialised.
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks)) }
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks))
+    }
 }
 
 #[inline]
@@ -263,7 +265,10 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
         GgmlType::Q4K => dequant_q4k(blocks(row), out),
         GgmlType::Q6K => dequant_q6k(blocks(row), out),
         // The loader refuses unsupported types before any row is read.
-        other => unreachable!("dequantize_row called for unsupported type {}", other.name()),
+        other => unreachable!(
+            "dequantize_row called for unsupported type {}",
+            other.name()
+        ),
     }
 }
 
@@ -309,8 +314,8 @@ pub fn dequant_q5_0(b: &[BlockQ5_0], out: &mut [f32]) {
 pub fn dequant_q8_0(b: &[BlockQ8_0], out: &mut [f32]) {
     for (blk, y) in b.iter().zip(out.chunks_exact_mut(QK)) {
         let d = f16_to_f32(blk.d);
-        for j in 0..QK {
-            y[j] = blk.qs[j] as f32 * d;
+        for (yj, &q) in y.iter_mut().zip(&blk.qs) {
+            *yj = q as f32 * d;
         }
     }
 }
@@ -458,8 +463,8 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<BlockQ8_0> {
                 d: f32_to_f16(d),
                 qs: [0; QK],
             };
-            for j in 0..QK {
-                b.qs[j] = (c[j] * id).round() as i8;
+            for (q, &v) in b.qs.iter_mut().zip(c) {
+                *q = (v * id).round() as i8;
             }
             b
         })

@@ -293,7 +293,12 @@ impl CpuBackend {
 
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
-            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], l.attn_norm.f32s(bytes), c.eps);
+            rmsnorm(
+                &mut s.xb[..n * dim],
+                &s.x[..n * dim],
+                l.attn_norm.f32s(bytes),
+                c.eps,
+            );
             quantize(k, &s.xb[..n * dim], &mut s.xq);
             {
                 let x = Acts {
@@ -307,12 +312,19 @@ impl CpuBackend {
                     pool,
                     k,
                     &x,
-                    &mut [(&wq, &mut s.q[..]), (&wk, &mut s.k[..]), (&wv, &mut s.v[..])],
+                    &mut [
+                        (&wq, &mut s.q[..]),
+                        (&wk, &mut s.k[..]),
+                        (&wv, &mut s.v[..]),
+                    ],
                     &mut s.scratch,
                 );
             }
-            for (b, out, width) in [(l.bq, &mut s.q, qd), (l.bk, &mut s.k, kvd), (l.bv, &mut s.v, kvd)]
-            {
+            for (b, out, width) in [
+                (l.bq, &mut s.q, qd),
+                (l.bk, &mut s.k, kvd),
+                (l.bv, &mut s.v, kvd),
+            ] {
                 if let Some(b) = b {
                     let b = b.f32s(bytes);
                     for row in out[..n * width].chunks_exact_mut(width) {
@@ -362,7 +374,12 @@ impl CpuBackend {
             add(&mut s.x[..n * dim], &s.xb2[..n * dim]);
 
             // Feed-forward block (SwiGLU).
-            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], l.ffn_norm.f32s(bytes), c.eps);
+            rmsnorm(
+                &mut s.xb[..n * dim],
+                &s.x[..n * dim],
+                l.ffn_norm.f32s(bytes),
+                c.eps,
+            );
             quantize(k, &s.xb[..n * dim], &mut s.xq);
             {
                 let x = Acts {
@@ -415,7 +432,13 @@ impl CpuBackend {
             q: &s.xq,
         };
         let wout = w.output.mat(bytes);
-        matmul(pool, k, &x, &mut [(&wout, &mut s.logits[..])], &mut s.scratch);
+        matmul(
+            pool,
+            k,
+            &x,
+            &mut [(&wout, &mut s.logits[..])],
+            &mut s.scratch,
+        );
     }
 }
 

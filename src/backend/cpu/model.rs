@@ -164,7 +164,11 @@ impl Config {
             None => 10000.0,
         };
         if !(rope_theta.is_finite() && rope_theta > 1.0) {
-            return Err(hyper("rope.freq_base", rope_theta.to_string(), "must be > 1"));
+            return Err(hyper(
+                "rope.freq_base",
+                rope_theta.to_string(),
+                "must be > 1",
+            ));
         }
         let eps = g.get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))? as f32;
         if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
@@ -283,10 +287,9 @@ impl Weights {
         };
         let bias = |name: &str, n: usize| -> Result<Option<TensorRef>, ModelError> {
             match g.tensor(name) {
-                None if c.arch == Arch::Qwen2 => Err(GgufError::MissingTensor {
-                    name: name.into(),
+                None if c.arch == Arch::Qwen2 => {
+                    Err(GgufError::MissingTensor { name: name.into() }.into())
                 }
-                .into()),
                 None => Ok(None),
                 Some(_) => vector(name, n).map(Some),
             }
@@ -366,7 +369,7 @@ fn tref(t: &TensorInfo, rows: usize, cols: usize) -> Result<TensorRef, ModelErro
         GgmlType::F32 => 4,
         _ => 2,
     };
-    if t.offset % need != 0 {
+    if !t.offset.is_multiple_of(need) {
         return Err(ModelError::Unaligned {
             tensor: t.name.clone(),
         });

@@ -1,0 +1,46 @@
+//! Helpers shared by the test modules.
+
+use std::path::PathBuf;
+
+use edgellm::backend::cpu::{CpuBackend, CpuOptions};
+use edgellm::gguf::{Bytes, Gguf};
+use edgellm::kernels::KernelKind;
+use edgellm::testing::{synth_model, SynthSpec};
+
+/// A synthetic model loaded on the CPU backend.
+pub fn synth_backend(spec: &SynthSpec, kernels: Option<KernelKind>, threads: usize) -> CpuBackend {
+    let g = Gguf::parse(Bytes::from_vec(synth_model(spec))).expect("synthetic model parses");
+    CpuBackend::load(
+        g,
+        &CpuOptions {
+            n_ctx: 128,
+            threads,
+            kernels,
+            max_batch: 16,
+        },
+    )
+    .expect("synthetic model loads")
+}
+
+/// A fresh directory under the target dir (removed first if it exists).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+/// Largest |a - b| relative to the largest |b|.
+pub fn rel_max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Kernel sets this CPU can run, other than the exact reference.
+pub fn fast_kernels() -> Vec<KernelKind> {
+    KernelKind::ALL
+        .into_iter()
+        .filter(|k| *k != KernelKind::Reference && k.available())
+        .collect()
+}

@@ -1,0 +1,271 @@
+//! A synthetic model through the whole engine: the forward pass (batched against token by token,
+//! fast against exact, llama and qwen2), the tokenizer and template, and generation.
+
+use edgellm::backend::Backend;
+use edgellm::engine::chat::{ChatTemplate, Message};
+use edgellm::engine::sampler::SamplingParams;
+use edgellm::engine::tokenizer::Tokenizer;
+use edgellm::engine::{Engine, EngineError};
+use edgellm::gguf::{Bytes, Gguf};
+use edgellm::kernels::quant::GgmlType;
+use edgellm::kernels::KernelKind;
+use edgellm::queue::{FinishReason, GenerateRequest, Prompt};
+use edgellm::testing::{synth_model, SynthSpec};
+
+use crate::common::{rel_max_diff, synth_backend};
+
+/// Fast path (8-bit activations) against exact f32 logits of the same weights.
+const FAST_VS_EXACT: f32 = 0.05;
+
+fn tokens() -> Vec<u32> {
+    (0..23).map(|i| 3 + (i * 37 % 256) as u32).collect()
+}
+
+/// Logits of each position, one token per forward call.
+fn stepwise(b: &mut dyn Backend, toks: &[u32]) -> Vec<f32> {
+    let mut out = Vec::new();
+    b.reset();
+    for (i, &t) in toks.iter().enumerate() {
+        out.extend_from_slice(b.forward(&[t], i, false).expect("forward"));
+    }
+    out
+}
+
+/// Logits of each position from batched calls (chunks of `chunk`).
+fn batched(b: &mut dyn Backend, toks: &[u32], chunk: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    b.reset();
+    let mut pos = 0;
+    for part in toks.chunks(chunk) {
+        out.extend_from_slice(b.forward(part, pos, true).expect("forward"));
+        pos += part.len();
+    }
+    out
+}
+
+#[test]
+fn batched_forward_equals_token_by_token() {
+    for arch in ["llama", "qwen2"] {
+        for k in [KernelKind::Reference, KernelKind::best()] {
+            let spec = SynthSpec {
+                arch,
+                ..Default::default()
+            };
+            let mut b = synth_backend(&spec, Some(k), 2);
+            let toks = tokens();
+            let a = stepwise(&mut b, &toks);
+            let c = batched(&mut b, &toks, 7);
+            let d = rel_max_diff(&c, &a);
+            assert!(d < 1e-4, "{arch} {}: batched differs by {d}", k.name());
+        }
+    }
+}
+
+#[test]
+fn fast_path_close_to_exact_for_every_weight_type() {
+    for (wtype, embd) in [
+        (GgmlType::Q4_1, GgmlType::Q8_0),
+        (GgmlType::Q4_0, GgmlType::Q4_0),
+        (GgmlType::Q5_0, GgmlType::Q8_0),
+        (GgmlType::Q8_0, GgmlType::F16),
+        (GgmlType::Q4K, GgmlType::Q6K),
+        (GgmlType::Q6K, GgmlType::Q4K),
+        (GgmlType::F16, GgmlType::F32),
+        (GgmlType::F32, GgmlType::Q8_0),
+    ] {
+        let spec = SynthSpec {
+            wtype,
+            embd_type: embd,
+            separate_output: wtype == GgmlType::Q8_0,
+            dim: 256,
+            n_head: 4,
+            ffn: 512,
+            ..Default::default()
+        };
+        let toks = tokens();
+        let mut exact = synth_backend(&spec, Some(KernelKind::Reference), 1);
+        let mut fast = synth_backend(&spec, None, 2);
+        let e = batched(&mut exact, &toks, 16);
+        let f = batched(&mut fast, &toks, 16);
+        let d = rel_max_diff(&f, &e);
+        assert!(d < FAST_VS_EXACT, "{}: fast vs exact {d}", wtype.name());
+        assert!(e.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn every_kernel_set_agrees() {
+    let spec = SynthSpec::default();
+    let toks = tokens();
+    let mut base = synth_backend(&spec, Some(KernelKind::Scalar), 1);
+    let want = batched(&mut base, &toks, 16);
+    for k in crate::common::fast_kernels() {
+        let mut b = synth_backend(&spec, Some(k), 2);
+        let got = batched(&mut b, &toks, 16);
+        let d = rel_max_diff(&got, &want);
+        assert!(d < 1e-4, "{} differs from scalar by {d}", k.name());
+    }
+}
+
+#[test]
+fn qwen2_biases_are_applied() {
+    let spec = SynthSpec {
+        arch: "qwen2",
+        ..Default::default()
+    };
+    let mut with = synth_backend(&spec, Some(KernelKind::Reference), 1);
+    let llama = SynthSpec {
+        arch: "llama",
+        ..Default::default()
+    };
+    let mut without = synth_backend(&llama, Some(KernelKind::Reference), 1);
+    let a = batched(&mut with, &tokens(), 16);
+    let b = batched(&mut without, &tokens(), 16);
+    // Same seed and shapes: only the biases (and RoPE style) differ.
+    assert!(rel_max_diff(&a, &b) > 1e-3);
+}
+
+#[test]
+fn backend_rejects_bad_calls() {
+    let mut b = synth_backend(&SynthSpec::default(), None, 1);
+    let n_ctx = b.n_ctx();
+    assert!(b.forward(&[], 0, false).is_err());
+    assert!(b.forward(&[100_000], 0, false).is_err());
+    assert!(b.forward(&[5], n_ctx, false).is_err());
+    assert!(
+        b.forward(&[5; 17], 0, false).is_err(),
+        "more than max_batch"
+    );
+    assert!(b.forward(&[5], n_ctx - 1, false).is_ok());
+}
+
+fn engine(kernels: Option<KernelKind>) -> Engine {
+    let b = synth_backend(&SynthSpec::default(), kernels, 2);
+    let g = Gguf::parse(Bytes::from_vec(synth_model(&SynthSpec::default()))).expect("parses");
+    let tok = Tokenizer::from_gguf(&g, None).expect("tokenizer");
+    let chat = ChatTemplate::new(None, "", "<|im_end|>").expect("template");
+    Engine::new(Box::new(b), tok, chat)
+}
+
+#[test]
+fn tokenizer_from_metadata_merges_and_specials() {
+    let g = Gguf::parse(Bytes::from_vec(synth_model(&SynthSpec::default()))).expect("parses");
+    let tok = Tokenizer::from_gguf(&g, None).expect("tokenizer");
+    let ids = tok.encode("<|im_start|>hello t").expect("encode");
+    // <|im_start|>, "hell" (merged), "o", " t" (merged).
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids[0], 1);
+    assert_eq!(tok.text(ids[1]), Some("hell"));
+    assert_eq!(
+        tok.decode(&ids),
+        "hello t",
+        "control tokens are not rendered"
+    );
+    assert!(tok.is_eog(2));
+    let bytes = "naïve 日本".to_string();
+    assert_eq!(tok.decode(&tok.encode(&bytes).expect("encode")), bytes);
+}
+
+#[test]
+fn generation_is_deterministic_and_honours_limits() {
+    let mut e = engine(None);
+    let mut req = GenerateRequest::new(Prompt::Messages(vec![Message::new("user", "hello")]));
+    req.max_tokens = 12;
+    req.sampling = SamplingParams {
+        seed: 7,
+        temperature: 0.9,
+        ..Default::default()
+    };
+    let mut s1 = String::new();
+    let a = e.generate(&req, &mut s1).expect("generate");
+    let mut s2 = String::new();
+    let b = e.generate(&req, &mut s2).expect("generate");
+    assert_eq!(a.tokens, b.tokens, "same seed, same request, same tokens");
+    assert_eq!(s1, a.text, "streamed text concatenates to the final text");
+    assert!(a.usage.completion_tokens <= 12);
+    if a.finish_reason == FinishReason::Length {
+        assert_eq!(a.usage.completion_tokens, 12);
+    }
+    req.sampling.seed = 8;
+    let c = e.generate(&req, &mut String::new()).expect("generate");
+    req.sampling.seed = 9;
+    let d = e.generate(&req, &mut String::new()).expect("generate");
+    assert!(
+        c.tokens != a.tokens || d.tokens != a.tokens,
+        "seed has no effect"
+    );
+
+    // Greedy twice on exact kernels: identical.
+    req.sampling = SamplingParams::greedy();
+    let g1 = e.generate(&req, &mut String::new()).expect("generate");
+    let g2 = e.generate(&req, &mut String::new()).expect("generate");
+    assert_eq!(g1.tokens, g2.tokens);
+}
+
+#[test]
+fn context_limits_are_errors_or_length() {
+    let mut e = engine(None);
+    let n_ctx = e.backend.n_ctx();
+    let long = "x ".repeat(n_ctx);
+    let req = GenerateRequest::new(Prompt::Raw(long));
+    match e.generate(&req, &mut String::new()) {
+        Err(EngineError::PromptTooLong {
+            tokens, n_ctx: n, ..
+        }) => {
+            assert!(tokens >= n);
+        }
+        other => panic!("expected PromptTooLong, got {other:?}"),
+    }
+    // A short prompt asking for more than the window: stops with `length` at the window's end.
+    let mut req = GenerateRequest::new(Prompt::Raw("hello".into()));
+    req.max_tokens = 10 * n_ctx;
+    req.sampling = SamplingParams {
+        temperature: 1.0,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut ended_by_window = false;
+    for seed in 0..20 {
+        req.sampling.seed = seed;
+        let c = e.generate(&req, &mut String::new()).expect("generate");
+        // The last token is sampled from the last position's logits and needs no slot itself.
+        assert!(c.usage.prompt_tokens + c.usage.completion_tokens <= n_ctx + 1);
+        if c.finish_reason == FinishReason::Length {
+            ended_by_window = true;
+            break;
+        }
+    }
+    assert!(ended_by_window, "no generation reached the window's end");
+    let req = GenerateRequest::new(Prompt::Raw(String::new()));
+    assert!(matches!(
+        e.generate(&req, &mut String::new()),
+        Err(EngineError::EmptyPrompt)
+    ));
+    let mut req = GenerateRequest::new(Prompt::Raw("hello".into()));
+    req.sampling.top_p = 0.0;
+    let err = e.generate(&req, &mut String::new()).unwrap_err();
+    assert!(err.to_string().contains("top_p"), "{err}");
+}
+
+#[test]
+fn stop_strings_end_generation_before_the_match() {
+    let mut e = engine(None);
+    let mut req = GenerateRequest::new(Prompt::Raw("hello".into()));
+    req.max_tokens = 40;
+    req.sampling = SamplingParams::greedy();
+    let free = e.generate(&req, &mut String::new()).expect("generate");
+    // Pick a stop string from the middle of the unconstrained answer.
+    let text = free.text.clone();
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() < 6 {
+        return;
+    }
+    let stop: String = chars[3..5].iter().collect();
+    req.stop = vec![stop.clone()];
+    let mut streamed = String::new();
+    let c = e.generate(&req, &mut streamed).expect("generate");
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    let cut = text.find(&stop).expect("stop occurs");
+    assert_eq!(c.text, text[..cut]);
+    assert_eq!(streamed, c.text);
+}

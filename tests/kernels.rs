@@ -1,0 +1,324 @@
+//! Kernels: every fast kernel against its scalar twin on seeded data (≈1e-6 relative), and
+//! quantized results against f32 within a named bound per format.
+
+use edgellm::kernels::generic;
+use edgellm::kernels::matmul::{matmul, Acts, Matrix};
+use edgellm::kernels::pool::Pool;
+use edgellm::kernels::quant::{
+    self, dequantize_row, quantize, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GgmlType,
+};
+use edgellm::kernels::{KernelKind, Kernels};
+use edgellm::testing::random_f32;
+
+use crate::common::fast_kernels;
+
+/// Root-mean-square error of a quantize → dequantize round trip, relative to the data's RMS.
+const ROUNDTRIP_F16: f32 = 0.001;
+const ROUNDTRIP_Q8_0: f32 = 0.01;
+const ROUNDTRIP_Q6_K: f32 = 0.03;
+const ROUNDTRIP_Q5_0: f32 = 0.06;
+const ROUNDTRIP_Q4_K: f32 = 0.1;
+const ROUNDTRIP_Q4_0: f32 = 0.12;
+const ROUNDTRIP_Q4_1: f32 = 0.1;
+
+/// |quantized dot − f32 dot| / (‖w‖·‖x‖), with 8-bit activations.
+const DOT_Q8_0: f32 = 0.01;
+const DOT_Q5_0: f32 = 0.03;
+const DOT_Q4_0: f32 = 0.05;
+const DOT_Q4_1: f32 = 0.05;
+
+/// Fast kernel against its twin: relative to the sum of |terms|, so cancellation cannot hide an
+/// error and summation order cannot fake one.
+const TWIN: f32 = 1e-5;
+
+const N: usize = 32 * 36;
+
+fn rms(v: &[f32]) -> f32 {
+    (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt()
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+#[test]
+fn roundtrip_error_per_format() {
+    let x = random_f32(1, 256 * 8, 1.0);
+    for (ty, bound) in [
+        (GgmlType::F16, ROUNDTRIP_F16),
+        (GgmlType::Q8_0, ROUNDTRIP_Q8_0),
+        (GgmlType::Q6K, ROUNDTRIP_Q6_K),
+        (GgmlType::Q5_0, ROUNDTRIP_Q5_0),
+        (GgmlType::Q4K, ROUNDTRIP_Q4_K),
+        (GgmlType::Q4_0, ROUNDTRIP_Q4_0),
+        (GgmlType::Q4_1, ROUNDTRIP_Q4_1),
+    ] {
+        let q = quantize(ty, &x);
+        assert_eq!(q.len(), ty.row_bytes(x.len()), "{}", ty.name());
+        let mut y = vec![0f32; x.len()];
+        dequantize_row(ty, &q, &mut y);
+        let err: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a - b).collect();
+        let e = rms(&err) / rms(&x);
+        assert!(
+            e < bound,
+            "{}: round-trip error {e} over {bound}",
+            ty.name()
+        );
+        // And not suspiciously perfect for the lossy formats (a no-op dequantizer would be).
+        if ty != GgmlType::F16 {
+            assert!(e > 1e-4, "{}: error {e} is implausibly small", ty.name());
+        }
+    }
+}
+
+#[test]
+fn dequantize_known_blocks() {
+    // Q4_0: d = 0.5, nibble 0 -> -4.0, nibble 15 -> 3.5; element j+16 in the high nibble.
+    let mut b = BlockQ4_0 {
+        d: quant::f32_to_f16(0.5),
+        qs: [0; 16],
+    };
+    b.qs[0] = 0xf0;
+    let mut y = [0f32; 32];
+    quant::dequant_q4_0(&[b], &mut y);
+    assert_eq!(y[0], -4.0);
+    assert_eq!(y[16], 3.5);
+    // Q4_1: value = q·d + m.
+    let b = BlockQ4_1 {
+        d: quant::f32_to_f16(0.25),
+        m: quant::f32_to_f16(-1.0),
+        qs: [0x21; 16],
+    };
+    quant::dequant_q4_1(&[b], &mut y);
+    assert_eq!(y[0], -0.75);
+    assert_eq!(y[16], -0.5);
+    // Q5_0: fifth bit from qh.
+    let b = BlockQ5_0 {
+        d: quant::f32_to_f16(1.0),
+        qh: 1u32.to_le_bytes(),
+        qs: [0; 16],
+    };
+    quant::dequant_q5_0(&[b], &mut y);
+    assert_eq!(y[0], 0.0); // 16 - 16
+    assert_eq!(y[1], -16.0);
+}
+
+fn q8(kernels: &Kernels, x: &[f32]) -> Vec<BlockQ8> {
+    let mut out = vec![BlockQ8::default(); x.len() / 32];
+    (kernels.quantize_q8)(x, &mut out);
+    out
+}
+
+fn abs_terms(w: &[f32], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| (a * b).abs()).sum()
+}
+
+#[test]
+fn quantize_q8_matches_twin() {
+    let x = random_f32(2, N, 3.0);
+    let reference = q8(&Kernels::new(KernelKind::Scalar).expect("scalar"), &x);
+    for k in fast_kernels() {
+        let kern = Kernels::new(k).expect("available");
+        let got = q8(&kern, &x);
+        for (a, b) in got.iter().zip(&reference) {
+            assert_eq!(a.qs, b.qs, "{}", k.name());
+            assert!((a.d - b.d).abs() <= 1e-7 * b.d.abs(), "{}", k.name());
+            assert!(
+                (a.s - b.s).abs() <= 1e-5 * b.s.abs().max(1.0),
+                "{}",
+                k.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn dot_kernels_match_twin_and_f32() {
+    let w = random_f32(3, N, 1.0);
+    let x = random_f32(4, N, 2.0);
+    let exact: f32 = w.iter().zip(&x).map(|(a, b)| a * b).sum();
+    let scale = norm(&w) * norm(&x);
+    let terms = abs_terms(&w, &x);
+    let scalar = Kernels::new(KernelKind::Scalar).expect("scalar");
+    let xq = q8(&scalar, &x);
+    let q4_0 = quant::quantize_q4_0(&w);
+    let q4_1 = quant::quantize_q4_1(&w);
+    let q5_0 = quant::quantize_q5_0(&w);
+    let q8_0 = quant::quantize_q8_0(&w);
+    let twins = [
+        ("q4_0", generic::dot_q4_0(&q4_0, &xq), DOT_Q4_0),
+        ("q4_1", generic::dot_q4_1(&q4_1, &xq), DOT_Q4_1),
+        ("q5_0", generic::dot_q5_0(&q5_0, &xq), DOT_Q5_0),
+        ("q8_0", generic::dot_q8_0(&q8_0, &xq), DOT_Q8_0),
+    ];
+    for (name, got, bound) in twins {
+        let e = (got - exact).abs() / scale;
+        assert!(e < bound, "{name}: error vs f32 {e} over {bound}");
+    }
+    for k in fast_kernels() {
+        let kern = Kernels::new(k).expect("available");
+        let fast = [
+            (kern.dot_q4_0)(&q4_0, &xq),
+            (kern.dot_q4_1)(&q4_1, &xq),
+            (kern.dot_q5_0)(&q5_0, &xq),
+            (kern.dot_q8_0)(&q8_0, &xq),
+        ];
+        for ((name, twin, _), got) in twins.iter().zip(fast) {
+            assert!(
+                (got - twin).abs() <= TWIN * terms,
+                "{} {name}: {got} vs twin {twin}",
+                k.name()
+            );
+        }
+        let f = (kern.dot_f32)(&w, &x);
+        assert!(
+            (f - exact).abs() <= TWIN * terms,
+            "{} f32: {f} vs {exact}",
+            k.name()
+        );
+        // Lengths that are not a multiple of the vector width.
+        let g = (kern.dot_f32)(&w[..37], &x[..37]);
+        let g0 = generic::dot_f32(&w[..37], &x[..37]);
+        assert!(
+            (g - g0).abs() <= TWIN * abs_terms(&w[..37], &x[..37]),
+            "{}",
+            k.name()
+        );
+    }
+}
+
+/// Every tile shape of every fast kernel set equals the dot products of the scalar twin.
+#[test]
+fn tiles_match_twin() {
+    let cols = 32 * 18;
+    let rows = 8;
+    let tokens = 4;
+    let w = random_f32(5, rows * cols, 1.0);
+    let xs = random_f32(6, tokens * cols, 2.0);
+    let scalar = Kernels::new(KernelKind::Scalar).expect("scalar");
+    let xq = q8(&scalar, &xs);
+    let nb = cols / 32;
+    let xrows: Vec<&[BlockQ8]> = xq.chunks(nb).collect();
+    let q4_0 = quant::quantize_q4_0(&w);
+    let q4_1 = quant::quantize_q4_1(&w);
+    let q8_0 = quant::quantize_q8_0(&w);
+    let r4_0: Vec<&[BlockQ4_0]> = q4_0.chunks(nb).collect();
+    let r4_1: Vec<&[BlockQ4_1]> = q4_1.chunks(nb).collect();
+    let r8_0: Vec<&[BlockQ8_0]> = q8_0.chunks(nb).collect();
+    let terms: f32 = (0..rows)
+        .flat_map(|r| (0..tokens).map(move |c| (r, c)))
+        .map(|(r, c)| abs_terms(&w[r * cols..(r + 1) * cols], &xs[c * cols..(c + 1) * cols]))
+        .fold(0f32, f32::max);
+    for k in fast_kernels() {
+        let kern = Kernels::new(k).expect("available");
+        for (nr, nc) in [(8, 1), (4, 1), (2, 4), (1, 4), (1, 1), (3, 2), (8, 4)] {
+            let mut got = vec![0f32; nr * nc];
+            let mut want = vec![0f32; nr * nc];
+            (kern.tile_q4_0)(&r4_0[..nr], &xrows[..nc], &mut got);
+            generic::tile_q4_0(&r4_0[..nr], &xrows[..nc], &mut want);
+            check(&got, &want, terms, k, "q4_0", nr, nc);
+            (kern.tile_q4_1)(&r4_1[..nr], &xrows[..nc], &mut got);
+            generic::tile_q4_1(&r4_1[..nr], &xrows[..nc], &mut want);
+            check(&got, &want, terms, k, "q4_1", nr, nc);
+            (kern.tile_q8_0)(&r8_0[..nr], &xrows[..nc], &mut got);
+            generic::tile_q8_0(&r8_0[..nr], &xrows[..nc], &mut want);
+            check(&got, &want, terms, k, "q8_0", nr, nc);
+        }
+    }
+}
+
+fn check(got: &[f32], want: &[f32], terms: f32, k: KernelKind, ty: &str, nr: usize, nc: usize) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= TWIN * terms,
+            "{} {ty} tile {nr}x{nc} element {i}: {g} vs {w}",
+            k.name()
+        );
+    }
+}
+
+/// The threaded matmul gives the same numbers on 1 and 3 threads, for every weight type, and
+/// agrees with f32 products of the dequantized weights.
+#[test]
+fn matmul_threads_and_types() {
+    let (rows, cols, n) = (40, 256, 5);
+    let w = random_f32(7, rows * cols, 1.0);
+    let x = random_f32(8, n * cols, 1.0);
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ] {
+        let data = quantize(ty, &w);
+        let m = Matrix {
+            ty,
+            rows,
+            cols,
+            data: &data,
+        };
+        let mut deq = vec![0f32; rows * cols];
+        for r in 0..rows {
+            dequantize_row(ty, m.row(r), &mut deq[r * cols..(r + 1) * cols]);
+        }
+        for k in [KernelKind::Reference, KernelKind::best()] {
+            let kern = Kernels::new(k).expect("available");
+            let xq = q8(&Kernels::new(KernelKind::Scalar).expect("scalar"), &x);
+            let acts = Acts {
+                n,
+                cols,
+                f: &x,
+                q: &xq,
+            };
+            let mut outs = Vec::new();
+            for threads in [1, 3] {
+                let mut pool = Pool::new(threads).expect("pool");
+                let mut out = vec![0f32; n * rows];
+                let mut scratch = vec![0f32; threads * cols];
+                matmul(
+                    &mut pool,
+                    &kern,
+                    &acts,
+                    &mut [(&m, &mut out[..])],
+                    &mut scratch,
+                );
+                outs.push(out);
+            }
+            assert_eq!(
+                outs[0],
+                outs[1],
+                "{} {}: threads disagree",
+                ty.name(),
+                k.name()
+            );
+            for t in 0..n {
+                for r in 0..rows {
+                    let want: f32 = deq[r * cols..(r + 1) * cols]
+                        .iter()
+                        .zip(&x[t * cols..(t + 1) * cols])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    let got = outs[0][t * rows + r];
+                    let scale =
+                        norm(&deq[r * cols..(r + 1) * cols]) * norm(&x[t * cols..(t + 1) * cols]);
+                    // Exact mode is f32 throughout; the fast path quantizes activations.
+                    let bound = if k == KernelKind::Reference {
+                        1e-5
+                    } else {
+                        0.02
+                    };
+                    assert!(
+                        (got - want).abs() <= bound * scale,
+                        "{} {}: row {r} token {t}: {got} vs {want}",
+                        ty.name(),
+                        k.name()
+                    );
+                }
+            }
+        }
+    }
+}

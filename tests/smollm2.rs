@@ -1,0 +1,266 @@
+//! The real default model (SmolLM2-135M-Instruct, Q4_1) against llama.cpp's reference data in
+//! `../shared/reference`, and the `edgellm` command itself. The model must be present
+//! (`models/fetch.sh`); a missing model fails these tests.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value as Json;
+
+use edgellm::backend::cpu::CpuOptions;
+use edgellm::engine::chat::Message;
+use edgellm::engine::sampler::SamplingParams;
+use edgellm::engine::tokenizer::Tokenizer;
+use edgellm::engine::Engine;
+use edgellm::gguf::Gguf;
+use edgellm::kernels::KernelKind;
+use edgellm::queue::{FinishReason, GenerateRequest, Prompt};
+
+fn model() -> PathBuf {
+    let p = std::env::var_os("EDGELLM_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.is_file(),
+        "the default model is missing at {}: run models/fetch.sh",
+        p.display()
+    );
+    p
+}
+
+fn reference(name: &str) -> Json {
+    let dir = std::env::var_os("EDGELLM_REFERENCE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"));
+    let p = dir.join(name);
+    let text = std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("reference data {} missing: {e}", p.display()));
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+fn reference_path(name: &str) -> PathBuf {
+    std::env::var_os("EDGELLM_REFERENCE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"))
+        .join(name)
+}
+
+fn edgellm(args: &[&str]) -> (String, String, i32) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgellm"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run edgellm");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+#[test]
+fn tokenizer_matches_llama_cpp() {
+    let path = model();
+    let g = Gguf::open(&path).expect("model parses");
+    let tok = Tokenizer::from_gguf(&g, None).expect("tokenizer");
+    let r = reference("tokenizer-smollm2.json");
+    let cases = r["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 10);
+    for c in cases {
+        let text = c["text"].as_str().expect("text");
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect();
+        assert_eq!(tok.encode(text).expect("encode"), want, "text {text:?}");
+    }
+}
+
+#[test]
+fn tokenize_command_prints_ids() {
+    let m = model();
+    let (out, err, code) = edgellm(&[
+        "tokenize",
+        "--model",
+        m.to_str().expect("utf-8 path"),
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "[1,4093,198,1780,314,216,34,27,34,47,2,198]");
+}
+
+#[test]
+fn chat_template_and_greedy_exact_answers() {
+    let r = reference("greedy-smollm2.json");
+    let opts = CpuOptions {
+        n_ctx: 512,
+        kernels: Some(KernelKind::Reference),
+        ..Default::default()
+    };
+    let mut engine = Engine::load_cpu(&model(), &opts).expect("model loads");
+    for c in r["cases"].as_array().expect("cases") {
+        let messages: Vec<Message> =
+            serde_json::from_value(c["messages"].clone()).expect("messages");
+        let prompt = Prompt::Messages(messages);
+        assert_eq!(
+            engine.prompt_text(&prompt).expect("template"),
+            c["prompt"].as_str().expect("prompt"),
+            "the model's own template renders the reference prompt"
+        );
+        let mut req = GenerateRequest::new(prompt);
+        req.max_tokens = c["max_tokens"].as_u64().expect("max_tokens") as usize;
+        req.sampling = SamplingParams::greedy();
+        let mut streamed = String::new();
+        let out = engine.generate(&req, &mut streamed).expect("generate");
+        assert_eq!(out.text, c["exact_f32"].as_str().expect("exact_f32"));
+        assert_eq!(streamed, out.text);
+        if out.finish_reason == FinishReason::Stop {
+            assert!(out.usage.completion_tokens < req.max_tokens);
+        }
+    }
+}
+
+/// `edgellm ask` prints the answer and nothing else on stdout; the summary goes to stderr.
+#[test]
+fn ask_command_streams_only_the_answer() {
+    let m = model();
+    let m = m.to_str().expect("utf-8 path");
+    let (out, err, code) = edgellm(&[
+        "ask",
+        "--model",
+        m,
+        "--kernels",
+        "reference",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "48",
+        "What is the capital of France?",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "The capital of France is Paris.\n");
+    assert!(err.contains("tok/s"), "summary on stderr: {err}");
+
+    // Sampling with a seed is reproducible, and --raw skips the template.
+    let run = |seed: &str| {
+        edgellm(&[
+            "ask",
+            "--model",
+            m,
+            "--seed",
+            seed,
+            "--temperature",
+            "0.9",
+            "--max-tokens",
+            "24",
+            "--raw",
+            "Once upon a time",
+        ])
+    };
+    let (a, _, ca) = run("11");
+    let (b, _, cb) = run("11");
+    assert_eq!((ca, cb), (0, 0));
+    assert_eq!(a, b);
+    assert!(!a.trim().is_empty());
+
+    // A prompt larger than the window is an error naming the limit, exit code 2.
+    let long = "word ".repeat(300);
+    let (_, err, code) = edgellm(&["ask", "--model", m, "--ctx", "64", &long]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("context window holds 64"), "{err}");
+
+    // A missing model file is a clear error.
+    let (_, err, code) = edgellm(&["ask", "--model", "/nonexistent/model.gguf", "hi"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+}
+
+#[test]
+fn bench_prints_one_json_object() {
+    let m = model();
+    let (out, err, code) = edgellm(&[
+        "bench",
+        "--model",
+        m.to_str().expect("utf-8"),
+        "-t",
+        "1",
+        "-p",
+        "16",
+        "-n",
+        "8",
+        "-r",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).expect("one JSON object");
+    for key in [
+        "model",
+        "tensor_types",
+        "threads",
+        "kernels",
+        "pp_tps",
+        "tg_tps",
+        "ttft_ms",
+        "peak_rss_mib",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {out}");
+    }
+    assert!(v["pp_tps"].as_f64().expect("pp") > 0.0);
+    assert!(v["tg_tps"].as_f64().expect("tg") > 0.0);
+    assert_eq!(v["threads"], 1);
+    // Weights are mapped, not copied: resident memory stays below weights + a copy of them.
+    assert!(v["peak_rss_mib"].as_f64().expect("rss") < 180.0, "{out}");
+}
+
+/// llama-perplexity's measure on gpl-3.txt with 512-token chunks: the exact path within 0.2% of
+/// llama.cpp's f32 result, the fast path within 1% of llama.cpp's Q4_1 result, and the fast
+/// path's KL divergence and top-1 agreement against the exact path within llama.cpp's own.
+#[test]
+fn perplexity_matches_llama_cpp() {
+    let r = reference("perplexity-smollm2.json");
+    let find = |prefix: &str| -> f64 {
+        r["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .find(|x| x["weights"].as_str().unwrap_or("").starts_with(prefix))
+            .and_then(|x| x["ppl"].as_f64())
+            .expect("reference ppl")
+    };
+    let fast_ref = find("Q4_1 file as shipped");
+    let exact_ref = find("the same weights dequantized");
+    let m = model();
+    let text = reference_path("gpl-3.txt");
+    let (out, err, code) = edgellm(&[
+        "perplexity",
+        "--model",
+        m.to_str().expect("utf-8"),
+        text.to_str().expect("utf-8"),
+        "--ctx",
+        "512",
+        "--compare-exact",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let last = out.lines().last().expect("output");
+    let v: Json = serde_json::from_str(last).expect("last line is JSON");
+    let ppl = v["ppl"].as_f64().expect("ppl");
+    let exact = v["ppl_exact"].as_f64().expect("ppl_exact");
+    assert_eq!(v["chunks"], 14);
+    assert!(
+        (exact / exact_ref - 1.0).abs() < 0.002,
+        "exact ppl {exact} vs {exact_ref}"
+    );
+    assert!(
+        (ppl / fast_ref - 1.0).abs() < 0.01,
+        "fast ppl {ppl} vs {fast_ref}"
+    );
+    let kld = v["mean_kld"].as_f64().expect("kld");
+    let top1 = v["same_top1_pct"].as_f64().expect("top1");
+    assert!(kld <= 0.0035, "mean KL divergence {kld}");
+    assert!(top1 >= 96.0, "same top-1 {top1}%");
+}

@@ -1,0 +1,12 @@
+//! One integration test binary (as ripgrep does): each module guards one part.
+//!
+//! - `gguf_errors`: malformed files are typed errors, never panics.
+//! - `kernels`: every fast kernel against its scalar twin; quantized results against f32.
+//! - `engine`: a synthetic model through the whole engine (runs under qemu on aarch64 too).
+//! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
+
+mod common;
+mod engine;
+mod gguf_errors;
+mod kernels;
+mod smollm2;
