@@ -16,6 +16,7 @@ use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::tokenizer::Tokenizer;
 use edgellm::engine::Engine;
 use edgellm::frontend::cli;
+use edgellm::kernels::quant::GgmlType;
 use edgellm::kernels::KernelKind;
 use edgellm::queue::{GenerateRequest, Prompt};
 
@@ -104,6 +105,14 @@ enum Cmd {
         /// Score only the first N chunks
         #[arg(long)]
         chunks: Option<usize>,
+    },
+    /// Requantize a GGUF model's matrices to another type (as llama-quantize --allow-requantize)
+    Quantize {
+        input: PathBuf,
+        output: PathBuf,
+        /// Target type of the layer matrices: q4_0, q4_1, q5_0, q8_0
+        #[arg(long = "type")]
+        ty: String,
     },
     /// Measure prompt and generation speed (one JSON object)
     Bench {
@@ -295,6 +304,26 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             eprintln!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_stderr);
             println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::Quantize { input, output, ty } => {
+            let ty = match ty.to_ascii_lowercase().as_str() {
+                "q4_0" => GgmlType::Q4_0,
+                "q4_1" => GgmlType::Q4_1,
+                "q5_0" => GgmlType::Q5_0,
+                "q8_0" => GgmlType::Q8_0,
+                other => bail!(UsageError(format!(
+                    "--type {other}: allowed q4_0, q4_1, q5_0, q8_0"
+                ))),
+            };
+            let g = edgellm::gguf::Gguf::open(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let bytes = edgellm::gguf::writer::requantize(&g, ty);
+            let tmp = output.with_extension("part");
+            std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &output)
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!("wrote {} ({})", output.display(), ty.name());
             Ok(())
         }
         Cmd::Bench {

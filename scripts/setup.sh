@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what edgellm's build, run and tests need on a fresh Debian machine, and fetches the
+# default model. Idempotent: what is already there is not installed again.
+#
+#   scripts/setup.sh          model + Python for the fetch script (enough to run edgellm)
+#   scripts/setup.sh --test   also the aarch64 cross toolchain and qemu (for the test suite)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
+need() { for p in "$@"; do have_pkg "$p" || missing+=("$p"); done; }
+
+command -v python3 >/dev/null || need python3
+python3 -m pip --version >/dev/null 2>&1 || need python3-pip
+if [ $want_test = 1 ]; then
+  if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    echo "setup: adding the arm64 architecture to dpkg" >&2
+    sudo_ dpkg --add-architecture arm64
+  fi
+  # Debian's rustc (rustc-web) has an aarch64 std; rustup's cannot use it (see DESIGN.md).
+  need rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+bash "$root/models/fetch.sh" >/dev/null
