@@ -29,6 +29,36 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
 }
 
+/// [low nibbles of the 16 bytes | high nibbles × 16]: a broadcast load and one mask.
+#[inline(always)]
+unsafe fn nibbles_x16(p: *const u8) -> __m256i {
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    _mm256_and_si256(
+        v,
+        _mm256_setr_epi64x(
+            0x0f0f0f0f0f0f0f0f,
+            0x0f0f0f0f0f0f0f0f,
+            0xf0f0f0f0f0f0f0f0u64 as i64,
+            0xf0f0f0f0f0f0f0f0u64 as i64,
+        ),
+    )
+}
+
+/// Eight f16 values as eight f32 lanes, built in a register (no store-forwarding stall).
+#[inline(always)]
+unsafe fn f16x8(h: &[u16; 8]) -> __m256 {
+    _mm256_cvtph_ps(_mm_set_epi16(
+        h[7] as i16,
+        h[6] as i16,
+        h[5] as i16,
+        h[4] as i16,
+        h[3] as i16,
+        h[2] as i16,
+        h[1] as i16,
+        h[0] as i16,
+    ))
+}
+
 /// Sum of products of unsigned bytes `a` and signed bytes `b`, as 8 f32 lanes.
 #[inline(always)]
 unsafe fn mul_sum_us8(a: __m256i, b: __m256i) -> __m256 {
@@ -288,12 +318,26 @@ trait WBlock: Copy {
     fn m_bits(&self) -> u16 {
         0
     }
+    /// Whether the weights are packed nibbles (see `prep_x16`).
+    const NIBBLES: bool = false;
+    /// Nibble formats only: low nibbles in the low 128 bits, high nibbles *still times 16* in the
+    /// high 128 bits — two instructions instead of four. The high half of an integer dot is then
+    /// 16 times too large, exactly, and is shifted back once per eight rows. Products reach
+    /// 240·127, so this needs VNNI's 32-bit accumulation (maddubs would saturate).
+    unsafe fn prep_x16(&self) -> __m256i {
+        _mm256_setzero_si256()
+    }
 }
 
 impl WBlock for BlockQ4_0 {
     #[inline(always)]
     unsafe fn prep<D: IDot>(&self) -> __m256i {
         nibbles(self.qs.as_ptr())
+    }
+    const NIBBLES: bool = true;
+    #[inline(always)]
+    unsafe fn prep_x16(&self) -> __m256i {
+        nibbles_x16(self.qs.as_ptr())
     }
     #[inline(always)]
     fn d_bits(&self) -> u16 {
@@ -314,6 +358,11 @@ impl WBlock for BlockQ4_1 {
     #[inline(always)]
     unsafe fn prep<D: IDot>(&self) -> __m256i {
         nibbles(self.qs.as_ptr())
+    }
+    const NIBBLES: bool = true;
+    #[inline(always)]
+    unsafe fn prep_x16(&self) -> __m256i {
+        nibbles_x16(self.qs.as_ptr())
     }
     #[inline(always)]
     fn d_bits(&self) -> u16 {
@@ -418,6 +467,7 @@ unsafe fn tile_8x1<B: WBlock, D: IDot>(w: &[&[B]], x: &[BlockQ8], out: &mut [f32
     let nb = w[0].len();
     assert!(w.len() == 8 && out.len() >= 8 && x.len() >= nb);
     assert!(w.iter().all(|r| r.len() == nb));
+    let x16 = B::NIBBLES && D::VNNI;
     let mut acc = _mm256_setzero_ps();
     let mut off = _mm256_setzero_ps();
     for b in 0..nb {
@@ -430,7 +480,11 @@ unsafe fn tile_8x1<B: WBlock, D: IDot>(w: &[&[B]], x: &[BlockQ8], out: &mut [f32
         for r in 0..8 {
             // SAFETY: r < 8 == w.len(), b < nb == w[r].len().
             let blk = w.get_unchecked(r).get_unchecked(b);
-            p[r] = B::idot::<D>(blk.prep::<D>(), y);
+            p[r] = if x16 {
+                D::dot_us(blk.prep_x16(), y)
+            } else {
+                B::idot::<D>(blk.prep::<D>(), y)
+            };
             d[r] = blk.d_bits();
             m[r] = blk.m_bits();
         }
@@ -440,11 +494,14 @@ unsafe fn tile_8x1<B: WBlock, D: IDot>(w: &[&[B]], x: &[BlockQ8], out: &mut [f32
         let s67 = _mm256_hadd_epi32(p[6], p[7]);
         let s0123 = _mm256_hadd_epi32(s01, s23);
         let s4567 = _mm256_hadd_epi32(s45, s67);
-        let tot = _mm256_add_epi32(
-            _mm256_permute2x128_si256(s0123, s4567, 0x20),
-            _mm256_permute2x128_si256(s0123, s4567, 0x31),
-        );
-        let dv = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i));
+        let lo = _mm256_permute2x128_si256(s0123, s4567, 0x20);
+        let hi = _mm256_permute2x128_si256(s0123, s4567, 0x31);
+        let tot = if x16 {
+            _mm256_add_epi32(lo, _mm256_srai_epi32(hi, 4))
+        } else {
+            _mm256_add_epi32(lo, hi)
+        };
+        let dv = f16x8(&d);
         acc = _mm256_fmadd_ps(
             _mm256_cvtepi32_ps(tot),
             _mm256_mul_ps(dv, _mm256_set1_ps(yb.d)),
@@ -452,7 +509,7 @@ unsafe fn tile_8x1<B: WBlock, D: IDot>(w: &[&[B]], x: &[BlockQ8], out: &mut [f32
         );
         let coef = match B::d_coef::<D>() {
             Some(k) => _mm256_mul_ps(dv, _mm256_set1_ps(k)),
-            None => _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i)),
+            None => f16x8(&m),
         };
         off = _mm256_fmadd_ps(coef, _mm256_set1_ps(yb.s), off);
     }
