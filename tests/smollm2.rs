@@ -264,3 +264,39 @@ fn perplexity_matches_llama_cpp() {
     assert!(kld <= 0.0035, "mean KL divergence {kld}");
     assert!(top1 >= 96.0, "same top-1 {top1}%");
 }
+
+/// `models/fetch.sh`: a second run does nothing; a checksum that does not match is an error that
+/// names both sums and leaves no file behind.
+#[test]
+fn fetch_script_is_idempotent_and_checks_sums() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    model();
+    let out = Command::new("bash")
+        .arg(root.join("models/fetch.sh"))
+        .output()
+        .expect("run fetch.sh");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model present"));
+
+    let dir = crate::common::temp_dir("fetch_bad_sum");
+    let manifest = std::fs::read_to_string(root.join("models/smollm2-135m-instruct.toml"))
+        .expect("manifest");
+    let good = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+    assert!(manifest.contains(good));
+    let bad = manifest.replace(good, &"0".repeat(64));
+    std::fs::write(dir.join("manifest.toml"), bad).expect("write manifest");
+    let models = dir.join("models");
+    let out = Command::new("bash")
+        .arg(root.join("models/fetch.sh"))
+        .env("EDGELLM_MANIFEST", dir.join("manifest.toml"))
+        .env("EDGELLM_MODEL_DIR", &models)
+        .output()
+        .expect("run fetch.sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad checksum must fail: {err}");
+    assert!(err.contains("checksum mismatch") && err.contains(good), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&models)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "partial files left: {left:?}");
+}
