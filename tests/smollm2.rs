@@ -279,8 +279,8 @@ fn fetch_script_is_idempotent_and_checks_sums() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("model present"));
 
     let dir = crate::common::temp_dir("fetch_bad_sum");
-    let manifest = std::fs::read_to_string(root.join("models/smollm2-135m-instruct.toml"))
-        .expect("manifest");
+    let manifest =
+        std::fs::read_to_string(root.join("models/smollm2-135m-instruct.toml")).expect("manifest");
     let good = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
     assert!(manifest.contains(good));
     let bad = manifest.replace(good, &"0".repeat(64));
@@ -294,7 +294,10 @@ fn fetch_script_is_idempotent_and_checks_sums() {
         .expect("run fetch.sh");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a bad checksum must fail: {err}");
-    assert!(err.contains("checksum mismatch") && err.contains(good), "{err}");
+    assert!(
+        err.contains("checksum mismatch") && err.contains(good),
+        "{err}"
+    );
     let left: Vec<_> = std::fs::read_dir(&models)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();

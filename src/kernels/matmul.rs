@@ -169,10 +169,13 @@ fn decode_rows<B: Block>(
     let xs = [x.q_row(0)];
     let n = rows.len();
     let stride = n / 8;
+    let nb = w.cols / QK;
+    let all: &[B] = blocks(w.data);
     for i in 0..stride {
         let mut ws: [&[B]; 8] = [&[]; 8];
         for (k, wk) in ws.iter_mut().enumerate() {
-            *wk = blocks(w.row(rows.start + k * stride + i));
+            let r = rows.start + k * stride + i;
+            *wk = &all[r * nb..(r + 1) * nb];
         }
         let mut o = [0f32; 8];
         tile(&ws, &xs, &mut o);
