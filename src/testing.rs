@@ -4,6 +4,7 @@
 //! including aarch64 under qemu.
 
 use crate::engine::sampler::Rng;
+use crate::engine::tokenizer::byte_level_chars;
 use crate::gguf::writer::GgufWriter;
 use crate::gguf::Value;
 use crate::kernels::quant::{quantize, GgmlType};
@@ -44,31 +45,9 @@ impl Default for SynthSpec {
     }
 }
 
-/// GPT-2's byte → printable character table (the inverse of the tokenizer's decoder).
-pub fn byte_chars() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut cs = bs.clone();
-    let mut extra = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + extra);
-            extra += 1;
-        }
-    }
-    let mut out = vec![' '; 256];
-    for (b, c) in bs.into_iter().zip(cs) {
-        out[b as usize] = char::from_u32(c).unwrap_or('?');
-    }
-    out
-}
-
 /// The vocabulary: three control tokens, the 256 bytes, then a few merged tokens.
 pub fn vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
-    let bc = byte_chars();
+    let bc = byte_level_chars();
     let mut tokens: Vec<String> = vec![
         "<|endoftext|>".into(),
         "<|im_start|>".into(),

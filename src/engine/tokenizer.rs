@@ -333,25 +333,31 @@ fn spm_json(tokens: &[String], types: &[i64], scores: &[f64], unk: u32, add_spac
     })
 }
 
-/// GPT-2's byte ↔ printable character table: bytes that are printable map to themselves, the
-/// others to U+0100 onwards in order.
-fn byte_decoder() -> HashMap<char, u8> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut cs = bs.clone();
-    let mut extra = 0;
+/// GPT-2's byte → printable character table (the alphabet of byte-level BPE vocabularies):
+/// bytes that are printable map to themselves, the others to U+0100 onwards in order.
+pub fn byte_level_chars() -> [char; 256] {
+    let mut out = ['\0'; 256];
+    let mut extra = 0u32;
     for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + extra);
+        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
+            || (0xA1..=0xAC).contains(&b)
+            || (0xAE..=0xFF).contains(&b);
+        let c = if printable {
+            b
+        } else {
             extra += 1;
-        }
+            255 + extra
+        };
+        out[b as usize] = char::from_u32(c).unwrap_or('\u{fffd}');
     }
-    bs.into_iter()
-        .zip(cs)
-        .filter_map(|(b, c)| char::from_u32(c).map(|c| (c, b as u8)))
+    out
+}
+
+fn byte_decoder() -> HashMap<char, u8> {
+    byte_level_chars()
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| (c, b as u8))
         .collect()
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::backend::{Backend, BackendError, BackendInfo};
 use crate::gguf::Gguf;
-use crate::kernels::matmul::{matmul, Acts};
+use crate::kernels::matmul::{matmul, Acts, Matrix};
 use crate::kernels::pool::{split, Pool, Shards};
 use crate::kernels::quant::{dequantize_row, BlockQ8, QK};
 use crate::kernels::{KernelKind, Kernels};
@@ -293,33 +293,22 @@ impl CpuBackend {
 
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
-            rmsnorm(
-                &mut s.xb[..n * dim],
-                &s.x[..n * dim],
-                l.attn_norm.f32s(bytes),
-                c.eps,
+            let attn_norm = l.attn_norm.f32s(bytes);
+            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], attn_norm, c.eps);
+            let (wq, wk, wv) = (l.wq.mat(bytes), l.wk.mat(bytes), l.wv.mat(bytes));
+            project(
+                pool,
+                k,
+                &s.xb[..n * dim],
+                dim,
+                &mut s.xq,
+                &mut [
+                    (&wq, &mut s.q[..]),
+                    (&wk, &mut s.k[..]),
+                    (&wv, &mut s.v[..]),
+                ],
+                &mut s.scratch,
             );
-            quantize(k, &s.xb[..n * dim], &mut s.xq);
-            {
-                let x = Acts {
-                    n,
-                    cols: dim,
-                    f: &s.xb[..n * dim],
-                    q: &s.xq,
-                };
-                let (wq, wk, wv) = (l.wq.mat(bytes), l.wk.mat(bytes), l.wv.mat(bytes));
-                matmul(
-                    pool,
-                    k,
-                    &x,
-                    &mut [
-                        (&wq, &mut s.q[..]),
-                        (&wk, &mut s.k[..]),
-                        (&wv, &mut s.v[..]),
-                    ],
-                    &mut s.scratch,
-                );
-            }
             for (b, out, width) in [
                 (l.bq, &mut s.q, qd),
                 (l.bk, &mut s.k, kvd),
@@ -328,9 +317,7 @@ impl CpuBackend {
                 if let Some(b) = b {
                     let b = b.f32s(bytes);
                     for row in out[..n * width].chunks_exact_mut(width) {
-                        for (o, bi) in row.iter_mut().zip(b) {
-                            *o += bi;
-                        }
+                        add(row, b);
                     }
                 }
             }
@@ -360,58 +347,45 @@ impl CpuBackend {
                 n_ctx,
                 &mut s.xb,
             );
-            quantize(k, &s.xb[..n * qd], &mut s.xq);
-            {
-                let x = Acts {
-                    n,
-                    cols: qd,
-                    f: &s.xb[..n * qd],
-                    q: &s.xq,
-                };
-                let wo = l.wo.mat(bytes);
-                matmul(pool, k, &x, &mut [(&wo, &mut s.xb2[..])], &mut s.scratch);
-            }
+            let wo = l.wo.mat(bytes);
+            project(
+                pool,
+                k,
+                &s.xb[..n * qd],
+                qd,
+                &mut s.xq,
+                &mut [(&wo, &mut s.xb2[..])],
+                &mut s.scratch,
+            );
             add(&mut s.x[..n * dim], &s.xb2[..n * dim]);
 
             // Feed-forward block (SwiGLU).
-            rmsnorm(
-                &mut s.xb[..n * dim],
-                &s.x[..n * dim],
-                l.ffn_norm.f32s(bytes),
-                c.eps,
+            let ffn_norm = l.ffn_norm.f32s(bytes);
+            rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], ffn_norm, c.eps);
+            let (wg, wu) = (l.w_gate.mat(bytes), l.w_up.mat(bytes));
+            project(
+                pool,
+                k,
+                &s.xb[..n * dim],
+                dim,
+                &mut s.xq,
+                &mut [(&wg, &mut s.hb[..]), (&wu, &mut s.hb2[..])],
+                &mut s.scratch,
             );
-            quantize(k, &s.xb[..n * dim], &mut s.xq);
-            {
-                let x = Acts {
-                    n,
-                    cols: dim,
-                    f: &s.xb[..n * dim],
-                    q: &s.xq,
-                };
-                let (wg, wu) = (l.w_gate.mat(bytes), l.w_up.mat(bytes));
-                matmul(
-                    pool,
-                    k,
-                    &x,
-                    &mut [(&wg, &mut s.hb[..]), (&wu, &mut s.hb2[..])],
-                    &mut s.scratch,
-                );
-            }
             let nf = n * c.ffn;
             for (g, u) in s.hb[..nf].iter_mut().zip(&s.hb2[..nf]) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            quantize(k, &s.hb[..nf], &mut s.xq);
-            {
-                let x = Acts {
-                    n,
-                    cols: c.ffn,
-                    f: &s.hb[..nf],
-                    q: &s.xq,
-                };
-                let wd = l.w_down.mat(bytes);
-                matmul(pool, k, &x, &mut [(&wd, &mut s.xb2[..])], &mut s.scratch);
-            }
+            let wd = l.w_down.mat(bytes);
+            project(
+                pool,
+                k,
+                &s.hb[..nf],
+                c.ffn,
+                &mut s.xq,
+                &mut [(&wd, &mut s.xb2[..])],
+                &mut s.scratch,
+            );
             add(&mut s.x[..n * dim], &s.xb2[..n * dim]);
         }
 
@@ -424,28 +398,41 @@ impl CpuBackend {
             w.output_norm.f32s(bytes),
             c.eps,
         );
-        quantize(k, &s.xb[..m * dim], &mut s.xq);
-        let x = Acts {
-            n: m,
-            cols: dim,
-            f: &s.xb[..m * dim],
-            q: &s.xq,
-        };
         let wout = w.output.mat(bytes);
-        matmul(
+        project(
             pool,
             k,
-            &x,
+            &s.xb[..m * dim],
+            dim,
+            &mut s.xq,
             &mut [(&wout, &mut s.logits[..])],
             &mut s.scratch,
         );
     }
 }
 
-fn quantize(k: &Kernels, x: &[f32], out: &mut [BlockQ8]) {
+/// Multiplies the rows of `x` (tokens × `cols`) by each matrix of `jobs`, after quantizing them
+/// to 8 bits for the integer kernels (exact mode keeps f32 only).
+fn project(
+    pool: &mut Pool,
+    k: &Kernels,
+    x: &[f32],
+    cols: usize,
+    xq: &mut [BlockQ8],
+    jobs: &mut [(&Matrix, &mut [f32])],
+    scratch: &mut [f32],
+) {
+    let nq = x.len() / QK;
     if !k.exact() {
-        (k.quantize_q8)(x, &mut out[..x.len() / QK]);
+        (k.quantize_q8)(x, &mut xq[..nq]);
     }
+    let acts = Acts {
+        n: x.len() / cols,
+        cols,
+        f: x,
+        q: &xq[..nq],
+    };
+    matmul(pool, k, &acts, jobs, scratch);
 }
 
 fn add(x: &mut [f32], y: &[f32]) {
