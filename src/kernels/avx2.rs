@@ -458,33 +458,49 @@ unsafe fn tile_fixed<B: WBlock, D: IDot, const R: usize, const C: usize>(
     }
 }
 
-/// Eight rows × one token, the decoding shape. Instead of a horizontal sum per row and block,
-/// the eight rows' integer sums of a block are reduced together into one vector (lane r = row r),
-/// and the eight scales are gathered into one vector, so the float work per block is a handful
-/// of instructions for all eight rows. The accumulator ends with one lane per row: no final sums.
+/// Eight dot products at once, R rows × C tokens with R·C = 8: 8 × 1 when decoding, 2 × 4 for
+/// batches. Instead of a horizontal sum per dot and block, the eight integer sums of a block are
+/// reduced together into one vector (lane j = row j / C, token j % C), and the eight scales are
+/// built into one vector, so the float work per block is a handful of instructions for all
+/// eight. The accumulator ends with one lane per output, in the tile's order: no final sums.
 #[inline(always)]
-unsafe fn tile_8x1<B: WBlock, D: IDot>(w: &[&[B]], x: &[BlockQ8], out: &mut [f32]) {
+unsafe fn tile_lanes<B: WBlock, D: IDot, const R: usize, const C: usize>(
+    w: &[&[B]],
+    x: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    const { assert!(R * C == 8) };
     let nb = w[0].len();
-    assert!(w.len() == 8 && out.len() >= 8 && x.len() >= nb);
-    assert!(w.iter().all(|r| r.len() == nb));
+    assert!(w.len() == R && x.len() == C && out.len() >= 8);
+    assert!(w.iter().all(|r| r.len() == nb) && x.iter().all(|c| c.len() >= nb));
     let x16 = B::NIBBLES && D::VNNI;
     let mut acc = _mm256_setzero_ps();
     let mut off = _mm256_setzero_ps();
     for b in 0..nb {
-        // SAFETY: b < nb <= x.len() (asserted above).
-        let yb = x.get_unchecked(b);
-        let y = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
+        let mut y = [_mm256_setzero_si256(); C];
+        let mut yd = [0f32; C];
+        let mut ys = [0f32; C];
+        for c in 0..C {
+            // SAFETY: c < C == x.len(), b < nb <= x[c].len() (asserted above).
+            let yb = x.get_unchecked(c).get_unchecked(b);
+            y[c] = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
+            yd[c] = yb.d;
+            ys[c] = yb.s;
+        }
         let mut p = [_mm256_setzero_si256(); 8];
-        let mut d = [0u16; 8];
-        let mut m = [0u16; 8];
-        for r in 0..8 {
-            // SAFETY: r < 8 == w.len(), b < nb == w[r].len().
+        let mut d = [0u16; R];
+        let mut m = [0u16; R];
+        for r in 0..R {
+            // SAFETY: r < R == w.len(), b < nb == w[r].len().
             let blk = w.get_unchecked(r).get_unchecked(b);
-            p[r] = if x16 {
-                D::dot_us(blk.prep_x16(), y)
-            } else {
-                B::idot::<D>(blk.prep::<D>(), y)
-            };
+            let q = if x16 { blk.prep_x16() } else { blk.prep::<D>() };
+            for c in 0..C {
+                p[r * C + c] = if x16 {
+                    D::dot_us(q, y[c])
+                } else {
+                    B::idot::<D>(q, y[c])
+                };
+            }
             d[r] = blk.d_bits();
             m[r] = blk.m_bits();
         }
@@ -501,17 +517,51 @@ unsafe fn tile_8x1<B: WBlock, D: IDot>(w: &[&[B]], x: &[BlockQ8], out: &mut [f32
         } else {
             _mm256_add_epi32(lo, hi)
         };
-        let dv = f16x8(&d);
-        acc = _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(tot),
-            _mm256_mul_ps(dv, _mm256_set1_ps(yb.d)),
-            acc,
-        );
+        // Lane j holds row j / C and token j % C, built in registers (no store-forwarding
+        // stall): eight rows' scales convert as one vector, fewer as scalars.
+        let by_row = |h: &[u16; R]| -> __m256 {
+            if R == 8 {
+                let mut a = [0u16; 8];
+                a.copy_from_slice(&h[..8.min(R)]);
+                f16x8(&a)
+            } else {
+                let mut v = [0f32; R];
+                for (vi, &hi) in v.iter_mut().zip(h) {
+                    *vi = f16(hi);
+                }
+                _mm256_set_ps(
+                    v[7 / C],
+                    v[6 / C],
+                    v[5 / C],
+                    v[4 / C],
+                    v[3 / C],
+                    v[2 / C],
+                    v[1 / C],
+                    v[0],
+                )
+            }
+        };
+        let by_token = |v: &[f32; C]| {
+            _mm256_set_ps(
+                v[7 % C],
+                v[6 % C],
+                v[5 % C],
+                v[4 % C],
+                v[3 % C],
+                v[2 % C],
+                v[1 % C],
+                v[0],
+            )
+        };
+        let dv = by_row(&d);
+        let ydv = by_token(&yd);
+        let ysv = by_token(&ys);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(dv, ydv), acc);
         let coef = match B::d_coef::<D>() {
             Some(k) => _mm256_mul_ps(dv, _mm256_set1_ps(k)),
-            None => f16x8(&m),
+            None => by_row(&m),
         };
-        off = _mm256_fmadd_ps(coef, _mm256_set1_ps(yb.s), off);
+        off = _mm256_fmadd_ps(coef, ysv, off);
     }
     _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc, off));
 }
@@ -520,9 +570,9 @@ unsafe fn tile_8x1<B: WBlock, D: IDot>(w: &[&[B]], x: &[BlockQ8], out: &mut [f32
 #[inline(always)]
 unsafe fn tile_any<B: WBlock, D: IDot>(w: &[&[B]], x: &[&[BlockQ8]], out: &mut [f32]) {
     match (w.len(), x.len()) {
-        (8, 1) => tile_8x1::<B, D>(w, x[0], out),
+        (8, 1) => tile_lanes::<B, D, 8, 1>(w, x, out),
+        (2, 4) => tile_lanes::<B, D, 2, 4>(w, x, out),
         (4, 1) => tile_fixed::<B, D, 4, 1>(w, x, out),
-        (2, 4) => tile_fixed::<B, D, 2, 4>(w, x, out),
         (1, 4) => tile_fixed::<B, D, 1, 4>(w, x, out),
         (1, 1) => tile_fixed::<B, D, 1, 1>(w, x, out),
         (nr, nc) => {
