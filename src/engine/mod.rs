@@ -114,7 +114,8 @@ impl Engine {
             tokenizer,
             chat,
             sampler: Sampler::new(Default::default(), n_vocab),
-            history: Vec::with_capacity(n_ctx),
+            // The last sampled token is kept without a position of its own: n_ctx + 1.
+            history: Vec::with_capacity(n_ctx + 1),
             logits: vec![0.0; n_vocab],
         }
     }

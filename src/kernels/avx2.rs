@@ -520,10 +520,8 @@ unsafe fn tile_lanes<B: WBlock, D: IDot, const R: usize, const C: usize>(
         // Lane j holds row j / C and token j % C, built in registers (no store-forwarding
         // stall): eight rows' scales convert as one vector, fewer as scalars.
         let by_row = |h: &[u16; R]| -> __m256 {
-            if R == 8 {
-                let mut a = [0u16; 8];
-                a.copy_from_slice(&h[..8.min(R)]);
-                f16x8(&a)
+            if let Ok(h8) = <&[u16; 8]>::try_from(&h[..]) {
+                f16x8(h8)
             } else {
                 let mut v = [0f32; R];
                 for (vi, &hi) in v.iter_mut().zip(h) {
