@@ -269,3 +269,66 @@ fn stop_strings_end_generation_before_the_match() {
     assert_eq!(c.text, text[..cut]);
     assert_eq!(streamed, c.text);
 }
+
+/// A SentencePiece (`tokenizer.ggml.model = llama`) vocabulary: whole-word pieces win over
+/// letters by score, unknown characters fall back to byte tokens, and decoding restores the text.
+#[test]
+fn sentencepiece_tokenizer_from_metadata() {
+    use edgellm::gguf::writer::GgufWriter;
+    use edgellm::gguf::Value;
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types: Vec<i32> = vec![2, 3, 3];
+    let mut scores: Vec<f32> = vec![0.0, 0.0, 0.0];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+        scores.push(0.0);
+    }
+    for (piece, score) in [
+        ("\u{2581}hello", -1.0),
+        ("\u{2581}world", -1.5),
+        ("\u{2581}", -3.0),
+        ("h", -5.0),
+        ("e", -5.0),
+        ("l", -5.0),
+        ("o", -5.0),
+        ("w", -5.0),
+        ("r", -5.0),
+        ("d", -5.0),
+    ] {
+        tokens.push(piece.into());
+        types.push(1);
+        scores.push(score);
+    }
+    let id = |t: &str| tokens.iter().position(|x| x == t).expect("token") as u32;
+    let mut w = GgufWriter::new();
+    w.kv_str("tokenizer.ggml.model", "llama")
+        .kv(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.token_type",
+            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.scores",
+            Value::Array(scores.iter().map(|&s| Value::F32(s)).collect()),
+        )
+        .kv_u32("tokenizer.ggml.bos_token_id", 1)
+        .kv_u32("tokenizer.ggml.eos_token_id", 2);
+    let g = Gguf::parse(Bytes::from_vec(w.to_bytes())).expect("parses");
+    let tok = Tokenizer::from_gguf(&g, None).expect("tokenizer");
+    assert!(tok.add_bos, "SentencePiece models add BOS by default");
+    let ids = tok.encode("hello world").expect("encode");
+    assert_eq!(ids, vec![id("\u{2581}hello"), id("\u{2581}world")]);
+    assert_eq!(tok.encode_prompt("hello").expect("encode")[0], 1);
+    assert_eq!(tok.decode(&ids).trim_start(), "hello world");
+    // "é" is not in the vocabulary: its two UTF-8 bytes come out as byte tokens.
+    let ids = tok.encode("hé").expect("encode");
+    assert!(
+        ids.contains(&id("<0xC3>")) && ids.contains(&id("<0xA9>")),
+        "{ids:?}"
+    );
+    assert_eq!(tok.decode(&ids).trim_start(), "hé");
+}
