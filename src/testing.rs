@@ -103,18 +103,9 @@ pub fn synth_model(spec: &SynthSpec) -> Vec<u8> {
         .kv_f32(&format!("{a}.attention.layer_norm_rms_epsilon"), 1e-5)
         .kv_str("tokenizer.ggml.model", "gpt2")
         .kv_str("tokenizer.ggml.pre", "default")
-        .kv(
-            "tokenizer.ggml.tokens",
-            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
-        )
-        .kv(
-            "tokenizer.ggml.token_type",
-            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
-        )
-        .kv(
-            "tokenizer.ggml.merges",
-            Value::Array(merges.iter().map(|m| Value::String(m.clone())).collect()),
-        )
+        .kv_strs("tokenizer.ggml.tokens", &tokens)
+        .kv_i32s("tokenizer.ggml.token_type", &types)
+        .kv_strs("tokenizer.ggml.merges", &merges)
         .kv_u32("tokenizer.ggml.bos_token_id", 1)
         .kv_u32("tokenizer.ggml.eos_token_id", 2)
         .kv("tokenizer.ggml.add_bos_token", Value::Bool(false));

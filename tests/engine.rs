@@ -275,7 +275,6 @@ fn stop_strings_end_generation_before_the_match() {
 #[test]
 fn sentencepiece_tokenizer_from_metadata() {
     use edgellm::gguf::writer::GgufWriter;
-    use edgellm::gguf::Value;
     let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
     let mut types: Vec<i32> = vec![2, 3, 3];
     let mut scores: Vec<f32> = vec![0.0, 0.0, 0.0];
@@ -303,18 +302,9 @@ fn sentencepiece_tokenizer_from_metadata() {
     let id = |t: &str| tokens.iter().position(|x| x == t).expect("token") as u32;
     let mut w = GgufWriter::new();
     w.kv_str("tokenizer.ggml.model", "llama")
-        .kv(
-            "tokenizer.ggml.tokens",
-            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
-        )
-        .kv(
-            "tokenizer.ggml.token_type",
-            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
-        )
-        .kv(
-            "tokenizer.ggml.scores",
-            Value::Array(scores.iter().map(|&s| Value::F32(s)).collect()),
-        )
+        .kv_strs("tokenizer.ggml.tokens", &tokens)
+        .kv_i32s("tokenizer.ggml.token_type", &types)
+        .kv_f32s("tokenizer.ggml.scores", &scores)
         .kv_u32("tokenizer.ggml.bos_token_id", 1)
         .kv_u32("tokenizer.ggml.eos_token_id", 2);
     let g = Gguf::parse(Bytes::from_vec(w.to_bytes())).expect("parses");

@@ -32,10 +32,7 @@ fn model() -> PathBuf {
 }
 
 fn reference(name: &str) -> Json {
-    let dir = std::env::var_os("EDGELLM_REFERENCE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"));
-    let p = dir.join(name);
+    let p = reference_path(name);
     let text = std::fs::read_to_string(&p)
         .unwrap_or_else(|e| panic!("reference data {} missing: {e}", p.display()));
     serde_json::from_str(&text).expect("reference JSON")

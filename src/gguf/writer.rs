@@ -32,6 +32,28 @@ impl GgufWriter {
         self.kv(key, Value::F32(v))
     }
 
+    /// An array of strings (token lists, merges).
+    pub fn kv_strs(&mut self, key: &str, v: &[String]) -> &mut Self {
+        self.kv(
+            key,
+            Value::Array(v.iter().map(|s| Value::String(s.clone())).collect()),
+        )
+    }
+
+    pub fn kv_i32s(&mut self, key: &str, v: &[i32]) -> &mut Self {
+        self.kv(
+            key,
+            Value::Array(v.iter().map(|&x| Value::I32(x)).collect()),
+        )
+    }
+
+    pub fn kv_f32s(&mut self, key: &str, v: &[f32]) -> &mut Self {
+        self.kv(
+            key,
+            Value::Array(v.iter().map(|&x| Value::F32(x)).collect()),
+        )
+    }
+
     /// Adds a tensor with raw data already encoded in `ty` (dims in ggml order).
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
         self.tensors
