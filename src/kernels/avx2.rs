@@ -310,7 +310,15 @@ trait WBlock: Copy {
         D::dot_us(p, y)
     }
     /// (scale, offset coefficient): the block's dot is scale·dy·idot + coef·s.
-    unsafe fn scales<D: IDot>(&self) -> (f32, f32);
+    #[inline(always)]
+    unsafe fn scales<D: IDot>(&self) -> (f32, f32) {
+        let d = f16(self.d_bits());
+        let coef = match Self::d_coef::<D>() {
+            Some(k) => k * d,
+            None => f16(self.m_bits()),
+        };
+        (d, coef)
+    }
     /// The scale's f16 bits.
     fn d_bits(&self) -> u16;
     /// The offset coefficient is either `k·d` (`Some(k)`) or the block's own f16 `m`.
@@ -347,11 +355,6 @@ impl WBlock for BlockQ4_0 {
     fn d_coef<D: IDot>() -> Option<f32> {
         Some(-8.0)
     }
-    #[inline(always)]
-    unsafe fn scales<D: IDot>(&self) -> (f32, f32) {
-        let d = f16(self.d);
-        (d, -8.0 * d)
-    }
 }
 
 impl WBlock for BlockQ4_1 {
@@ -375,10 +378,6 @@ impl WBlock for BlockQ4_1 {
     #[inline(always)]
     fn m_bits(&self) -> u16 {
         self.m
-    }
-    #[inline(always)]
-    unsafe fn scales<D: IDot>(&self) -> (f32, f32) {
-        (f16(self.d), f16(self.m))
     }
 }
 
@@ -409,11 +408,6 @@ impl WBlock for BlockQ8_0 {
             // u8 × i8 pairs of up to 255·127·2 would saturate maddubs: use |w| and sign(y, w).
             D::dot_us(_mm256_sign_epi8(p, p), _mm256_sign_epi8(y, p))
         }
-    }
-    #[inline(always)]
-    unsafe fn scales<D: IDot>(&self) -> (f32, f32) {
-        let d = f16(self.d);
-        (d, if D::VNNI { -128.0 * d } else { 0.0 })
     }
 }
 

@@ -185,17 +185,13 @@ impl Kernels {
                 tile_q8_0: avx2::tile_q8_0,
             },
             #[cfg(target_arch = "x86_64")]
+            // The AVX2 table with the tiles, where the time goes, on the VNNI instruction.
             KernelKind::AvxVnni => Kernels {
                 kind,
-                quantize_q8: avx2::quantize_q8,
-                dot_q4_0: avx2::dot_q4_0,
-                dot_q4_1: avx2::dot_q4_1,
-                dot_q5_0: avx2::dot_q5_0,
-                dot_q8_0: avx2::dot_q8_0,
-                dot_f32: avx2::dot_f32,
                 tile_q4_0: avx2::tile_q4_0_vnni,
                 tile_q4_1: avx2::tile_q4_1_vnni,
                 tile_q8_0: avx2::tile_q8_0_vnni,
+                ..Kernels::new(KernelKind::Avx2)?
             },
             #[cfg(target_arch = "aarch64")]
             KernelKind::Neon => Kernels {
