@@ -10,12 +10,16 @@ use clap::{Args, Parser, Subcommand};
 
 use edgellm::backend::cpu::{CpuBackend, CpuOptions};
 use edgellm::backend::Backend;
+use edgellm::config::{Config, ConfigError};
+use edgellm::daemon::notify::Notifier;
+use edgellm::daemon::{Daemon, Listener};
 use edgellm::engine::chat::Message;
 use edgellm::engine::perplexity::perplexity;
 use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::tokenizer::Tokenizer;
 use edgellm::engine::Engine;
-use edgellm::frontend::cli;
+use edgellm::frontend::client::{self, ClientError};
+use edgellm::frontend::{cli, unix};
 use edgellm::kernels::quant::GgmlType;
 use edgellm::kernels::KernelKind;
 use edgellm::queue::{GenerateRequest, Prompt};
@@ -44,6 +48,18 @@ struct ModelArgs {
     /// Kernels: auto, reference (exact f32), scalar, avx2, neon, neon-dotprod
     #[arg(long, default_value = "auto")]
     kernels: String,
+}
+
+/// How a client finds the daemon.
+#[derive(Args, Clone)]
+struct DaemonArgs {
+    /// The daemon's socket (default: socket.path of --config, or of /etc/edgellm/edgellm.toml
+    /// when it exists, else /run/edgellm/edgellm.sock)
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The daemon's config file, to find its socket
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -82,6 +98,37 @@ enum Cmd {
         /// Context window in tokens (default: the model's, at most 4096)
         #[arg(long, default_value_t = 0)]
         ctx: usize,
+        #[command(flatten)]
+        d: DaemonArgs,
+        /// Answer in-process even when a daemon is running
+        #[arg(long)]
+        local: bool,
+    },
+    /// Run the daemon: the Unix socket front-end, the queue and the engine worker
+    Serve {
+        /// Config file (TOML); default: the embedded defaults (edgellm config --print-default)
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// Socket path (overrides socket.path)
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// GGUF model file (overrides model.path)
+        #[arg(long, short = 'm')]
+        model: Option<PathBuf>,
+    },
+    /// Print the running daemon's status (JSON)
+    Status {
+        #[command(flatten)]
+        d: DaemonArgs,
+    },
+    /// Print the default config, or check a config file
+    Config {
+        /// Print the documented default config
+        #[arg(long, conflicts_with = "check")]
+        print_default: bool,
+        /// Check this config file and print it resolved
+        #[arg(long)]
+        check: Option<PathBuf>,
     },
     /// Print the token ids of TEXT as a JSON array (special tokens parsed)
     Tokenize {
@@ -131,13 +178,12 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The daemon logs at the level of its config (set up once the config is read); the tools
+    // only warn.
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        init_logging("warn");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -163,10 +209,21 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => 1,
             };
         }
+        if let Some(ClientError::Daemon { code, .. }) = cause.downcast_ref::<ClientError>() {
+            return if code == "bad_request" || code == "too_large" {
+                2
+            } else {
+                1
+            };
+        }
         if cause
             .downcast_ref::<edgellm::kernels::KernelError>()
             .is_some()
             || cause.downcast_ref::<UsageError>().is_some()
+            || matches!(
+                cause.downcast_ref::<ConfigError>(),
+                Some(ConfigError::Parse { .. } | ConfigError::Invalid { .. })
+            )
         {
             return 2;
         }
@@ -177,6 +234,24 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct UsageError(String);
+
+/// Logs to stderr: `RUST_LOG` if set, else `filter`. Under journald (`JOURNAL_STREAM` set)
+/// without timestamps or colours, which journald adds or does not want.
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = !journald && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    if journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
@@ -194,8 +269,59 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             stop,
             ctx,
+            d,
+            local,
         } => {
             let question = read_arg(question)?;
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0)
+            });
+            // Options that only mean something in-process keep the answer in-process.
+            let in_process =
+                local || m.model.is_some() || m.threads != 0 || m.kernels != "auto" || ctx != 0;
+            if !in_process {
+                let explicit = d.socket.is_some();
+                let sock = socket_path(&d)?;
+                match client::connect(&sock) {
+                    Ok(mut stream) => {
+                        let mut req = serde_json::json!({
+                            "id": format!("ask-{}-{seed}", std::process::id()),
+                            "max_tokens": max_tokens,
+                            "temperature": temperature,
+                            "top_k": top_k,
+                            "top_p": top_p,
+                            "min_p": min_p,
+                            "repeat_penalty": repeat_penalty,
+                            "seed": seed,
+                            "stop": stop,
+                        });
+                        if raw {
+                            req["prompt"] = question.into();
+                        } else {
+                            let mut msgs = Vec::new();
+                            if let Some(s) = system {
+                                msgs.push(Message::new("system", &s));
+                            }
+                            msgs.push(Message::new("user", &question));
+                            req["messages"] = serde_json::to_value(msgs)?;
+                        }
+                        let mut out = std::io::stdout().lock();
+                        let c = client::generate(&mut stream, req, &mut out)?;
+                        use std::io::Write;
+                        writeln!(out)?;
+                        eprintln!("{} (daemon at {})", cli::summary(&c), sock.display());
+                        return Ok(());
+                    }
+                    Err(e) if explicit => eprintln!(
+                        "edgellm: no daemon answers at {} ({e}); answering in-process",
+                        sock.display()
+                    ),
+                    Err(e) => tracing::debug!("no daemon at {}: {e}", sock.display()),
+                }
+            }
             let path = model_path(m.model.as_deref())?;
             let opts = CpuOptions {
                 n_ctx: ctx,
@@ -215,12 +341,6 @@ fn run(cli: Cli) -> Result<()> {
                 msgs.push(Message::new("user", &question));
                 Prompt::Messages(msgs)
             };
-            let seed = seed.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0)
-            });
             let req = GenerateRequest {
                 prompt,
                 max_tokens,
@@ -237,6 +357,36 @@ fn run(cli: Cli) -> Result<()> {
             };
             let c = cli::ask(&mut engine, &req, std::io::stdout().lock())?;
             eprintln!("{}", cli::summary(&c));
+            Ok(())
+        }
+        Cmd::Serve {
+            config,
+            socket,
+            model,
+        } => serve(config, socket, model),
+        Cmd::Status { d } => {
+            let sock = socket_path(&d)?;
+            let mut stream = client::connect(&sock)
+                .with_context(|| format!("no daemon answers at {}", sock.display()))?;
+            let v = client::status(&mut stream)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::Config {
+            print_default,
+            check,
+        } => {
+            if let Some(p) = check {
+                let c = Config::load(&p)?;
+                eprintln!("{}: valid", p.display());
+                println!("{c:#?}");
+            } else if print_default {
+                print!("{}", edgellm::config::DEFAULT_TOML);
+            } else {
+                bail!(UsageError(
+                    "edgellm config: give --print-default or --check FILE".into()
+                ));
+            }
             Ok(())
         }
         Cmd::Tokenize { model, text } => {
@@ -350,6 +500,85 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `edgellm serve`: config, then socket (a live daemon refused before the model loads), model,
+/// warm-up, and the daemon until a signal.
+fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
+    let mut cfg = match &config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(s) = socket {
+        cfg.socket.path = s;
+    }
+    if let Some(m) = model {
+        cfg.model.path = Some(m);
+    }
+    cfg.validate().map_err(|message| ConfigError::Invalid {
+        path: config.unwrap_or_else(|| PathBuf::from("command line")),
+        message,
+    })?;
+    init_logging(&cfg.log.filter);
+    let activated = unix::from_systemd()?;
+    if activated.is_none() {
+        unix::claim_path(&cfg.socket.path)?;
+    }
+    let path = model_path(cfg.model.path.as_deref())?;
+    let opts = CpuOptions {
+        n_ctx: cfg.model.n_ctx,
+        threads: cfg.model.threads,
+        kernels: cfg.kernels(),
+        ..Default::default()
+    };
+    tracing::info!(model = %path.display(), "loading the model");
+    let engine =
+        Engine::load_cpu(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+    let listener = match activated {
+        Some(socket) => {
+            tracing::info!("listening on the socket passed by systemd");
+            Listener {
+                socket,
+                owned_path: None,
+            }
+        }
+        None => {
+            let mode = cfg.socket_mode().map_err(UsageError)?;
+            let socket = unix::bind(&cfg.socket.path, mode, cfg.socket.group.as_deref())?;
+            tracing::info!(socket = %cfg.socket.path.display(), "listening");
+            Listener {
+                socket,
+                owned_path: Some(cfg.socket.path.clone()),
+            }
+        }
+    };
+    let mut daemon = Daemon {
+        model: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        config: cfg,
+        engine,
+        listener,
+        notifier: Notifier::from_env(),
+    };
+    daemon.warm_up()?;
+    daemon.run(std::future::pending())?;
+    Ok(())
+}
+
+/// The daemon's socket for a client: `--socket`, else the config's (`--config`, or the system
+/// config when it exists), else the default.
+fn socket_path(d: &DaemonArgs) -> Result<PathBuf> {
+    if let Some(s) = &d.socket {
+        return Ok(s.clone());
+    }
+    let system = Path::new(edgellm::config::SYSTEM_CONFIG);
+    let file = d.config.as_deref().or(system.is_file().then_some(system));
+    Ok(match file {
+        Some(f) => Config::load(f)?.socket.path,
+        None => Config::default().socket.path,
+    })
 }
 
 fn kernels(s: &str) -> Result<Option<KernelKind>> {

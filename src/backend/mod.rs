@@ -10,7 +10,7 @@ pub mod cpu;
 /// What a backend reports about itself (status, `edgellm bench`, logs).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendInfo {
-    /// "cpu", "ort".
+    /// "cpu-int4" (this crate's engine), "ort".
     pub backend: String,
     /// Kernels or execution provider in use ("avx2", "neon-dotprod", "reference", "cuda", ...).
     pub compute: String,

@@ -5,6 +5,7 @@
 //! - [`sampler`]: next-token choice.
 //! - [`stream`]: bytes of tokens to text, with stop strings and split UTF-8 held back.
 //! - [`perplexity`]: llama-perplexity's measure, and KL divergence against the exact path.
+//! - [`worker`]: the daemon's engine thread, running the queue's jobs one at a time.
 //!
 //! One engine owns one backend and is driven from one thread (the engine worker in the daemon,
 //! the main thread in `edgellm ask`).
@@ -14,6 +15,7 @@ pub mod perplexity;
 pub mod sampler;
 pub mod stream;
 pub mod tokenizer;
+pub mod worker;
 
 use std::path::Path;
 use std::time::Instant;
@@ -164,10 +166,18 @@ impl Engine {
         self.history.clear();
         self.backend.reset();
 
-        // Prefill in chunks; only the last chunk's last logits matter.
+        // Prefill in chunks; only the last chunk's last logits matter. The sink is asked between
+        // chunks too, so a cancel or a deadline stops a long prompt, and a watchdog sees progress.
         let chunk = self.backend.max_batch();
         let mut pos = 0;
+        let mut finish = FinishReason::Length;
+        let mut stopped_early = false;
         for part in prompt.chunks(chunk) {
+            if let Some(r) = sink.interrupt() {
+                finish = r;
+                stopped_early = true;
+                break;
+            }
             let l = self.backend.forward(part, pos, false)?;
             if pos + part.len() == prompt.len() {
                 self.logits.copy_from_slice(l);
@@ -180,9 +190,8 @@ impl Engine {
         let mut stream = TextStream::new(&req.stop);
         let mut generated: Vec<u32> = Vec::with_capacity(req.max_tokens.min(n_ctx));
         let mut first_token_at = None;
-        let mut finish = FinishReason::Length;
         let mut logits_ready = true;
-        while generated.len() < req.max_tokens {
+        while !stopped_early && generated.len() < req.max_tokens {
             if let Some(r) = sink.interrupt() {
                 finish = r;
                 break;

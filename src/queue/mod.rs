@@ -1,6 +1,19 @@
 //! What travels from the front-ends to the engine worker and back: a generation request, how it
-//! ended, and its usage and timing. The bounded priority queue with deadlines that carries these
-//! between tokio front-ends and the engine thread sits here too, with the daemon.
+//! ended, its usage and timing, and the bounded priority queue with deadlines that carries jobs
+//! from the tokio front-ends to the engine thread.
+//!
+//! The queue is the one place that knows every accepted request until its terminal reply: it
+//! answers `queue_full` and `shutting_down` at submission, `deadline` for a job whose deadline
+//! passes while it waits, `cancelled` for one cancelled before it starts, and counts all of it
+//! for the status reply. Replies travel on a per-front-end channel ([`ReplyTx`]) whose `send`
+//! never blocks, so neither the engine nor the queue waits on a slow client.
+
+mod jobs;
+
+pub use jobs::{
+    CancelState, Counters, ErrorCode, Event, Job, Queue, QueueStatus, Reply, ReplyTx, Running,
+    Submit,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -58,13 +71,13 @@ impl FinishReason {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timing {
     /// Request start to first generated token (prefill included).
     pub ttft_ms: f64,
@@ -75,13 +88,26 @@ pub struct Timing {
     pub total_ms: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Completion {
     pub text: String,
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timing: Timing,
     /// Generated token ids (end-of-generation token excluded).
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub tokens: Vec<u32>,
+}
+
+impl Completion {
+    /// The completion of a request that ended before it started (cancelled while queued).
+    pub fn empty(finish_reason: FinishReason) -> Completion {
+        Completion {
+            text: String::new(),
+            finish_reason,
+            usage: Usage::default(),
+            timing: Timing::default(),
+            tokens: Vec::new(),
+        }
+    }
 }

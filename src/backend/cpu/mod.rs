@@ -201,7 +201,7 @@ impl Backend for CpuBackend {
             }
         }
         BackendInfo {
-            backend: "cpu".into(),
+            backend: "cpu-int4".into(),
             compute: self.kernels.kind.name().into(),
             threads: self.pool.n_threads(),
             n_ctx: self.n_ctx,

@@ -1,0 +1,259 @@
+//! The daemon's configuration: TOML, documented defaults embedded in the binary
+//! (`configs/edgellm.toml`, printed by `edgellm config --print-default`), then the user's file,
+//! then [`Config::validate`]. Unknown keys and wrong types are refused by the parser, which
+//! points at the line; out-of-range values by `validate`, which names the key, the value and what
+//! is allowed. Nothing starts before the whole file is accepted.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::kernels::KernelKind;
+
+/// The documented default configuration, as shipped in `configs/edgellm.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../configs/edgellm.toml");
+
+/// Where `edgellm ask` and `edgellm status` look for the daemon's config when given none.
+pub const SYSTEM_CONFIG: &str = "/etc/edgellm/edgellm.toml";
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub queue: QueueConfig,
+    pub limits: Limits,
+    pub socket: SocketConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub path: Option<PathBuf>,
+    pub n_ctx: usize,
+    pub threads: usize,
+    pub kernels: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    pub capacity: usize,
+    pub default_deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_tokens: usize,
+    pub default_max_tokens: usize,
+    pub max_line_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketConfig {
+    pub path: PathBuf,
+    pub mode: String,
+    pub group: Option<String>,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    pub grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub filter: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            path: None,
+            n_ctx: 2048,
+            threads: 0,
+            kernels: "auto".into(),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            capacity: 16,
+            default_deadline_ms: 0,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_tokens: 1024,
+            default_max_tokens: 256,
+            max_line_bytes: 65536,
+        }
+    }
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            path: PathBuf::from("/run/edgellm/edgellm.sock"),
+            mode: "0660".into(),
+            group: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            max_connections: 64,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_ms: 10_000 }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Syntax, an unknown key or a wrong type; the parser's message shows the line.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value out of range: `key = value: allowed …`.
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Ranges of the numeric keys, in one place so the messages and the checks agree.
+const RANGES: &[(&str, u64, u64)] = &[
+    ("queue.capacity", 1, 4096),
+    ("queue.default_deadline_ms", 0, 86_400_000),
+    ("limits.max_tokens", 1, 65536),
+    ("limits.max_line_bytes", 1024, 16 << 20),
+    ("socket.max_connections", 1, 4096),
+    ("shutdown.grace_ms", 0, 600_000),
+    ("model.threads", 0, 256),
+];
+
+/// Longest path a `sockaddr_un` holds (108 bytes with the terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+impl Config {
+    /// Parses a config text; `origin` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        c.validate().map_err(|message| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            message,
+        })?;
+        let base = origin.parent().unwrap_or(Path::new("."));
+        if let Some(p) = &c.model.path {
+            c.model.path = Some(base.join(p));
+        }
+        c.socket.path = base.join(&c.socket.path);
+        Ok(c)
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Checks every value's range; the message names the key, the value and what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        let values = [
+            self.queue.capacity as u64,
+            self.queue.default_deadline_ms,
+            self.limits.max_tokens as u64,
+            self.limits.max_line_bytes as u64,
+            self.socket.max_connections as u64,
+            self.shutdown.grace_ms,
+            self.model.threads as u64,
+        ];
+        for (&(key, lo, hi), v) in RANGES.iter().zip(values) {
+            if !(lo..=hi).contains(&v) {
+                return Err(format!("{key} = {v}: allowed {lo}..={hi}"));
+            }
+        }
+        let n = self.model.n_ctx;
+        if n != 0 && !(16..=131_072).contains(&n) {
+            return Err(format!(
+                "model.n_ctx = {n}: allowed 0 (the model's) or 16..=131072"
+            ));
+        }
+        let d = self.limits.default_max_tokens;
+        if d == 0 || d > self.limits.max_tokens {
+            return Err(format!(
+                "limits.default_max_tokens = {d}: allowed 1..=limits.max_tokens ({})",
+                self.limits.max_tokens
+            ));
+        }
+        KernelKind::parse(&self.model.kernels)
+            .map_err(|e| format!("model.kernels = {:?}: {e}", self.model.kernels))?;
+        self.socket_mode()?;
+        let len = self.socket.path.as_os_str().len();
+        if len == 0 || len > MAX_SOCKET_PATH {
+            return Err(format!(
+                "socket.path = {:?}: {len} bytes; allowed 1..={MAX_SOCKET_PATH} (the size of a Unix socket address)",
+                self.socket.path
+            ));
+        }
+        if let Some(g) = &self.socket.group {
+            if g.is_empty() {
+                return Err("socket.group = \"\": allowed a group name or number".into());
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
+            format!(
+                "log.filter = {:?}: {e}; allowed a tracing filter such as \"info\" or \"edgellm=debug\"",
+                self.log.filter
+            )
+        })?;
+        Ok(())
+    }
+
+    /// `socket.mode` as permission bits.
+    pub fn socket_mode(&self) -> Result<u32, String> {
+        let m = &self.socket.mode;
+        match u32::from_str_radix(m, 8) {
+            Ok(v) if v <= 0o777 && !m.is_empty() => Ok(v),
+            _ => Err(format!(
+                "socket.mode = {m:?}: allowed an octal file mode \"0000\"..\"0777\""
+            )),
+        }
+    }
+
+    pub fn kernels(&self) -> Option<KernelKind> {
+        KernelKind::parse(&self.model.kernels).ok().flatten()
+    }
+}

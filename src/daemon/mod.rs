@@ -1,0 +1,294 @@
+//! `edgellm serve`: the engine worker, the queue and the front-ends put together, under systemd.
+//!
+//! Start: the config is validated, the socket path claimed (a stale socket replaced, a live one
+//! refused), the model loaded and one warm-up token generated, and only then `READY=1`.
+//! Running: `WATCHDOG=1` at half of `WATCHDOG_USEC` while the engine worker's heartbeat is fresh;
+//! `STATUS=` with backend, queue depth and the latest tokens/s. Stop (SIGTERM, SIGINT, or the
+//! future handed to [`Daemon::run`]): `STOPPING=1`, no new connections or requests, accepted
+//! requests finish within `shutdown.grace_ms`, then the rest are cancelled; every one gets its
+//! terminal reply, and the process exits 0.
+
+pub mod notify;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::engine::worker::{self, Progress};
+use crate::engine::Engine;
+use crate::frontend::{unix, Context};
+use crate::queue::{GenerateRequest, Prompt, Queue};
+use notify::Notifier;
+
+/// How often the status line and the watchdog are refreshed when systemd asks for no faster.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// How often waiting jobs are checked for passed deadlines.
+const REAP_EVERY: Duration = Duration::from_millis(20);
+/// After the grace period and the cancel, how long the engine may take to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("starting the engine thread: {0}")]
+    Thread(std::io::Error),
+    #[error("warm-up generation failed: {0}")]
+    WarmUp(crate::engine::EngineError),
+    #[error(
+        "the engine did not stop within {0:?} of the end of the grace period; exiting without it"
+    )]
+    EngineStuck(Duration),
+}
+
+/// Where the daemon listens.
+#[derive(Debug)]
+pub struct Listener {
+    pub socket: std::os::unix::net::UnixListener,
+    /// The path we bound and remove on exit; `None` when systemd owns the socket.
+    pub owned_path: Option<PathBuf>,
+}
+
+pub struct Daemon {
+    pub config: Config,
+    pub engine: Engine,
+    pub listener: Listener,
+    pub notifier: Notifier,
+    /// The model's file name, for status.
+    pub model: String,
+}
+
+impl Daemon {
+    /// Generates one token so that the first request does not pay for cold pages and caches,
+    /// and so that `READY=1` means the engine has produced a token.
+    pub fn warm_up(&mut self) -> Result<(), DaemonError> {
+        let mut req = GenerateRequest::new(Prompt::Raw("Hello".into()));
+        req.max_tokens = 1;
+        req.sampling = crate::engine::sampler::SamplingParams::greedy();
+        let mut sink = String::new();
+        self.engine
+            .generate(&req, &mut sink)
+            .map_err(DaemonError::WarmUp)?;
+        Ok(())
+    }
+
+    /// Serves until SIGTERM, SIGINT or `stop` completes, then shuts down gracefully.
+    pub fn run(self, stop: impl Future<Output = ()>) -> Result<(), DaemonError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(DaemonError::Runtime)?;
+        let Daemon {
+            config,
+            engine,
+            listener,
+            notifier,
+            model,
+        } = self;
+        let info = engine.backend.info();
+        let queue = Arc::new(Queue::new(config.queue.capacity));
+        let progress = Arc::new(Progress::default());
+        let worker =
+            worker::spawn(engine, queue.clone(), progress.clone()).map_err(DaemonError::Thread)?;
+        let started = Instant::now();
+        let status = {
+            let queue = queue.clone();
+            let progress = progress.clone();
+            let info = info.clone();
+            move || {
+                let q = queue.status();
+                json!({
+                    "type": "status",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "backend": info.backend,
+                    "compute": info.compute,
+                    "threads": info.threads,
+                    "model": model,
+                    "n_ctx": info.n_ctx,
+                    "uptime_s": started.elapsed().as_secs(),
+                    "accepting": q.accepting,
+                    "queue": {"depth": q.depth, "capacity": q.capacity, "running": q.running},
+                    "requests": q.counters,
+                    "last_decode_tps": (progress.last_tps() * 10.0).round() / 10.0,
+                    "engine_heartbeat_ms": progress.since_beat().as_millis() as u64,
+                })
+            }
+        };
+        let ctx = Arc::new(Context {
+            queue: queue.clone(),
+            limits: config.limits.clone(),
+            default_deadline_ms: config.queue.default_deadline_ms,
+            status: Box::new(status),
+        });
+        let access = unix::Access {
+            allowed_uids: config.socket.allowed_uids.clone(),
+            allowed_gids: config.socket.allowed_gids.clone(),
+        };
+        let grace = Duration::from_millis(config.shutdown.grace_ms);
+        let Listener { socket, owned_path } = listener;
+
+        let result = rt.block_on(async {
+            let (shutdown_tx, shutdown_rx) = watch::channel(false);
+            let signals = signals();
+            let listener =
+                tokio::net::UnixListener::from_std(socket).map_err(DaemonError::Runtime)?;
+            let server = tokio::spawn(unix::serve(
+                listener,
+                ctx.clone(),
+                access,
+                config.socket.max_connections,
+                shutdown_rx.clone(),
+            ));
+            let reaper = {
+                let queue = queue.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(REAP_EVERY);
+                    loop {
+                        tick.tick().await;
+                        queue.expire_now();
+                    }
+                })
+            };
+            let status_line = {
+                let queue = queue.clone();
+                let info = info.clone();
+                let progress = progress.clone();
+                move || {
+                    let q = queue.status();
+                    format!(
+                        "STATUS={} ({}, {} threads); queue {}/{}; last {:.1} tok/s; served {}",
+                        info.backend,
+                        info.compute,
+                        info.threads,
+                        q.depth,
+                        q.capacity,
+                        progress.last_tps(),
+                        q.counters.done
+                    )
+                }
+            };
+            notifier.send(&format!("READY=1\n{}", status_line()));
+            tracing::info!(
+                backend = %info.backend,
+                compute = %info.compute,
+                threads = info.threads,
+                n_ctx = info.n_ctx,
+                "ready"
+            );
+            let notifier = Arc::new(notifier);
+            let ticker = {
+                let notifier = notifier.clone();
+                let watchdog = notifier.watchdog();
+                let every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    let mut last = String::new();
+                    loop {
+                        tick.tick().await;
+                        // A fresh heartbeat means the engine loop is alive: waiting for work, or
+                        // between tokens. A wedged engine stops the pings and systemd restarts us.
+                        if let Some(w) = watchdog {
+                            let since = progress.since_beat();
+                            if since < w / 2 {
+                                notifier.send("WATCHDOG=1");
+                            } else {
+                                tracing::warn!(
+                                    "engine heartbeat {} ms old; withholding the watchdog ping",
+                                    since.as_millis()
+                                );
+                            }
+                        }
+                        let s = status_line();
+                        if s != last {
+                            notifier.send(&s);
+                            last = s;
+                        }
+                    }
+                })
+            };
+
+            tokio::select! {
+                s = signals => tracing::info!("{s}: shutting down"),
+                _ = stop => tracing::info!("shutting down"),
+            }
+            notifier.send("STOPPING=1");
+            let _ = shutdown_tx.send(true);
+            ctx.queue.close();
+            let q = ctx.queue.clone();
+            let idle = tokio::task::spawn_blocking(move || q.wait_idle(grace))
+                .await
+                .unwrap_or(false);
+            if !idle {
+                tracing::warn!(
+                    "grace period of {} ms over; cancelling what is left",
+                    grace.as_millis()
+                );
+                ctx.queue.abort_all();
+            }
+            let joined = tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                while !worker.is_finished() {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                worker.join().is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            // Connections end once their replies are written; a client that stopped reading
+            // does not hold the exit forever.
+            let _ = tokio::time::timeout(STOP_TIMEOUT, server).await;
+            reaper.abort();
+            ticker.abort();
+            if !joined {
+                return Err(DaemonError::EngineStuck(STOP_TIMEOUT));
+            }
+            Ok(())
+        });
+        if let Some(p) = &owned_path {
+            let _ = std::fs::remove_file(p);
+        }
+        let c = ctx.queue.status().counters;
+        tracing::info!(
+            accepted = c.accepted,
+            done = c.done,
+            failed = c.failed,
+            queue_full = c.queue_full,
+            "stopped"
+        );
+        result
+    }
+}
+
+/// Waits for SIGTERM or SIGINT; the handlers are installed when this is called, before the
+/// returned future is first polled, so no signal between READY and the first poll is missed.
+fn signals() -> impl Future<Output = &'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => tokio::select! {
+                _ = t.recv() => "SIGTERM",
+                _ = i.recv() => "SIGINT",
+            },
+            (t, i) => {
+                let e = t
+                    .err()
+                    .or(i.err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                tracing::error!("cannot install the signal handlers: {e}; stop with the service manager's SIGKILL");
+                std::future::pending().await
+            }
+        }
+    }
+}
