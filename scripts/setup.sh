@@ -3,7 +3,8 @@
 # default model. Idempotent: what is already there is not installed again.
 #
 #   scripts/setup.sh          model + Python for the fetch script (enough to run edgellm)
-#   scripts/setup.sh --test   also the aarch64 cross toolchain and qemu (for the test suite)
+#   scripts/setup.sh --test   also what the test suite needs: systemd's tools (systemd-analyze,
+#                             systemd-socket-activate) and the aarch64 cross toolchain and qemu
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 want_test=0
@@ -22,6 +23,8 @@ if [ $want_test = 1 ]; then
     echo "setup: adding the arm64 architecture to dpkg" >&2
     sudo_ dpkg --add-architecture arm64
   fi
+  # systemd-analyze verify/security on the units; systemd-socket-activate for socket activation.
+  need systemd
   # Debian's rustc (rustc-web) has an aarch64 std; rustup's cannot use it (see DESIGN.md).
   need rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 fi

@@ -354,6 +354,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 },
                 stop,
+                ignore_eos: false,
             };
             let c = cli::ask(&mut engine, &req, std::io::stdout().lock())?;
             eprintln!("{}", cli::summary(&c));

@@ -17,18 +17,7 @@ use edgellm::kernels::KernelKind;
 use edgellm::queue::{FinishReason, GenerateRequest, Prompt};
 
 fn model() -> PathBuf {
-    let p = std::env::var_os("EDGELLM_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        p.is_file(),
-        "the default model is missing at {}: run models/fetch.sh",
-        p.display()
-    );
-    p
+    crate::common::default_model()
 }
 
 fn reference(name: &str) -> Json {

@@ -3,9 +3,11 @@
 //! - `gguf_errors`: malformed files are typed errors, never panics.
 //! - `kernels`: every fast kernel against its scalar twin; quantized results against f32.
 //! - `engine`: a synthetic model through the whole engine (runs under qemu on aarch64 too).
+//! - `daemon`: config, protocol, queue; `edgellm serve` over a real socket, notify, units.
 //! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
 
 mod common;
+mod daemon;
 mod engine;
 mod gguf_errors;
 mod kernels;

@@ -191,11 +191,13 @@ impl Daemon {
                     let mut last = String::new();
                     loop {
                         tick.tick().await;
-                        // A fresh heartbeat means the engine loop is alive: waiting for work, or
-                        // between tokens. A wedged engine stops the pings and systemd restarts us.
+                        // A heartbeat within the last watchdog interval means the engine loop is
+                        // alive: waiting for work (it beats every 200 ms) or between tokens. A
+                        // wedged engine stops the pings, and systemd restarts the service one
+                        // interval later.
                         if let Some(w) = watchdog {
                             let since = progress.since_beat();
-                            if since < w / 2 {
+                            if since < w {
                                 notifier.send("WATCHDOG=1");
                             } else {
                                 tracing::warn!(

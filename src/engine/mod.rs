@@ -207,6 +207,13 @@ impl Engine {
                 pos += 1;
             }
             logits_ready = false;
+            if req.ignore_eos {
+                for &t in &self.tokenizer.eog {
+                    if let Some(l) = self.logits.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let token = self.sampler.sample(&mut self.logits, &self.history);
             if first_token_at.is_none() {
                 first_token_at = Some(Instant::now());

@@ -43,6 +43,8 @@ struct Wire {
     stop: Option<Vec<String>>,
     #[serde(default)]
     stream: bool,
+    #[serde(default)]
+    ignore_eos: bool,
     session: Option<String>,
     priority: Option<i32>,
     deadline_ms: Option<u64>,
@@ -261,6 +263,7 @@ fn check(
             max_tokens,
             sampling,
             stop,
+            ignore_eos: w.ignore_eos,
         },
         stream: w.stream,
         priority,

@@ -36,6 +36,9 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Generation stops before the first occurrence of any of these.
     pub stop: Vec<String>,
+    /// Never stop at an end-of-generation token: generate `max_tokens` (or until the window is
+    /// full). For benchmarks and load tests, as llama.cpp's server's `ignore_eos`.
+    pub ignore_eos: bool,
 }
 
 impl GenerateRequest {
@@ -45,6 +48,7 @@ impl GenerateRequest {
             max_tokens: 256,
             sampling: SamplingParams::default(),
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }

@@ -44,3 +44,19 @@ pub fn fast_kernels() -> Vec<KernelKind> {
         .filter(|k| *k != KernelKind::Reference && k.available())
         .collect()
 }
+
+/// The default model (SmolLM2-135M-Instruct Q4_1), fetched by `models/fetch.sh`.
+pub fn default_model() -> PathBuf {
+    let p = std::env::var_os("EDGELLM_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.is_file(),
+        "the default model is missing at {}: run models/fetch.sh",
+        p.display()
+    );
+    p
+}

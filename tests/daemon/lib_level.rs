@@ -1,0 +1,385 @@
+//! Config, protocol, queue and engine worker, in-process.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use edgellm::backend::{Backend, BackendError, BackendInfo};
+use edgellm::config::{Config, ConfigError, DEFAULT_TOML};
+use edgellm::daemon::notify::Notifier;
+use edgellm::daemon::{Daemon, Listener};
+use edgellm::engine::chat::ChatTemplate;
+use edgellm::engine::tokenizer::Tokenizer;
+use edgellm::engine::{Engine, Sink};
+use edgellm::frontend::protocol::{self, Incoming};
+use edgellm::gguf::{Bytes, Gguf};
+use edgellm::queue::{
+    CancelState, ErrorCode, Event, FinishReason, GenerateRequest, Job, Prompt, Queue, Reply, Submit,
+};
+use edgellm::testing::{synth_model, SynthSpec};
+
+use super::harness::Client;
+use crate::common::{synth_backend, temp_dir};
+
+fn parse_err(text: &str) -> String {
+    match Config::parse(text, Path::new("test.toml")) {
+        Ok(c) => panic!("accepted {text:?}: {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The shipped default file and the code's defaults are the same config, and every kind of
+/// mistake is refused with the key, the value and what is allowed.
+#[test]
+fn config_defaults_are_the_documented_file_and_errors_name_the_key() {
+    let parsed = Config::parse(DEFAULT_TOML, Path::new("/etc/edgellm/edgellm.toml"))
+        .expect("default config parses");
+    assert_eq!(parsed, Config::default());
+
+    let e = parse_err("[queue]\ncapacty = 3\n");
+    assert!(e.contains("capacty") && e.contains("capacity"), "{e}");
+    let e = parse_err("[queue]\ncapacity = \"lots\"\n");
+    assert!(e.contains("capacity") && e.contains("lots"), "{e}");
+    let e = parse_err("[queue]\ncapacity = 0\n");
+    assert!(e.contains("queue.capacity = 0: allowed 1..=4096"), "{e}");
+    let e = parse_err("[socket]\nmode = \"0999\"\n");
+    assert!(
+        e.contains("socket.mode = \"0999\"") && e.contains("octal"),
+        "{e}"
+    );
+    let e = parse_err("[limits]\ndefault_max_tokens = 2000\n");
+    assert!(e.contains("limits.default_max_tokens = 2000"), "{e}");
+    let e = parse_err("[model]\nkernels = \"fast\"\n");
+    assert!(e.contains("model.kernels = \"fast\""), "{e}");
+    let e = parse_err(&format!("[socket]\npath = \"/{}\"\n", "x".repeat(120)));
+    assert!(e.contains("socket.path") && e.contains("107"), "{e}");
+    let e = parse_err("[mqtt]\nhost = \"x\"\n");
+    assert!(e.contains("mqtt"), "{e}");
+    assert!(matches!(
+        Config::parse("[queue]\ncapacity = 0\n", Path::new("x")),
+        Err(ConfigError::Invalid { .. })
+    ));
+
+    // A partial file keeps the other defaults; relative paths are taken from its directory.
+    let c = Config::parse(
+        "[queue]\ncapacity = 3\n[socket]\npath = \"run/e.sock\"\n",
+        Path::new("/etc/edgellm/edgellm.toml"),
+    )
+    .expect("partial config");
+    assert_eq!(c.queue.capacity, 3);
+    assert_eq!(c.limits, Config::default().limits);
+    assert_eq!(c.socket.path, Path::new("/etc/edgellm/run/e.sock"));
+}
+
+#[test]
+fn protocol_refusals_name_the_field_and_the_limit() {
+    let limits = Config::default().limits;
+    let now = Instant::now();
+    let refuse = |line: &str| match protocol::parse(line.as_bytes(), &limits, 0, now) {
+        Ok(i) => panic!("accepted {line}: {i:?}"),
+        Err(r) => r,
+    };
+    let r = refuse("{\"id\": \"a\", ");
+    assert_eq!((r.code, r.id.as_deref()), (ErrorCode::BadRequest, None));
+    assert!(r.message.contains("malformed JSON"), "{}", r.message);
+    let r = refuse(r#"{"id":"a","prompt":"x","max_tokens":-1}"#);
+    assert_eq!(r.id.as_deref(), Some("a"));
+    assert!(r.message.starts_with("max_tokens:"), "{}", r.message);
+    let r = refuse(r#"{"id":"a","prompt":"x","temprature":1}"#);
+    assert!(r.message.contains("temprature"), "{}", r.message);
+    let r = refuse(r#"{"id":"a","messages":[{"role":"user","content":3}]}"#);
+    assert!(
+        r.message.starts_with("messages[0].content"),
+        "{}",
+        r.message
+    );
+    let r = refuse(r#"{"id":"a","prompt":"x","max_tokens":100000}"#);
+    assert_eq!(r.code, ErrorCode::TooLarge);
+    assert!(r.message.contains("limit is 1024"), "{}", r.message);
+    let r = refuse(r#"{"id":"a","prompt":"x","top_p":0}"#);
+    assert!(r.message.contains("top_p"), "{}", r.message);
+    let r = refuse(r#"{"id":"a"}"#);
+    assert!(r.message.contains("messages"), "{}", r.message);
+    let r = refuse(r#"{"id":"","prompt":"x"}"#);
+    assert!(r.message.starts_with("id:"), "{}", r.message);
+    let r = refuse(r#"{"id":"a","prompt":"x","priority":1000}"#);
+    assert!(r.message.contains("priority = 1000"), "{}", r.message);
+    let r = refuse(r#"{"op":"reboot"}"#);
+    assert!(r.message.contains("status"), "{}", r.message);
+    let r = refuse("[1,2]");
+    assert_eq!(r.code, ErrorCode::BadRequest);
+
+    match protocol::parse(
+        br#"{"id":"r1","messages":[{"role":"user","content":"hi"}],"max_tokens":7,"temperature":0,"stop":["\n"],"stream":true,"priority":3,"deadline_ms":500}"#,
+        &limits,
+        0,
+        now,
+    ) {
+        Ok(Incoming::Generate(g)) => {
+            assert_eq!(g.id, "r1");
+            assert_eq!(g.req.max_tokens, 7);
+            assert_eq!(g.req.stop, vec!["\n".to_string()]);
+            assert!(g.stream);
+            assert_eq!(g.priority, 3);
+            assert_eq!(g.deadline, Some(now + Duration::from_millis(500)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        protocol::parse(br#"{"op":"cancel","id":"r1"}"#, &limits, 0, now),
+        Ok(Incoming::Cancel { id }) if id == "r1"
+    ));
+}
+
+fn job(id: &str, tx: &mpsc::UnboundedSender<Reply>) -> Job {
+    Job::new(
+        id,
+        "test",
+        GenerateRequest::new(Prompt::Raw("x".into())),
+        tx.clone(),
+    )
+}
+
+fn terminal(rx: &mut mpsc::UnboundedReceiver<Reply>) -> Reply {
+    rx.try_recv().expect("a reply")
+}
+
+#[test]
+fn queue_is_bounded_ordered_by_priority_and_answers_every_job() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let q = Queue::new(3);
+    let mut low = job("low", &tx);
+    low.priority = -1;
+    assert_eq!(q.submit(low), Submit::Queued);
+    assert_eq!(q.submit(job("a", &tx)), Submit::Queued);
+    let mut high = job("high", &tx);
+    high.priority = 5;
+    assert_eq!(q.submit(high), Submit::Queued);
+    // Full: refused at once, with its error reply.
+    assert_eq!(
+        q.submit(job("extra", &tx)),
+        Submit::Refused(ErrorCode::QueueFull)
+    );
+    let r = terminal(&mut rx);
+    assert_eq!(&*r.id, "extra");
+    assert!(matches!(r.event, Event::Error(ErrorCode::QueueFull, _)));
+    // A duplicate of a queued id is refused.
+    assert_eq!(
+        q.submit(job("a", &tx)),
+        Submit::Refused(ErrorCode::BadRequest)
+    );
+    terminal(&mut rx);
+
+    let next = q.next(Duration::ZERO).expect("a job");
+    assert_eq!(&*next.id, "high");
+    q.finished(
+        &next.id,
+        &Event::Done(Box::new(edgellm::queue::Completion::empty(
+            FinishReason::Stop,
+        ))),
+    );
+    assert_eq!(q.cancel("a"), CancelState::Queued);
+    let r = terminal(&mut rx);
+    assert!(
+        matches!(&r.event, Event::Done(c) if c.finish_reason == FinishReason::Cancelled),
+        "{r:?}"
+    );
+    let running = q.next(Duration::ZERO).expect("low");
+    assert_eq!(&*running.id, "low");
+    assert_eq!(q.cancel("low"), CancelState::Running);
+    assert!(running.cancelled());
+    assert_eq!(q.cancel("nobody"), CancelState::Unknown);
+
+    // A deadline that passes in the queue is answered `deadline` and the job never runs.
+    let mut late = job("late", &tx);
+    late.deadline = Some(Instant::now());
+    assert_eq!(q.submit(late), Submit::Queued);
+    q.expire_now();
+    let r = terminal(&mut rx);
+    assert!(matches!(r.event, Event::Error(ErrorCode::Deadline, _)));
+
+    // Shutdown: waiting jobs are answered, new ones refused.
+    assert_eq!(q.submit(job("w", &tx)), Submit::Queued);
+    q.abort_all();
+    let r = terminal(&mut rx);
+    assert!(matches!(r.event, Event::Error(ErrorCode::ShuttingDown, _)));
+    assert_eq!(
+        q.submit(job("after", &tx)),
+        Submit::Refused(ErrorCode::ShuttingDown)
+    );
+    terminal(&mut rx);
+    let c = q.status().counters;
+    assert_eq!(c.received, 8);
+    assert_eq!(c.accepted, 5);
+    assert_eq!((c.queue_full, c.refused_other, c.shutting_down), (1, 1, 1));
+    assert_eq!(
+        (c.done, c.cancelled, c.deadline_queued, c.failed),
+        (2, 1, 1, 1)
+    );
+}
+
+/// A sink whose cancel flag is raised at its `n`-th check (the engine checks once per prefill
+/// chunk and once before each token).
+struct CancelAt {
+    n: usize,
+    checks: usize,
+}
+
+impl Sink for CancelAt {
+    fn text(&mut self, _: &str) {}
+    fn interrupt(&mut self) -> Option<FinishReason> {
+        self.checks += 1;
+        (self.checks >= self.n).then_some(FinishReason::Cancelled)
+    }
+}
+
+fn synth_engine(spec: &SynthSpec) -> (Engine, Box<dyn Backend>) {
+    let bytes = synth_model(spec);
+    let g = Gguf::parse(Bytes::from_vec(bytes)).expect("parse");
+    let tokenizer = Tokenizer::from_gguf(&g, None).expect("tokenizer");
+    let chat = ChatTemplate::new(None, "", "").expect("template");
+    let backend = Box::new(synth_backend(spec, None, 1));
+    let engine = Engine::new(Box::new(synth_backend(spec, None, 1)), tokenizer, chat);
+    (engine, backend)
+}
+
+/// The engine asks the sink before every token: a cancel lands within one token.
+#[test]
+fn cancel_stops_generation_within_one_token() {
+    let (mut engine, _) = synth_engine(&SynthSpec::default());
+    for n in [1, 2, 6, 21] {
+        let mut req = GenerateRequest::new(Prompt::Raw("abc".into()));
+        req.max_tokens = 100;
+        req.ignore_eos = true;
+        let mut sink = CancelAt { n, checks: 0 };
+        let c = engine.generate(&req, &mut sink).expect("generate");
+        assert_eq!(c.finish_reason, FinishReason::Cancelled);
+        // One check before the single prefill chunk, then one before each token: raised at
+        // check n, no token after it is generated.
+        assert_eq!(
+            c.usage.completion_tokens,
+            n.saturating_sub(2),
+            "cancel at check {n}"
+        );
+    }
+}
+
+/// A backend that blocks in `forward` while `wedged` is set: an engine stuck in a kernel.
+struct Wedge {
+    inner: Box<dyn Backend>,
+    wedged: Arc<AtomicBool>,
+}
+
+impl Backend for Wedge {
+    fn info(&self) -> BackendInfo {
+        self.inner.info()
+    }
+    fn n_vocab(&self) -> usize {
+        self.inner.n_vocab()
+    }
+    fn n_ctx(&self) -> usize {
+        self.inner.n_ctx()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
+    fn forward(&mut self, t: &[u32], pos: usize, all: bool) -> Result<&[f32], BackendError> {
+        while self.wedged.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.inner.forward(t, pos, all)
+    }
+}
+
+/// `WATCHDOG=1` is sent while the engine loop beats, stops while it is wedged (so systemd
+/// would restart the service), and comes back when it moves again.
+#[test]
+fn wedged_engine_stops_the_watchdog_pings() {
+    let dir = temp_dir("daemon-wedge");
+    let spec = SynthSpec::default();
+    let (engine, inner) = synth_engine(&spec);
+    let wedged = Arc::new(AtomicBool::new(false));
+    let Engine {
+        tokenizer, chat, ..
+    } = engine;
+    let engine = Engine::new(
+        Box::new(Wedge {
+            inner,
+            wedged: wedged.clone(),
+        }),
+        tokenizer,
+        chat,
+    );
+    let notify_path = dir.join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("bind");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let sock = dir.join("s.sock");
+    let mut config = Config::default();
+    config.socket.path = sock.clone();
+    config.shutdown.grace_ms = 100;
+    let listener = edgellm::frontend::unix::bind(&sock, 0o600, None).expect("bind");
+    let daemon = Daemon {
+        config,
+        engine,
+        listener: Listener {
+            socket: listener,
+            owned_path: Some(sock.clone()),
+        },
+        notifier: Notifier::to_socket(
+            notify_path.to_str().expect("utf-8"),
+            Some(Duration::from_millis(500)),
+        )
+        .expect("notifier"),
+        model: "synth".into(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        daemon.run(async {
+            let _ = stop_rx.await;
+        })
+    });
+    // Counts WATCHDOG=1 datagrams over `span`.
+    let pings = |span: Duration| {
+        let until = Instant::now() + span;
+        let mut n = 0;
+        let mut buf = [0u8; 512];
+        while Instant::now() < until {
+            if let Ok(k) = notify.recv(&mut buf) {
+                if buf[..k].starts_with(b"WATCHDOG=1") {
+                    n += 1;
+                }
+            }
+        }
+        n
+    };
+    assert!(pings(Duration::from_millis(1000)) >= 3, "pings while idle");
+
+    wedged.store(true, Ordering::Relaxed);
+    let mut c = Client::connect(&sock);
+    c.send(&json!({"id": "w", "prompt": "abc", "max_tokens": 4}));
+    // Pings already sent before the engine's heartbeat went stale are read and dropped here.
+    pings(Duration::from_millis(600));
+    assert_eq!(pings(Duration::from_millis(1000)), 0, "pings while wedged");
+
+    wedged.store(false, Ordering::Relaxed);
+    let mut others = Vec::new();
+    let (done, _) = c.until_terminal("w", &mut others);
+    assert_eq!(done["type"], "done", "{done}");
+    assert!(
+        pings(Duration::from_millis(900)) >= 2,
+        "pings after recovery"
+    );
+
+    let _ = stop_tx.send(());
+    server.join().expect("join").expect("daemon run");
+    assert!(!sock.exists(), "socket removed on exit");
+}

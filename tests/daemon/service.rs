@@ -1,0 +1,603 @@
+//! The real `edgellm serve` binary over a real Unix socket.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+
+use edgellm::testing::SynthSpec;
+
+use super::harness::{chat, synth_file, Client, TestDaemon};
+use crate::common::{default_model, temp_dir};
+
+fn edgellm(args: &[&str], env: &[(&str, &str)]) -> (String, String, i32) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgellm"));
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run edgellm");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// A long generation on the real model: it runs until cancelled or past its deadline.
+fn long(id: &str) -> Value {
+    json!({"id": id, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true,
+           "temperature": 0, "stream": true})
+}
+
+/// 200 requests from 8 connections against a queue of 4: every id gets exactly one terminal
+/// reply, the refused ones `queue_full`, all others complete, streamed text equals the final
+/// text, and the status counters agree.
+#[test]
+fn two_hundred_requests_nothing_lost() {
+    let dir = temp_dir("daemon-load");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let d = TestDaemon::start("daemon-load-run", &model, "[queue]\ncapacity = 4\n", &[]);
+    let threads: Vec<_> = (0..8)
+        .map(|c| {
+            let sock = d.socket.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&sock);
+                let ids: Vec<String> = (0..25).map(|i| format!("c{c}-r{i}")).collect();
+                for (i, id) in ids.iter().enumerate() {
+                    client.send(&json!({
+                        "id": id, "prompt": format!("request {i} of {c}"), "max_tokens": 12,
+                        "ignore_eos": true, "temperature": 0.8, "seed": i, "stream": i % 2 == 0,
+                    }));
+                }
+                let mut terminal: HashMap<String, Vec<Value>> = HashMap::new();
+                let mut streamed: HashMap<String, String> = HashMap::new();
+                while terminal.len() < ids.len() {
+                    let v = client.recv();
+                    let id = v["id"].as_str().expect("id").to_string();
+                    match v["type"].as_str() {
+                        Some("token") => streamed
+                            .entry(id)
+                            .or_default()
+                            .push_str(v["text"].as_str().expect("text")),
+                        _ => terminal.entry(id).or_default().push(v),
+                    }
+                }
+                // Nothing more arrives for these ids.
+                client.send(&json!({"op": "status"}));
+                let last = client.recv();
+                assert_eq!(last["type"], "status", "extra reply: {last}");
+                (ids, terminal, streamed)
+            })
+        })
+        .collect();
+    let (mut done, mut full) = (0u64, 0u64);
+    for t in threads {
+        let (ids, terminal, streamed) = t.join().expect("client thread");
+        for (i, id) in ids.iter().enumerate() {
+            let replies = &terminal[id];
+            assert_eq!(replies.len(), 1, "{id}: {replies:?}");
+            let r = &replies[0];
+            match r["type"].as_str() {
+                Some("done") => {
+                    done += 1;
+                    assert_eq!(r["finish_reason"], "length", "{r}");
+                    assert_eq!(r["usage"]["completion_tokens"], 12, "{r}");
+                    if i % 2 == 0 {
+                        assert_eq!(
+                            streamed.get(id).map(String::as_str).unwrap_or(""),
+                            r["text"].as_str().expect("text"),
+                            "{id}"
+                        );
+                    } else {
+                        assert!(!streamed.contains_key(id), "{id} was not streamed");
+                    }
+                }
+                Some("error") => {
+                    assert_eq!(r["code"], "queue_full", "{r}");
+                    assert!(!streamed.contains_key(id));
+                    full += 1;
+                }
+                _ => panic!("{r}"),
+            }
+        }
+    }
+    assert_eq!(done + full, 200);
+    assert!(
+        full > 0,
+        "a queue of 4 must overflow under 200 pipelined requests"
+    );
+    assert!(done >= 4);
+    let s = d.status();
+    let c = &s["requests"];
+    assert_eq!(c["received"], 200, "{s}");
+    assert_eq!(c["queue_full"], full, "{s}");
+    assert_eq!(c["accepted"], done, "{s}");
+    assert_eq!(c["done"], done, "{s}");
+    assert_eq!(c["completion_tokens"], done * 12, "{s}");
+    assert_eq!(s["queue"]["depth"], 0);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{status}: {log}");
+    assert_eq!(
+        log.matches("request done").count() as u64,
+        done,
+        "one log line per request"
+    );
+}
+
+/// Bad input never costs the connection; a stale socket is replaced, a live one is not; the
+/// socket gets its mode; a peer outside the allowed uids is refused with a reply and a log line.
+#[test]
+fn socket_errors_stale_and_live_sockets_mode_and_peers() {
+    let dir = temp_dir("daemon-socket");
+    let model = synth_file(&dir, &SynthSpec::default());
+    // A socket file left by a crashed daemon: nobody listens.
+    let run = temp_dir("daemon-socket-run");
+    drop(std::os::unix::net::UnixListener::bind(run.join("edgellm.sock")).expect("stale"));
+    let d = TestDaemon::spawn(
+        &run,
+        &model,
+        "[socket]\nmode = \"0600\"\n[limits]\nmax_line_bytes = 2048\n",
+        &[],
+    )
+    .wait_ready();
+    let mode = std::fs::metadata(&d.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(d.log().contains("stale socket"), "{}", d.log());
+
+    let mut c = d.connect();
+    c.send_raw(b"{\"id\": \"x\", nope");
+    let r = c.recv();
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("bad_request"))
+    );
+    c.send_raw(&vec![b'a'; 5000]);
+    let r = c.recv();
+    assert_eq!(r["code"], "too_large", "{r}");
+    assert!(
+        r["message"].as_str().expect("message").contains("2048"),
+        "{r}"
+    );
+    c.send(&json!({"id": "m", "prompt": "x", "max_tokens": 99999}));
+    let r = c.recv();
+    assert_eq!(
+        (r["id"].as_str(), r["code"].as_str()),
+        (Some("m"), Some("too_large"))
+    );
+    c.send(&json!({"id": "big", "prompt": "word ".repeat(400), "max_tokens": 4}));
+    let r = c.recv();
+    assert_eq!(r["code"], "too_large", "{r}");
+    assert!(
+        r["message"].as_str().expect("message").contains("256"),
+        "{r}"
+    );
+    c.send(&json!({"id": "f", "prompt": "x", "max_tokens": 2, "colour": "red"}));
+    let r = c.recv();
+    assert!(
+        r["message"].as_str().expect("message").contains("colour"),
+        "{r}"
+    );
+    // Still usable.
+    c.send(&chat("ok", "hello", 3));
+    let r = c.recv();
+    assert_eq!(
+        (r["id"].as_str(), r["type"].as_str()),
+        (Some("ok"), Some("done")),
+        "{r}"
+    );
+
+    // A second daemon on the same socket refuses to start and leaves the first alone.
+    let second = temp_dir("daemon-socket-second");
+    let (_, err, code) = edgellm(
+        &[
+            "serve",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--socket",
+            d.socket.to_str().expect("utf-8"),
+        ],
+        &[("HOME", second.to_str().expect("utf-8"))],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("another edgellm daemon"), "{err}");
+    c.send(&chat("still", "hello", 2));
+    assert_eq!(c.recv()["type"], "done");
+    let (status, _) = d.stop();
+    assert!(status.success());
+
+    // Only uid 4242 may talk to this one.
+    let uid = nix::unistd::getuid().as_raw();
+    let other = uid.wrapping_add(4242);
+    let d = TestDaemon::start(
+        "daemon-socket-peer",
+        &model,
+        &format!("[socket]\nallowed_uids = [{other}]\n"),
+        &[],
+    );
+    let mut c = d.connect();
+    let r = c.recv();
+    assert_eq!(r["code"], "forbidden", "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .expect("m")
+            .contains(&format!("uid {uid}")),
+        "{r}"
+    );
+    assert!(d.log().contains("refused a connection"), "{}", d.log());
+    drop(d);
+    let d = TestDaemon::start(
+        "daemon-socket-peer-ok",
+        &model,
+        &format!("[socket]\nallowed_uids = [{other}, {uid}]\n"),
+        &[],
+    );
+    let mut c = d.connect();
+    c.send(&chat("me", "hi", 2));
+    assert_eq!(c.recv()["type"], "done");
+}
+
+/// On the real model: a deadline passing in the queue, a deadline passing while running,
+/// cancel of a running request (the engine is free at once), priorities, and a client that
+/// goes away.
+#[test]
+fn deadlines_cancel_priorities_and_disconnects() {
+    let model = default_model();
+    let d = TestDaemon::start(
+        "daemon-deadlines",
+        &model,
+        "[model]\nn_ctx = 2048\n[limits]\nmax_tokens = 2000\n",
+        &[],
+    );
+    let mut a = d.connect();
+    let mut b = d.connect();
+    let mut others = Vec::new();
+    a.send(&long("A"));
+    assert_eq!(a.recv()["type"], "token", "A started");
+
+    b.send(&json!({"id": "B", "prompt": "b", "max_tokens": 3, "temperature": 0}));
+    b.send(&json!({"id": "C", "prompt": "c", "max_tokens": 3, "temperature": 0, "priority": 5}));
+    b.send(&json!({"id": "D", "prompt": "d", "max_tokens": 3, "deadline_ms": 300}));
+    let t0 = Instant::now();
+    let (r, _) = b.until_terminal("D", &mut others);
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("deadline")),
+        "{r}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "answered when it passed"
+    );
+    let s = d.status();
+    assert_eq!(s["queue"]["running"]["id"], "A", "A still running: {s}");
+    assert_eq!(s["queue"]["depth"], 2, "{s}");
+
+    b.send(&json!({"op": "cancel", "id": "A"}));
+    let (r, _) = a.until_terminal("A", &mut others);
+    assert_eq!(r["finish_reason"], "cancelled", "{r}");
+    let n = r["usage"]["completion_tokens"].as_u64().expect("tokens");
+    assert!(n > 0 && n < 1000, "{r}");
+    // The cancel ack, then C (priority 5) before B.
+    let mut order = Vec::new();
+    let mut ack = None;
+    while order.len() < 2 {
+        let v = b.recv();
+        match v["type"].as_str() {
+            Some("cancel") => ack = Some(v),
+            Some("done") => order.push(v["id"].as_str().expect("id").to_string()),
+            _ => panic!("{v}"),
+        }
+    }
+    assert_eq!(ack.expect("cancel ack")["state"], "running");
+    assert_eq!(order, ["C", "B"]);
+
+    // A deadline that passes while running stops it with finish_reason "deadline".
+    let mut e = long("E");
+    e["deadline_ms"] = json!(400);
+    b.send(&e);
+    let (r, text) = b.until_terminal("E", &mut others);
+    assert_eq!(r["finish_reason"], "deadline", "{r}");
+    assert_eq!(text, r["text"].as_str().expect("text"));
+    let n = r["usage"]["completion_tokens"].as_u64().expect("tokens");
+    assert!(n > 0 && n < 1000, "{r}");
+
+    // A client that goes away mid-generation has its request cancelled.
+    let mut f = d.connect();
+    f.send(&long("F"));
+    assert_eq!(f.recv()["type"], "token");
+    drop(f);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = d.status();
+        if s["requests"]["cancelled"] == 2 && s["queue"]["running"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < until, "F not cancelled: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("client went away"), "{}", d.log());
+
+    // A client that only shuts down its sending side still gets its answer.
+    let mut g = d.connect();
+    g.send(&chat("G", "What is the capital of France?", 12));
+    g.shutdown_write();
+    let (r, _) = g.until_terminal("G", &mut others);
+    assert_eq!(r["type"], "done", "{r}");
+    assert!(others.is_empty(), "{others:?}");
+}
+
+/// Under a NOTIFY_SOCKET with a watchdog: READY=1 with a STATUS= line, WATCHDOG=1 pings, and on
+/// SIGTERM STOPPING=1, the running request and the queued one get their terminal replies, new
+/// ones are refused, the socket file goes, and the exit status is 0.
+#[test]
+fn notify_watchdog_and_graceful_stop() {
+    let model = default_model();
+    let mut d = TestDaemon::start(
+        "daemon-notify",
+        &model,
+        "[model]\nn_ctx = 2048\n[limits]\nmax_tokens = 2000\n[shutdown]\ngrace_ms = 600\n",
+        &[("WATCHDOG_USEC", "400000")],
+    );
+    let ready = d
+        .notes
+        .iter()
+        .find(|n| n.starts_with("READY=1"))
+        .expect("ready")
+        .clone();
+    assert!(ready.contains("STATUS=cpu-int4"), "{ready}");
+    assert!(ready.contains("queue 0/16"), "{ready}");
+    let n = d.notes.len();
+    assert!(
+        d.wait_note(n, Duration::from_secs(2), |m| m == "WATCHDOG=1"),
+        "{:?}",
+        d.notes
+    );
+
+    let mut a = d.connect();
+    a.send(&long("H"));
+    assert_eq!(a.recv()["type"], "token");
+    // Finishes within the grace period.
+    a.send(&chat("I", "Say hi.", 4));
+    // Still queued when the grace period ends: answered shutting_down.
+    a.send(&long("J"));
+    let before = d.notes.len();
+    d.signal(Signal::SIGTERM);
+    assert!(
+        d.wait_note(before, Duration::from_secs(5), |m| m.contains("STOPPING=1")),
+        "{:?}",
+        d.notes
+    );
+    a.send(&chat("K", "late", 2));
+    let mut replies: HashMap<String, Value> = HashMap::new();
+    while replies.len() < 4 {
+        let v = a.recv();
+        if v["type"] != "token" {
+            let id = v["id"].as_str().expect("id").to_string();
+            assert!(replies.insert(id, v).is_none(), "two terminal replies");
+        }
+    }
+    assert_eq!(
+        replies["H"]["finish_reason"], "cancelled",
+        "{:?}",
+        replies["H"]
+    );
+    assert_eq!(replies["K"]["code"], "shutting_down", "{:?}", replies["K"]);
+    for id in ["I", "J"] {
+        let r = &replies[id];
+        assert!(
+            r["type"] == "done" || r["code"] == "shutting_down",
+            "{id}: {r}"
+        );
+    }
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}: {}", d.log());
+    assert!(!d.socket.exists(), "socket removed");
+    assert!(d.log().contains("SIGTERM"), "{}", d.log());
+}
+
+/// Socket activation: systemd-socket-activate holds the socket and passes it as LISTEN_FDS.
+#[test]
+fn takes_its_socket_from_systemd() {
+    let dir = temp_dir("daemon-activate");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let sock = dir.join("activated.sock");
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\npath = {:?}\nn_ctx = 256\n[socket]\npath = \"unused.sock\"\n",
+            model.display().to_string()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .arg(env!("CARGO_BIN_EXE_edgellm"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd) must be installed");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < until, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first connection starts the daemon, which accepts it once ready.
+    let mut c = Client::connect(&sock);
+    c.send(&chat("s", "hello", 3));
+    let r = c.recv();
+    assert_eq!(r["type"], "done", "{r}");
+    assert!(!dir.join("unused.sock").exists(), "bound its own socket");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    );
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}
+
+/// `edgellm ask` goes through the running daemon and answers as in-process generation does;
+/// without a daemon it falls back; `edgellm status` prints the daemon's status.
+#[test]
+fn ask_and_status_through_the_daemon() {
+    let dir = temp_dir("daemon-client");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let m = model.to_str().expect("utf-8");
+    let d = TestDaemon::start("daemon-client-run", &model, "", &[]);
+    let s = d.socket.to_str().expect("utf-8");
+    let q = ["--temperature", "0", "--max-tokens", "8", "tell me"];
+    let (via, err, code) = edgellm(&[&["ask", "--socket", s][..], &q].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("daemon at"), "{err}");
+    let (local, err, code) = edgellm(&[&["ask", "--local", "--model", m][..], &q].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("daemon at"), "{err}");
+    assert_eq!(via, local);
+    assert!(!via.trim().is_empty());
+    assert_eq!(d.status()["requests"]["done"], 1);
+
+    let (out, err, code) = edgellm(&["status", "--socket", s], &[]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(v["backend"], "cpu-int4");
+    assert_eq!(v["queue"]["capacity"], 16);
+
+    // Limits come back as errors with exit code 2.
+    let (_, err, code) = edgellm(&["ask", "--socket", s, "--max-tokens", "5000", "x"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("too_large") && err.contains("1024"), "{err}");
+
+    let gone = dir.join("nobody.sock");
+    let g = gone.to_str().expect("utf-8");
+    let (fallback, err, code) = edgellm(
+        &[&["ask", "--socket", g][..], &q].concat(),
+        &[("EDGELLM_MODEL", m)],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("answering in-process"), "{err}");
+    assert_eq!(fallback, local);
+    let (_, err, code) = edgellm(&["status", "--socket", g], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no daemon answers"), "{err}");
+}
+
+/// `edgellm config`: the default printed is the shipped file; a bad file stops `serve` before
+/// anything loads, naming the key.
+#[test]
+fn config_command_and_bad_config_stop_serve() {
+    let dir = temp_dir("daemon-config");
+    let (out, _, code) = edgellm(&["config", "--print-default"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(out, edgellm::config::DEFAULT_TOML);
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+    for f in std::fs::read_dir(repo).expect("configs/") {
+        let p = f.expect("entry").path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            let (_, err, code) = edgellm(&["config", "--check", p.to_str().expect("utf-8")], &[]);
+            assert_eq!(code, 0, "{}: {err}", p.display());
+        }
+    }
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[queue]\ncapacity = 100000\n").expect("write");
+    let (_, err, code) = edgellm(
+        &[
+            "serve",
+            "--config",
+            bad.to_str().expect("utf-8"),
+            "--model",
+            "/nonexistent.gguf",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("queue.capacity = 100000: allowed 1..=4096"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("nonexistent"),
+        "config checked before the model: {err}"
+    );
+}
+
+/// The units pass `systemd-analyze verify`, and the service's exposure is 2.0 or lower.
+#[test]
+fn units_pass_systemd_analyze() {
+    let dir = temp_dir("daemon-units");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
+    for unit in ["edgellm.service", "edgellm.socket"] {
+        let text = std::fs::read_to_string(format!("{src}/{unit}")).expect("unit");
+        assert!(text.contains("/usr/local/bin/edgellm") || unit.ends_with(".socket"));
+        // verify checks that ExecStart exists: point it at the binary under test.
+        let text = text.replace("/usr/local/bin/edgellm", env!("CARGO_BIN_EXE_edgellm"));
+        std::fs::write(dir.join(unit), text).expect("write unit");
+    }
+    let service = std::fs::read_to_string(format!("{src}/edgellm.service")).expect("service");
+    for must in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Environment=ORT_DISABLE_TELEMETRY=1",
+        "User=edgellm",
+        "RuntimeDirectory=edgellm",
+        "StateDirectory=edgellm",
+    ] {
+        assert!(service.contains(must), "{must}");
+    }
+    let device_lines: Vec<&str> = service
+        .lines()
+        .filter(|l| l.contains("DeviceAllow="))
+        .collect();
+    assert!(
+        device_lines.len() >= 3,
+        "DeviceAllow examples for NPUs/GPUs"
+    );
+    assert!(
+        device_lines.iter().all(|l| l.starts_with('#')),
+        "commented out"
+    );
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.join("edgellm.socket"))
+        .arg(dir.join("edgellm.service"))
+        .output()
+        .expect("systemd-analyze (package systemd) must be installed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "verify: {err}");
+    assert!(
+        !err.contains("edgellm.s"),
+        "verify complained about our units: {err}"
+    );
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(dir.join("edgellm.service"))
+        .output()
+        .expect("systemd-analyze security");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure line: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let level: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(level <= 2.0, "{line}");
+}
