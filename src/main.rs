@@ -380,7 +380,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(p) = check {
                 let c = Config::load(&p)?;
                 eprintln!("{}: valid", p.display());
-                println!("{c:#?}");
+                print!("{}", toml::to_string_pretty(&c)?);
             } else if print_default {
                 print!("{}", edgellm::config::DEFAULT_TOML);
             } else {

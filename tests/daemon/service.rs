@@ -137,18 +137,22 @@ fn socket_errors_stale_and_live_sockets_mode_and_peers() {
     // A socket file left by a crashed daemon: nobody listens.
     let run = temp_dir("daemon-socket-run");
     drop(std::os::unix::net::UnixListener::bind(run.join("edgellm.sock")).expect("stale"));
+    // The socket's group by name: this process's own group, which it may always chown to.
+    let gid = nix::unistd::getgid();
+    let group = nix::unistd::Group::from_gid(gid)
+        .expect("group lookup")
+        .expect("own group has a name")
+        .name;
     let d = TestDaemon::spawn(
         &run,
         &model,
-        "[socket]\nmode = \"0600\"\n[limits]\nmax_line_bytes = 2048\n",
+        &format!("[socket]\nmode = \"0600\"\ngroup = {group:?}\n[limits]\nmax_line_bytes = 2048\n"),
         &[],
     )
     .wait_ready();
-    let mode = std::fs::metadata(&d.socket)
-        .expect("socket")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    let meta = std::fs::metadata(&d.socket).expect("socket");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid.as_raw());
     assert!(d.log().contains("stale socket"), "{}", d.log());
 
     let mut c = d.connect();
@@ -209,8 +213,14 @@ fn socket_errors_stale_and_live_sockets_mode_and_peers() {
     assert!(err.contains("another edgellm daemon"), "{err}");
     c.send(&chat("still", "hello", 2));
     assert_eq!(c.recv()["type"], "done");
-    let (status, _) = d.stop();
-    assert!(status.success());
+    // SIGINT stops it as SIGTERM does.
+    let mut d = d;
+    d.signal(Signal::SIGINT);
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    assert!(d.log().contains("SIGINT: shutting down"), "{}", d.log());
+    assert!(!d.socket.exists());
+    drop(d);
 
     // Only uid 4242 may talk to this one.
     let uid = nix::unistd::getuid().as_raw();
