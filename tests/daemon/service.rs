@@ -222,13 +222,13 @@ fn socket_errors_stale_and_live_sockets_mode_and_peers() {
     assert!(!d.socket.exists());
     drop(d);
 
-    // Only uid 4242 may talk to this one.
+    // Only uid `other` and members of group 4243 may talk to this one.
     let uid = nix::unistd::getuid().as_raw();
     let other = uid.wrapping_add(4242);
     let d = TestDaemon::start(
         "daemon-socket-peer",
         &model,
-        &format!("[socket]\nallowed_uids = [{other}]\n"),
+        &format!("[socket]\nallowed_uids = [{other}]\nallowed_gids = [4243]\n"),
         &[],
     );
     let mut c = d.connect();
@@ -242,6 +242,23 @@ fn socket_errors_stale_and_live_sockets_mode_and_peers() {
         "{r}"
     );
     assert!(d.log().contains("refused a connection"), "{}", d.log());
+    let s = d.socket.to_str().expect("utf-8");
+    let (_, err, code) = edgellm(&["status", "--socket", s], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("forbidden"), "{err}");
+    // A supplementary group lets a peer in (SO_PEERGROUPS). setpriv needs root, as CI runs.
+    let out = Command::new("setpriv")
+        .args(["--groups", "4243", "--"])
+        .arg(env!("CARGO_BIN_EXE_edgellm"))
+        .args(["status", "--socket", s])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "as a member of group 4243 (needs root): {err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"status\""));
     drop(d);
     let d = TestDaemon::start(
         "daemon-socket-peer-ok",
