@@ -39,10 +39,7 @@ impl Notifier {
                     Notifier::disabled()
                 }
             },
-            Err(_) => Notifier {
-                target: None,
-                watchdog: None,
-            },
+            Err(_) => Notifier::disabled(),
         }
     }
 
@@ -66,10 +63,6 @@ impl Notifier {
     /// The watchdog interval systemd expects pings within, when it set one.
     pub fn watchdog(&self) -> Option<Duration> {
         self.watchdog
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.target.is_some()
     }
 
     /// Sends one message (`"READY=1"`, `"STATUS=…"`, several lines joined by `\n`).

@@ -137,7 +137,7 @@ pub fn parse(
             )),
         };
     }
-    let w: Wire = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+    let w: Wire = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = if path == "." {

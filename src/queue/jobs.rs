@@ -287,15 +287,24 @@ impl Queue {
                 self.changed.notify_all();
                 return Some(job);
             }
-            if !g.accepting || now >= until {
+            if !g.accepting {
                 return None;
             }
-            g = self
-                .changed
-                .wait_timeout(g, until - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g = self.wait(g, until)?;
         }
+    }
+
+    /// Waits for a change until `until`; `None` once it has passed.
+    fn wait<'a>(&self, g: MutexGuard<'a, Inner>, until: Instant) -> Option<MutexGuard<'a, Inner>> {
+        let now = Instant::now();
+        if now >= until {
+            return None;
+        }
+        let (g, _) = self
+            .changed
+            .wait_timeout(g, until - now)
+            .unwrap_or_else(|p| p.into_inner());
+        Some(g)
     }
 
     /// The engine's side: the job's terminal reply was sent.
@@ -408,38 +417,17 @@ impl Queue {
         self.lock().accepting
     }
 
-    /// True when nothing waits and nothing runs.
-    pub fn idle(&self) -> bool {
-        let g = self.lock();
-        g.waiting.is_empty() && g.running.is_none()
-    }
-
     /// Waits (blocking) until the queue is idle or `timeout` passes; true when idle.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let until = Instant::now() + timeout;
         let mut g = self.lock();
-        loop {
-            if g.waiting.is_empty() && g.running.is_none() {
-                return true;
+        while !(g.waiting.is_empty() && g.running.is_none()) {
+            match self.wait(g, until) {
+                Some(next) => g = next,
+                None => return false,
             }
-            let now = Instant::now();
-            if now >= until {
-                return false;
-            }
-            g = self
-                .changed
-                .wait_timeout(g, until - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
         }
-    }
-
-    pub fn depth(&self) -> usize {
-        self.lock().waiting.len()
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
+        true
     }
 
     pub fn status(&self) -> QueueStatus {

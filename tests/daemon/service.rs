@@ -481,7 +481,13 @@ fn ask_and_status_through_the_daemon() {
     let dir = temp_dir("daemon-client");
     let model = synth_file(&dir, &SynthSpec::default());
     let m = model.to_str().expect("utf-8");
-    let d = TestDaemon::start("daemon-client-run", &model, "", &[]);
+    // The config's log filter holds (RUST_LOG is unset): no per-request info lines at "warn".
+    let d = TestDaemon::start(
+        "daemon-client-run",
+        &model,
+        "[log]\nfilter = \"warn\"\n",
+        &[],
+    );
     let s = d.socket.to_str().expect("utf-8");
     let q = ["--temperature", "0", "--max-tokens", "8", "tell me"];
     let (via, err, code) = edgellm(&[&["ask", "--socket", s][..], &q].concat(), &[]);
@@ -493,6 +499,7 @@ fn ask_and_status_through_the_daemon() {
     assert_eq!(via, local);
     assert!(!via.trim().is_empty());
     assert_eq!(d.status()["requests"]["done"], 1);
+    assert!(!d.log().contains("request done"), "{}", d.log());
 
     let (out, err, code) = edgellm(&["status", "--socket", s], &[]);
     assert_eq!(code, 0, "{err}");
