@@ -12,7 +12,7 @@ use crate::queue::Completion;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    #[error("talking to the daemon: {0}")]
+    #[error("talking to the daemon")]
     Io(#[from] std::io::Error),
     /// The daemon answered with an error reply.
     #[error("the daemon answered {code}: {message}")]
@@ -29,8 +29,17 @@ pub fn connect(path: &Path) -> std::io::Result<UnixStream> {
 fn send(stream: &mut UnixStream, request: &Value) -> Result<BufReader<UnixStream>, ClientError> {
     let mut line = request.to_string();
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
-    Ok(BufReader::new(stream.try_clone()?))
+    let written = stream.write_all(line.as_bytes());
+    let mut reader = BufReader::new(stream.try_clone()?);
+    if let Err(e) = written {
+        // A daemon that refuses this peer says why and closes, possibly before the request is
+        // written: its reply is the better error.
+        return Err(match read_reply(&mut reader) {
+            Err(daemon @ ClientError::Daemon { .. }) => daemon,
+            _ => e.into(),
+        });
+    }
+    Ok(reader)
 }
 
 fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<Value, ClientError> {
