@@ -23,6 +23,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub limits: Limits,
     pub socket: SocketConfig,
+    pub mqtt: MqttConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -60,6 +61,121 @@ pub struct SocketConfig {
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
     pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    pub url: String,
+    pub protocol: u8,
+    pub prefix: String,
+    pub node: String,
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    pub password_file: String,
+    pub password_env: String,
+    pub ca_file: String,
+    pub client_cert: String,
+    pub client_key: String,
+    pub reply_prefixes: Vec<String>,
+    pub keep_alive_s: u64,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub coalesce_ms: u64,
+    pub coalesce_tokens: usize,
+    pub reply_hold_ms: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: false,
+            url: "mqtt://127.0.0.1:1883".into(),
+            protocol: 5,
+            prefix: "edgellm".into(),
+            node: String::new(),
+            client_id: String::new(),
+            username: String::new(),
+            password: String::new(),
+            password_file: String::new(),
+            password_env: String::new(),
+            ca_file: String::new(),
+            client_cert: String::new(),
+            client_key: String::new(),
+            reply_prefixes: Vec::new(),
+            keep_alive_s: 30,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30_000,
+            coalesce_ms: 50,
+            coalesce_tokens: 16,
+            reply_hold_ms: 60_000,
+        }
+    }
+}
+
+/// A broker address from `mqtt.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl BrokerUrl {
+    /// `mqtt://[user[:pass]@]host[:port]` (port 1883) or `mqtts://…` (8883).
+    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
+        let bad = |why: &str| {
+            format!("mqtt.url = {url:?}: {why}; allowed mqtt://[user[:password]@]host[:port] or mqtts://…")
+        };
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err(bad("unknown scheme"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (auth, hostport) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        let (username, password) = match auth {
+            None => (None, None),
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => (Some(u.to_string()), Some(p.to_string())),
+                None => (Some(a.to_string()), None),
+            },
+        };
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+            // [v6]:port
+            let (h, p) = h.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            let port = match p.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+                None => default_port,
+            };
+            (h.to_string(), port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad("bad port"))?),
+                None => (hostport.to_string(), default_port),
+            }
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(bad("no host"));
+        }
+        Ok(BrokerUrl {
+            tls,
+            host,
+            port,
+            username,
+            password,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -149,6 +265,12 @@ pub enum ConfigError {
 
 /// Ranges of the numeric keys, in one place so the messages and the checks agree.
 const RANGES: &[(&str, u64, u64)] = &[
+    ("mqtt.keep_alive_s", 5, 3600),
+    ("mqtt.reconnect_min_ms", 10, 600_000),
+    ("mqtt.reconnect_max_ms", 10, 600_000),
+    ("mqtt.coalesce_ms", 0, 10_000),
+    ("mqtt.coalesce_tokens", 1, 1024),
+    ("mqtt.reply_hold_ms", 0, 86_400_000),
     ("queue.capacity", 1, 4096),
     ("queue.default_deadline_ms", 0, 86_400_000),
     ("limits.max_tokens", 1, 65536),
@@ -177,6 +299,16 @@ impl Config {
             c.model.path = Some(base.join(p));
         }
         c.socket.path = base.join(&c.socket.path);
+        for f in [
+            &mut c.mqtt.password_file,
+            &mut c.mqtt.ca_file,
+            &mut c.mqtt.client_cert,
+            &mut c.mqtt.client_key,
+        ] {
+            if !f.is_empty() {
+                *f = base.join(&*f).to_string_lossy().into_owned();
+            }
+        }
         Ok(c)
     }
 
@@ -191,7 +323,14 @@ impl Config {
 
     /// Checks every value's range; the message names the key, the value and what is allowed.
     pub fn validate(&self) -> Result<(), String> {
+        let m = &self.mqtt;
         let values = [
+            m.keep_alive_s,
+            m.reconnect_min_ms,
+            m.reconnect_max_ms,
+            m.coalesce_ms,
+            m.coalesce_tokens as u64,
+            m.reply_hold_ms,
             self.queue.capacity as u64,
             self.queue.default_deadline_ms,
             self.limits.max_tokens as u64,
@@ -233,12 +372,67 @@ impl Config {
                 return Err("socket.group = \"\": allowed a group name or number".into());
             }
         }
+        self.validate_mqtt()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
             format!(
                 "log.filter = {:?}: {e}; allowed a tracing filter such as \"info\" or \"edgellm=debug\"",
                 self.log.filter
             )
         })?;
+        Ok(())
+    }
+
+    fn validate_mqtt(&self) -> Result<(), String> {
+        let m = &self.mqtt;
+        BrokerUrl::parse(&m.url)?;
+        if m.protocol != 5 && m.protocol != 3 {
+            return Err(format!(
+                "mqtt.protocol = {}: allowed 5 (MQTT 5) or 3 (MQTT 3.1.1)",
+                m.protocol
+            ));
+        }
+        if m.reconnect_min_ms > m.reconnect_max_ms {
+            return Err(format!(
+                "mqtt.reconnect_min_ms = {}: allowed at most mqtt.reconnect_max_ms ({})",
+                m.reconnect_min_ms, m.reconnect_max_ms
+            ));
+        }
+        let topic_part = |key: &str, v: &str, empty_ok: bool| {
+            let ok = (empty_ok || !v.is_empty())
+                && v.len() <= 64
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{key} = {v:?}: allowed 1..=64 of letters, digits, '-', '_', '.'"
+                ))
+            }
+        };
+        topic_part("mqtt.prefix", &m.prefix, false)?;
+        topic_part("mqtt.node", &m.node, true)?;
+        let sources = [&m.password, &m.password_file, &m.password_env]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .count();
+        if sources > 1 {
+            return Err(
+                "mqtt.password, mqtt.password_file, mqtt.password_env: give at most one".into(),
+            );
+        }
+        if m.client_cert.is_empty() != m.client_key.is_empty() {
+            return Err("mqtt.client_cert and mqtt.client_key: give both or neither".into());
+        }
+        if let Some(p) = m
+            .reply_prefixes
+            .iter()
+            .find(|p| p.is_empty() || p.contains('+') || p.contains('#'))
+        {
+            return Err(format!(
+                "mqtt.reply_prefixes: {p:?}: allowed non-empty topic prefixes without wildcards"
+            ));
+        }
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::tokenizer::Tokenizer;
 use edgellm::engine::Engine;
 use edgellm::frontend::client::{self, ClientError};
-use edgellm::frontend::{cli, unix};
+use edgellm::frontend::{cli, mqtt, unix};
 use edgellm::kernels::quant::GgmlType;
 use edgellm::kernels::KernelKind;
 use edgellm::queue::{GenerateRequest, Prompt};
@@ -115,6 +115,12 @@ enum Cmd {
         /// GGUF model file (overrides model.path)
         #[arg(long, short = 'm')]
         model: Option<PathBuf>,
+        /// Serve MQTT too: mqtt://[user[:pass]@]host:port or mqtts://… (overrides mqtt.url)
+        #[arg(long)]
+        mqtt: Option<String>,
+        /// MQTT node id in the topics (overrides mqtt.node)
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Print the running daemon's status (JSON)
     Status {
@@ -220,6 +226,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             .downcast_ref::<edgellm::kernels::KernelError>()
             .is_some()
             || cause.downcast_ref::<UsageError>().is_some()
+            || matches!(
+                cause.downcast_ref::<mqtt::MqttError>(),
+                Some(mqtt::MqttError::Config(_))
+            )
             || matches!(
                 cause.downcast_ref::<ConfigError>(),
                 Some(ConfigError::Parse { .. } | ConfigError::Invalid { .. })
@@ -364,7 +374,9 @@ fn run(cli: Cli) -> Result<()> {
             config,
             socket,
             model,
-        } => serve(config, socket, model),
+            mqtt,
+            node,
+        } => serve(config, socket, model, mqtt, node),
         Cmd::Status { d } => {
             let sock = socket_path(&d)?;
             let mut stream = client::connect(&sock)
@@ -505,7 +517,13 @@ fn run(cli: Cli) -> Result<()> {
 
 /// `edgellm serve`: config, then socket (a live daemon refused before the model loads), model,
 /// warm-up, and the daemon until a signal.
-fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
+fn serve(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    model: Option<PathBuf>,
+    mqtt_url: Option<String>,
+    node: Option<String>,
+) -> Result<()> {
     let mut cfg = match &config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -516,11 +534,23 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, model: Option<PathBuf
     if let Some(m) = model {
         cfg.model.path = Some(m);
     }
+    if let Some(u) = mqtt_url {
+        cfg.mqtt.enabled = true;
+        cfg.mqtt.url = u;
+    }
+    if let Some(n) = node {
+        cfg.mqtt.node = n;
+    }
     cfg.validate().map_err(|message| ConfigError::Invalid {
         path: config.unwrap_or_else(|| PathBuf::from("command line")),
         message,
     })?;
     init_logging(&cfg.log.filter);
+    let mqtt = if cfg.mqtt.enabled {
+        Some(mqtt::Settings::from_config(&cfg.mqtt)?)
+    } else {
+        None
+    };
     let activated = unix::from_systemd()?;
     if activated.is_none() {
         unix::claim_path(&cfg.socket.path)?;
@@ -562,6 +592,7 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, model: Option<PathBuf
         engine,
         listener,
         notifier: Notifier::from_env(),
+        mqtt,
     };
     daemon.warm_up()?;
     daemon.run(std::future::pending())?;

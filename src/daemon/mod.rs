@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::engine::worker::{self, Progress};
 use crate::engine::Engine;
+use crate::frontend::mqtt::{self, MqttState};
 use crate::frontend::{unix, Context};
 use crate::queue::{GenerateRequest, Prompt, Queue};
 use notify::Notifier;
@@ -62,6 +63,8 @@ pub struct Daemon {
     pub notifier: Notifier,
     /// The model's file name, for status.
     pub model: String,
+    /// The MQTT front-end, when configured.
+    pub mqtt: Option<mqtt::Settings>,
 }
 
 impl Daemon {
@@ -90,7 +93,9 @@ impl Daemon {
             listener,
             notifier,
             model,
+            mqtt,
         } = self;
+        let mqtt_state = mqtt.as_ref().map(|_| Arc::new(MqttState::default()));
         let info = engine.backend.info();
         let queue = Arc::new(Queue::new(config.queue.capacity));
         let progress = Arc::new(Progress::default());
@@ -101,9 +106,10 @@ impl Daemon {
             let queue = queue.clone();
             let progress = progress.clone();
             let info = info.clone();
+            let mqtt_state = mqtt_state.clone();
             move || {
                 let q = queue.status();
-                json!({
+                let mut v = json!({
                     "type": "status",
                     "version": env!("CARGO_PKG_VERSION"),
                     "backend": info.backend,
@@ -117,7 +123,11 @@ impl Daemon {
                     "requests": q.counters,
                     "last_decode_tps": (progress.last_tps() * 10.0).round() / 10.0,
                     "engine_heartbeat_ms": progress.since_beat().as_millis() as u64,
-                })
+                });
+                if let Some(m) = &mqtt_state {
+                    v["mqtt"] = m.json();
+                }
+                v
             }
         };
         let ctx = Arc::new(Context {
@@ -145,6 +155,15 @@ impl Daemon {
                 config.socket.max_connections,
                 shutdown_rx.clone(),
             ));
+            let mqtt_task = match (mqtt, &mqtt_state) {
+                (Some(settings), Some(state)) => Some(tokio::spawn(mqtt::serve(
+                    settings,
+                    ctx.clone(),
+                    state.clone(),
+                    shutdown_rx.clone(),
+                ))),
+                _ => None,
+            };
             let reaper = {
                 let queue = queue.clone();
                 tokio::spawn(async move {
@@ -159,10 +178,16 @@ impl Daemon {
                 let queue = queue.clone();
                 let info = info.clone();
                 let progress = progress.clone();
+                let mqtt_state = mqtt_state.clone();
                 move || {
                     let q = queue.status();
+                    let mqtt = match &mqtt_state {
+                        Some(m) if m.connected() => "; mqtt connected",
+                        Some(_) => "; mqtt disconnected",
+                        None => "",
+                    };
                     format!(
-                        "STATUS={} ({}, {} threads); queue {}/{}; last {:.1} tok/s; served {}",
+                        "STATUS={} ({}, {} threads); queue {}/{}; last {:.1} tok/s; served {}{mqtt}",
                         info.backend,
                         info.compute,
                         info.threads,
@@ -248,6 +273,9 @@ impl Daemon {
             // Connections end once their replies are written; a client that stopped reading
             // does not hold the exit forever.
             let _ = tokio::time::timeout(STOP_TIMEOUT, server).await;
+            if let Some(t) = mqtt_task {
+                let _ = tokio::time::timeout(STOP_TIMEOUT * 2, t).await;
+            }
             reaper.abort();
             ticker.abort();
             if !joined {

@@ -4,12 +4,14 @@
 //! - [`client`]: `edgellm ask` and `edgellm status` through a running daemon's socket.
 //! - [`protocol`]: the JSON requests and replies every daemon front-end speaks.
 //! - [`unix`]: the daemon's Unix socket.
+//! - [`mqtt`]: the daemon's MQTT front-end (rumqttc; MQTT 5 or 3.1.1).
 //!
 //! The daemon's front-ends are tokio tasks: they parse and check a request, put a
 //! [`crate::queue::Job`] on the queue, and stream back what the engine worker sends.
 
 pub mod cli;
 pub mod client;
+pub mod mqtt;
 pub mod protocol;
 pub mod unix;
 
@@ -32,4 +34,10 @@ impl Context {
     pub fn status(&self) -> serde_json::Value {
         (self.status)()
     }
+}
+
+/// Completes when the flag is (or turns) true, or its sender is gone.
+pub(crate) async fn until_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`: dropped here, not held in the caller's future.
+    let _ = rx.wait_for(|v| *v).await.map(|_| ());
 }

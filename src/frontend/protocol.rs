@@ -58,7 +58,8 @@ pub struct Generate {
     pub id: String,
     pub req: GenerateRequest,
     pub stream: bool,
-    pub priority: i32,
+    /// As the request named it; front-ends default it (MQTT may take it from a user property).
+    pub priority: Option<i32>,
     pub deadline: Option<Instant>,
     pub reply_to: Option<String>,
 }
@@ -237,13 +238,9 @@ fn check(
             "session: sessions are not supported by this version; send the whole conversation in messages".into(),
         ));
     }
-    let priority = w.priority.unwrap_or(0);
-    if !PRIORITY_RANGE.contains(&priority) {
-        return Err(bad(format!(
-            "priority = {priority}: allowed {}..={}",
-            PRIORITY_RANGE.start(),
-            PRIORITY_RANGE.end()
-        )));
+    let priority = w.priority;
+    if let Some(p) = priority {
+        check_priority(p).map_err(bad)?;
     }
     let deadline_ms = match w.deadline_ms {
         Some(0) => return Err(bad("deadline_ms = 0: allowed 1..=86400000".into())),
@@ -272,20 +269,42 @@ fn check(
     })
 }
 
+/// A priority's range check; the message names the field and the range.
+pub fn check_priority(p: i32) -> Result<(), String> {
+    if PRIORITY_RANGE.contains(&p) {
+        Ok(())
+    } else {
+        Err(format!(
+            "priority = {p}: allowed {}..={}",
+            PRIORITY_RANGE.start(),
+            PRIORITY_RANGE.end()
+        ))
+    }
+}
+
 pub fn error_json(id: Option<&str>, code: ErrorCode, message: &str) -> String {
-    json!({"id": id, "type": "error", "code": code.as_str(), "message": message}).to_string()
+    error_value(id, code, message).to_string()
+}
+
+fn error_value(id: Option<&str>, code: ErrorCode, message: &str) -> Value {
+    json!({"id": id, "type": "error", "code": code.as_str(), "message": message})
 }
 
 /// The reply line for an event of request `id`.
 pub fn event_json(id: &str, event: &Event) -> String {
+    event_value(id, event).to_string()
+}
+
+/// The reply for an event of request `id`, as a JSON value (MQTT adds `seq`).
+pub fn event_value(id: &str, event: &Event) -> Value {
     match event {
-        Event::Token(text) => json!({"id": id, "type": "token", "text": text}).to_string(),
-        Event::Done(c) => done_json(id, c),
-        Event::Error(code, message) => error_json(Some(id), *code, message),
+        Event::Token(text) => json!({"id": id, "type": "token", "text": text}),
+        Event::Done(c) => done_value(id, c),
+        Event::Error(code, message) => error_value(Some(id), *code, message),
     }
 }
 
-fn done_json(id: &str, c: &Completion) -> String {
+fn done_value(id: &str, c: &Completion) -> Value {
     json!({
         "id": id,
         "type": "done",
@@ -299,7 +318,6 @@ fn done_json(id: &str, c: &Completion) -> String {
             "total_ms": round2(c.timing.total_ms),
         },
     })
-    .to_string()
 }
 
 fn round2(x: f64) -> f64 {

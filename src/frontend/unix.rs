@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::protocol::{self, Incoming, Refusal};
-use super::Context;
+use super::{until_true, Context};
 use crate::queue::{ErrorCode, Job, Reply};
 
 /// How often a connection that has read EOF checks whether its peer hung up entirely.
@@ -241,11 +241,11 @@ pub async fn serve(
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stopped(&mut shutdown) => break,
+            _ = until_true(&mut shutdown) => break,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = stopped(&mut shutdown) => break,
+            _ = until_true(&mut shutdown) => break,
         };
         while conns.try_join_next().is_some() {}
         let stream = match accepted {
@@ -377,7 +377,7 @@ impl Connection {
                 _ = hangup.tick(), if eof => {
                     if hung_up(&self.stream) { break; }
                 },
-                _ = stopped(&mut shutdown), if !stopping => stopping = true,
+                _ = until_true(&mut shutdown), if !stopping => stopping = true,
             }
         }
         // Whatever is still pending has nobody to answer to.
@@ -422,7 +422,7 @@ impl Connection {
                 } else {
                     let mut job = Job::new(&g.id, "unix", g.req, self.tx.clone());
                     job.stream = g.stream;
-                    job.priority = g.priority;
+                    job.priority = g.priority.unwrap_or(0);
                     job.deadline = g.deadline;
                     let id = job.id.clone();
                     // Refusals come back on the reply channel like every other terminal reply.
@@ -433,14 +433,6 @@ impl Connection {
             }
         };
         self.write_line(&reply).await
-    }
-}
-
-/// Completes when the shutdown flag is (or turns) true.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not `Send`; drop it here, not in the caller's future.
-    if rx.wait_for(|s| *s).await.is_err() {
-        // The daemon is gone without saying so: that is a shutdown too.
     }
 }
 

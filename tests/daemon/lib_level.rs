@@ -57,8 +57,12 @@ fn config_defaults_are_the_documented_file_and_errors_name_the_key() {
     assert!(e.contains("model.kernels = \"fast\""), "{e}");
     let e = parse_err(&format!("[socket]\npath = \"/{}\"\n", "x".repeat(120)));
     assert!(e.contains("socket.path") && e.contains("107"), "{e}");
-    let e = parse_err("[mqtt]\nhost = \"x\"\n");
-    assert!(e.contains("mqtt"), "{e}");
+    let e = parse_err("[mqt]\nurl = \"x\"\n");
+    assert!(e.contains("mqt"), "{e}");
+    let e = parse_err("[mqtt]\nurl = \"http://x\"\n");
+    assert!(e.contains("mqtt.url = \"http://x\""), "{e}");
+    let e = parse_err("[mqtt]\npassword = \"a\"\npassword_env = \"B\"\n");
+    assert!(e.contains("at most one"), "{e}");
     assert!(matches!(
         Config::parse("[queue]\ncapacity = 0\n", Path::new("x")),
         Err(ConfigError::Invalid { .. })
@@ -124,7 +128,7 @@ fn protocol_refusals_name_the_field_and_the_limit() {
             assert_eq!(g.req.max_tokens, 7);
             assert_eq!(g.req.stop, vec!["\n".to_string()]);
             assert!(g.stream);
-            assert_eq!(g.priority, 3);
+            assert_eq!(g.priority, Some(3));
             assert_eq!(g.deadline, Some(now + Duration::from_millis(500)));
         }
         other => panic!("{other:?}"),
@@ -340,6 +344,7 @@ fn wedged_engine_stops_the_watchdog_pings() {
         )
         .expect("notifier"),
         model: "synth".into(),
+        mqtt: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || {

@@ -1,0 +1,933 @@
+//! The MQTT front-end (rumqttc; MQTT 5, or 3.1.1 from config): the same JSON requests as the
+//! socket, on `<prefix>/<node>/request`; cancels on `<prefix>/<node>/cancel`; availability on
+//! `<prefix>/<node>/status` (retained `online`, and `offline` as the last will and on a clean
+//! stop).
+//!
+//! Two tasks. The event loop task polls rumqttc continuously and never blocks: a request is
+//! parsed, checked and put on the queue in place. The publisher task turns the engine's replies
+//! into messages — streamed tokens coalesced and numbered by `seq`, then exactly one terminal
+//! reply — and holds them in an outbox while the broker is away: they go out after the
+//! reconnect, or are dropped with a log line after `mqtt.reply_hold_ms`. Replies only go to
+//! topics under `mqtt.reply_prefixes`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::{LastWill as LastWill5, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::{QoS, TlsConfiguration, Transport};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use super::protocol::{self, Incoming, Refusal};
+use super::{until_true, Context};
+use crate::config::{BrokerUrl, MqttConfig};
+use crate::queue::{ErrorCode, Event, Job, Reply};
+
+/// After shutdown, how long the publisher may take to deliver the last replies.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MqttError {
+    #[error("{0}")]
+    Config(String),
+    #[error("mqtt.{key} = {path:?}: {source}")]
+    File {
+        key: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A client certificate and its key, PEM.
+type ClientAuth = (Vec<u8>, Vec<u8>);
+
+/// The resolved MQTT settings.
+#[derive(Clone)]
+pub struct Settings {
+    pub broker: BrokerUrl,
+    pub v5: bool,
+    pub node: String,
+    pub client_id: String,
+    pub request_topic: String,
+    pub cancel_topic: String,
+    pub status_topic: String,
+    credentials: Option<(String, String)>,
+    /// The CA (PEM) and optionally a client certificate and key (PEM), for mqtts://.
+    tls: Option<(Vec<u8>, Option<ClientAuth>)>,
+    pub reply_prefixes: Vec<String>,
+    pub keep_alive: Duration,
+    pub backoff: (Duration, Duration),
+    pub coalesce: (Duration, usize),
+    pub hold: Duration,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("Settings")
+            .field(
+                "broker",
+                &format!("{}:{}", self.broker.host, self.broker.port),
+            )
+            .field("tls", &self.broker.tls)
+            .field("v5", &self.v5)
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+impl Settings {
+    /// Resolves the node name, credentials and TLS files of `mqtt.*`.
+    pub fn from_config(c: &MqttConfig) -> Result<Settings, MqttError> {
+        let broker = BrokerUrl::parse(&c.url).map_err(MqttError::Config)?;
+        let node = if c.node.is_empty() {
+            hostname()
+        } else {
+            c.node.clone()
+        };
+        let client_id = if c.client_id.is_empty() {
+            format!("edgellm-{node}")
+        } else {
+            c.client_id.clone()
+        };
+        let read = |key: &'static str, path: &str| {
+            std::fs::read(path).map_err(|source| MqttError::File {
+                key,
+                path: path.to_string(),
+                source,
+            })
+        };
+        let password = if !c.password_file.is_empty() {
+            let p = read("password_file", &c.password_file)?;
+            Some(
+                String::from_utf8_lossy(&p)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            )
+        } else if !c.password_env.is_empty() {
+            Some(std::env::var(&c.password_env).map_err(|_| {
+                MqttError::Config(format!(
+                    "mqtt.password_env = {:?}: the variable is not set",
+                    c.password_env
+                ))
+            })?)
+        } else if !c.password.is_empty() {
+            Some(c.password.clone())
+        } else {
+            broker.password.clone()
+        };
+        let username = if c.username.is_empty() {
+            broker.username.clone()
+        } else {
+            Some(c.username.clone())
+        };
+        let credentials = match (username, password) {
+            (Some(u), p) => Some((u, p.unwrap_or_default())),
+            (None, Some(_)) => {
+                return Err(MqttError::Config(
+                    "mqtt: a password without mqtt.username".into(),
+                ))
+            }
+            (None, None) => None,
+        };
+        let tls = if broker.tls {
+            if c.ca_file.is_empty() {
+                return Err(MqttError::Config(
+                    "mqtt.ca_file: mqtts:// needs the CA that signed the broker's certificate"
+                        .into(),
+                ));
+            }
+            let ca = read("ca_file", &c.ca_file)?;
+            let client = if c.client_cert.is_empty() {
+                None
+            } else {
+                Some((
+                    read("client_cert", &c.client_cert)?,
+                    read("client_key", &c.client_key)?,
+                ))
+            };
+            // rumqttc is built without a crypto provider of its own: ring is the one here.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Some((ca, client))
+        } else {
+            None
+        };
+        let base = format!("{}/{node}", c.prefix);
+        let reply_prefixes = if c.reply_prefixes.is_empty() {
+            vec![format!("{}/", c.prefix)]
+        } else {
+            c.reply_prefixes.clone()
+        };
+        Ok(Settings {
+            broker,
+            v5: c.protocol == 5,
+            request_topic: format!("{base}/request"),
+            cancel_topic: format!("{base}/cancel"),
+            status_topic: format!("{base}/status"),
+            node,
+            client_id,
+            credentials,
+            tls,
+            reply_prefixes,
+            keep_alive: Duration::from_secs(c.keep_alive_s),
+            backoff: (
+                Duration::from_millis(c.reconnect_min_ms),
+                Duration::from_millis(c.reconnect_max_ms),
+            ),
+            coalesce: (Duration::from_millis(c.coalesce_ms), c.coalesce_tokens),
+            hold: Duration::from_millis(c.reply_hold_ms),
+        })
+    }
+
+    fn reply_allowed(&self, topic: &str) -> bool {
+        !topic.contains(['+', '#'])
+            && self
+                .reply_prefixes
+                .iter()
+                .any(|p| topic.starts_with(p.as_str()))
+    }
+
+    fn transport(&self) -> Transport {
+        match &self.tls {
+            Some((ca, client)) => Transport::tls_with_config(TlsConfiguration::Simple {
+                ca: ca.clone(),
+                alpn: None,
+                client_auth: client.clone(),
+            }),
+            None => Transport::tcp(),
+        }
+    }
+}
+
+/// The host's name as a topic level: characters other than letters, digits, '-', '_', '.'
+/// become '-'.
+fn hostname() -> String {
+    let h = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "edgellm".into());
+    h.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// What the status reply says about MQTT.
+#[derive(Debug, Default)]
+pub struct MqttState {
+    inner: Mutex<StateInner>,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct StateInner {
+    connected: bool,
+    broker: String,
+    node: String,
+    protocol: &'static str,
+    connects: u64,
+    last_error: Option<String>,
+    requests: u64,
+    refused: u64,
+    published: u64,
+    dropped_replies: u64,
+}
+
+impl MqttState {
+    fn update(&self, f: impl FnOnce(&mut StateInner)) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g);
+    }
+
+    pub fn json(&self) -> Value {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::to_value(&*g).unwrap_or(Value::Null)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .connected
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+struct Out {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+    correlation: Option<bytes::Bytes>,
+    made: Instant,
+}
+
+/// A received publish, from either protocol version.
+struct Msg {
+    topic: String,
+    payload: bytes::Bytes,
+    response_topic: Option<String>,
+    correlation: Option<bytes::Bytes>,
+    expiry_s: Option<u32>,
+    priority: Option<String>,
+}
+
+enum Polled {
+    Connected,
+    Message(Msg),
+    Disconnected,
+    Other,
+}
+
+enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V4(rumqttc::AsyncClient),
+}
+
+impl Client {
+    fn try_publish(&self, o: &Out) -> bool {
+        match self {
+            Client::V5(c) => {
+                let props = PublishProperties {
+                    correlation_data: o.correlation.clone(),
+                    ..Default::default()
+                };
+                c.try_publish_with_properties(
+                    o.topic.clone(),
+                    QoS5::AtLeastOnce,
+                    o.retain,
+                    o.payload.clone(),
+                    props,
+                )
+                .is_ok()
+            }
+            Client::V4(c) => c
+                .try_publish(
+                    o.topic.clone(),
+                    QoS::AtLeastOnce,
+                    o.retain,
+                    o.payload.clone(),
+                )
+                .is_ok(),
+        }
+    }
+
+    fn try_subscribe(&self, topic: &str) -> bool {
+        match self {
+            Client::V5(c) => c.try_subscribe(topic, QoS5::AtLeastOnce).is_ok(),
+            Client::V4(c) => c.try_subscribe(topic, QoS::AtLeastOnce).is_ok(),
+        }
+    }
+
+    fn try_disconnect(&self) {
+        // Failing only when the event loop is gone, which is what a disconnect wants anyway.
+        match self {
+            Client::V5(c) => drop(c.try_disconnect()),
+            Client::V4(c) => drop(c.try_disconnect()),
+        }
+    }
+}
+
+enum EventLoop {
+    V5(Box<rumqttc::v5::EventLoop>),
+    V4(Box<rumqttc::EventLoop>),
+}
+
+impl EventLoop {
+    async fn poll(&mut self) -> Result<Polled, String> {
+        match self {
+            EventLoop::V5(l) => {
+                use rumqttc::v5::{Event as E, Incoming as I};
+                match l.poll().await {
+                    Ok(E::Incoming(I::ConnAck(_))) => Ok(Polled::Connected),
+                    Ok(E::Incoming(I::Publish(p))) => {
+                        let props = p.properties.unwrap_or_default();
+                        let priority = props
+                            .user_properties
+                            .iter()
+                            .find(|(k, _)| k == "priority")
+                            .map(|(_, v)| v.clone());
+                        Ok(Polled::Message(Msg {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload,
+                            response_topic: props.response_topic,
+                            correlation: props.correlation_data,
+                            expiry_s: props.message_expiry_interval,
+                            priority,
+                        }))
+                    }
+                    Ok(E::Outgoing(rumqttc::Outgoing::Disconnect)) => Ok(Polled::Disconnected),
+                    Ok(_) => Ok(Polled::Other),
+                    Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                        Err(format!("the broker refused the connection: {code:?}"))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            EventLoop::V4(l) => {
+                use rumqttc::{Event as E, Packet as I};
+                match l.poll().await {
+                    Ok(E::Incoming(I::ConnAck(_))) => Ok(Polled::Connected),
+                    Ok(E::Incoming(I::Publish(p))) => Ok(Polled::Message(Msg {
+                        topic: p.topic,
+                        payload: p.payload,
+                        response_topic: None,
+                        correlation: None,
+                        expiry_s: None,
+                        priority: None,
+                    })),
+                    Ok(E::Outgoing(rumqttc::Outgoing::Disconnect)) => Ok(Polled::Disconnected),
+                    Ok(_) => Ok(Polled::Other),
+                    Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                        Err(format!("the broker refused the connection: {code:?}"))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+fn connect(s: &Settings) -> (Client, EventLoop) {
+    // Sessions survive a reconnect (QoS 1 requests sent while we were away are delivered
+    // after it); subscriptions are renewed at every connect anyway.
+    const SESSION_EXPIRY_S: u32 = 3600;
+    if s.v5 {
+        let mut o = rumqttc::v5::MqttOptions::new(&s.client_id, &s.broker.host, s.broker.port);
+        o.set_keep_alive(s.keep_alive)
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(SESSION_EXPIRY_S))
+            .set_transport(s.transport())
+            .set_last_will(LastWill5::new(
+                &s.status_topic,
+                "offline",
+                QoS5::AtLeastOnce,
+                true,
+                None,
+            ));
+        if let Some((u, p)) = &s.credentials {
+            o.set_credentials(u, p);
+        }
+        let (c, l) = rumqttc::v5::AsyncClient::new(o, 64);
+        (Client::V5(c), EventLoop::V5(Box::new(l)))
+    } else {
+        let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.broker.host, s.broker.port);
+        o.set_keep_alive(s.keep_alive)
+            .set_clean_session(false)
+            .set_transport(s.transport())
+            .set_last_will(rumqttc::LastWill::new(
+                &s.status_topic,
+                "offline",
+                QoS::AtLeastOnce,
+                true,
+            ));
+        if let Some((u, p)) = &s.credentials {
+            o.set_credentials(u, p);
+        }
+        let (c, l) = rumqttc::AsyncClient::new(o, 64);
+        (Client::V4(c), EventLoop::V4(Box::new(l)))
+    }
+}
+
+/// Where a request's replies go.
+struct Route {
+    topic: String,
+    correlation: Option<bytes::Bytes>,
+    seq: u64,
+    /// Streamed text not yet published, how many tokens it holds, since when.
+    pending: String,
+    pending_tokens: usize,
+    pending_since: Option<Instant>,
+}
+
+type Routes = Arc<Mutex<HashMap<Arc<str>, Route>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the MQTT front-end until `shutdown`, then delivers what is left, says `offline` and
+/// disconnects.
+pub async fn serve(
+    settings: Settings,
+    ctx: Arc<Context>,
+    state: Arc<MqttState>,
+    shutdown: watch::Receiver<bool>,
+) {
+    state.update(|s| {
+        s.broker = format!(
+            "{}://{}:{}",
+            if settings.broker.tls { "mqtts" } else { "mqtt" },
+            settings.broker.host,
+            settings.broker.port
+        );
+        s.node = settings.node.clone();
+        s.protocol = if settings.v5 { "5" } else { "3.1.1" };
+    });
+    tracing::info!(
+        broker = %lock(&state.inner).broker,
+        node = %settings.node,
+        requests = %settings.request_topic,
+        "mqtt: connecting"
+    );
+    let (client, eventloop) = connect(&settings);
+    let client = Arc::new(client);
+    let routes: Routes = Arc::default();
+    let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Out>();
+    let (connected_tx, connected_rx) = watch::channel(false);
+    let (finish_tx, finish_rx) = watch::channel(false);
+    let handler = Handler {
+        ctx,
+        settings: settings.clone(),
+        routes: routes.clone(),
+        reply_tx,
+        out_tx,
+        state: state.clone(),
+    };
+    let looper = tokio::spawn(run_loop(
+        eventloop,
+        client.clone(),
+        handler,
+        connected_tx,
+        finish_rx,
+        state.clone(),
+    ));
+    let inputs = Inputs {
+        replies: reply_rx,
+        immediate: out_rx,
+        connected: connected_rx,
+        shutdown,
+    };
+    publisher(&settings, &client, routes, inputs, &state).await;
+    // Clean stop: `offline` (retained) replaces the `online` of this run, then disconnect.
+    if state.connected() {
+        client.try_publish(&Out {
+            topic: settings.status_topic.clone(),
+            payload: b"offline".to_vec(),
+            retain: true,
+            correlation: None,
+            made: Instant::now(),
+        });
+    }
+    client.try_disconnect();
+    let _ = finish_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(3), looper)
+        .await
+        .is_err()
+    {
+        tracing::warn!("mqtt: the broker did not see the disconnect in time");
+    }
+    tracing::info!("mqtt: stopped");
+}
+
+/// Polls the event loop without pause; reconnects with capped exponential backoff.
+async fn run_loop(
+    mut eventloop: EventLoop,
+    client: Arc<Client>,
+    handler: Handler,
+    connected: watch::Sender<bool>,
+    mut finish: watch::Receiver<bool>,
+    state: Arc<MqttState>,
+) {
+    let s = &handler.settings;
+    let mut backoff = s.backoff.0;
+    let mut failures = 0u64;
+    loop {
+        let polled = tokio::select! {
+            p = eventloop.poll() => p,
+            _ = until_true(&mut finish) => {
+                // Keep polling briefly so the disconnect (and `offline`) reach the broker.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    loop {
+                        match eventloop.poll().await {
+                            Ok(Polled::Disconnected) | Err(_) => break,
+                            _ => {}
+                        }
+                    }
+                }).await;
+                return;
+            }
+        };
+        match polled {
+            Ok(Polled::Connected) => {
+                backoff = s.backoff.0;
+                if failures > 0 {
+                    tracing::info!("mqtt: connected again after {failures} failed attempts");
+                } else {
+                    tracing::info!("mqtt: connected");
+                }
+                failures = 0;
+                state.update(|st| {
+                    st.connected = true;
+                    st.connects += 1;
+                    st.last_error = None;
+                });
+                client.try_subscribe(&s.request_topic);
+                client.try_subscribe(&s.cancel_topic);
+                client.try_publish(&Out {
+                    topic: s.status_topic.clone(),
+                    payload: b"online".to_vec(),
+                    retain: true,
+                    correlation: None,
+                    made: Instant::now(),
+                });
+                let _ = connected.send(true);
+            }
+            Ok(Polled::Message(m)) => handler.on_message(m),
+            Ok(Polled::Disconnected) | Ok(Polled::Other) => {}
+            Err(e) => {
+                let _ = connected.send(false);
+                failures += 1;
+                // The first failure of an outage, and a changed reason, are worth a line; the
+                // rest of a long outage is one line a minute at most, by the backoff's cap.
+                let was = lock(&state.inner).last_error.clone();
+                if was.as_deref() != Some(&e) || failures == 1 {
+                    tracing::warn!("mqtt: {e}; reconnecting in {} ms", backoff.as_millis());
+                }
+                state.update(|st| {
+                    st.connected = false;
+                    st.last_error = Some(e);
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = until_true(&mut finish) => return,
+                }
+                backoff = (backoff * 2).min(s.backoff.1);
+            }
+        }
+    }
+}
+
+/// Handles received messages, in the event loop task: nothing here waits.
+struct Handler {
+    ctx: Arc<Context>,
+    settings: Settings,
+    routes: Routes,
+    reply_tx: mpsc::UnboundedSender<Reply>,
+    out_tx: mpsc::UnboundedSender<Out>,
+    state: Arc<MqttState>,
+}
+
+impl Handler {
+    fn publish(&self, topic: &str, correlation: &Option<bytes::Bytes>, payload: String) {
+        let _ = self.out_tx.send(Out {
+            topic: topic.to_string(),
+            payload: payload.into_bytes(),
+            retain: false,
+            correlation: correlation.clone(),
+            made: Instant::now(),
+        });
+    }
+
+    fn on_message(&self, m: Msg) {
+        let s = &self.settings;
+        let is_cancel = m.topic == s.cancel_topic;
+        if m.topic != s.request_topic && !is_cancel {
+            return;
+        }
+        self.state.update(|st| st.requests += 1);
+        // The reply topic: MQTT 5's response topic, else the payload's `reply_to` (3.1.1).
+        let json: Option<Value> = serde_json::from_slice(&m.payload).ok();
+        let reply_to = m.response_topic.clone().or_else(|| {
+            json.as_ref()
+                .and_then(|v| v.get("reply_to"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
+        let id_hint = json
+            .as_ref()
+            .and_then(|v| v.get("id"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let topic = match reply_to {
+            Some(t) if s.reply_allowed(&t) => Some(t),
+            Some(t) => {
+                self.refused();
+                tracing::warn!(
+                    id = id_hint.as_deref().unwrap_or(""),
+                    "mqtt: refused a request whose reply topic {t:?} is outside mqtt.reply_prefixes {:?}",
+                    s.reply_prefixes
+                );
+                return;
+            }
+            None => None,
+        };
+        let answer = |line: String| match &topic {
+            Some(t) => self.publish(t, &m.correlation, line),
+            None => {
+                tracing::warn!(
+                    id = id_hint.as_deref().unwrap_or(""),
+                    "mqtt: no reply topic (response topic or reply_to) for: {line}"
+                )
+            }
+        };
+        let limits = &self.ctx.limits;
+        if m.payload.len() > limits.max_line_bytes {
+            self.refused();
+            answer(protocol::error_json(
+                id_hint.as_deref(),
+                ErrorCode::TooLarge,
+                &format!(
+                    "request of {} bytes; the limit is {} bytes (limits.max_line_bytes)",
+                    m.payload.len(),
+                    limits.max_line_bytes
+                ),
+            ));
+            return;
+        }
+        if is_cancel {
+            let id = id_hint.clone().unwrap_or_default();
+            if id.is_empty() {
+                self.refused();
+                answer(protocol::error_json(
+                    None,
+                    ErrorCode::BadRequest,
+                    "id: a cancel needs the id (a string) of the request to cancel",
+                ));
+                return;
+            }
+            let state = self.ctx.queue.cancel(&id);
+            if topic.is_some() {
+                answer(json!({"id": id, "type": "cancel", "state": state}).to_string());
+            }
+            return;
+        }
+        let now = Instant::now();
+        let parsed = protocol::parse(&m.payload, limits, self.ctx.default_deadline_ms, now);
+        let g = match parsed {
+            Err(r) => {
+                self.refused();
+                return answer(r.to_json());
+            }
+            Ok(Incoming::Status) => {
+                let mut v = self.ctx.status();
+                if let Some(id) = &id_hint {
+                    v["id"] = Value::String(id.clone());
+                }
+                return answer(v.to_string());
+            }
+            Ok(Incoming::Cancel { id }) => {
+                let state = self.ctx.queue.cancel(&id);
+                return answer(json!({"id": id, "type": "cancel", "state": state}).to_string());
+            }
+            Ok(Incoming::Generate(g)) => g,
+        };
+        let Some(topic) = topic else {
+            self.refused();
+            tracing::warn!(
+                id = %g.id,
+                "mqtt: request names no reply topic (MQTT 5 response topic, or reply_to); not run"
+            );
+            return;
+        };
+        let refuse = |code, message: String| {
+            self.refused();
+            Refusal {
+                id: Some(g.id.clone()),
+                code,
+                message,
+            }
+            .to_json()
+        };
+        let priority = match (g.priority, &m.priority) {
+            (Some(p), _) => p,
+            (None, Some(p)) => match p.trim().parse::<i32>() {
+                Ok(p) if protocol::check_priority(p).is_ok() => p,
+                _ => {
+                    return self.publish(
+                        &topic,
+                        &m.correlation,
+                        refuse(
+                            ErrorCode::BadRequest,
+                            format!("user property priority = {p:?}: allowed -100..=100"),
+                        ),
+                    )
+                }
+            },
+            (None, None) => 0,
+        };
+        // Message expiry (MQTT 5) is a deadline too; the earlier one holds.
+        let expiry = m.expiry_s.map(|s| now + Duration::from_secs(u64::from(s)));
+        let deadline = match (g.deadline, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let id: Arc<str> = g.id.as_str().into();
+        {
+            let mut routes = lock(&self.routes);
+            if routes.contains_key(&id) {
+                drop(routes);
+                let line = refuse(
+                    ErrorCode::BadRequest,
+                    format!("id {:?} is already queued or running", g.id),
+                );
+                return self.publish(&topic, &m.correlation, line);
+            }
+            routes.insert(
+                id.clone(),
+                Route {
+                    topic,
+                    correlation: m.correlation.clone(),
+                    seq: 0,
+                    pending: String::new(),
+                    pending_tokens: 0,
+                    pending_since: None,
+                },
+            );
+        }
+        let g = *g;
+        let mut job = Job::new(&g.id, "mqtt", g.req, self.reply_tx.clone());
+        job.stream = g.stream;
+        job.priority = priority;
+        job.deadline = deadline;
+        // A refusal comes back through the publisher like any terminal reply.
+        self.ctx.queue.submit(job);
+    }
+
+    fn refused(&self) {
+        self.state.update(|st| st.refused += 1);
+    }
+}
+
+/// What the publisher waits on.
+struct Inputs {
+    /// The engine's replies to MQTT requests.
+    replies: mpsc::UnboundedReceiver<Reply>,
+    /// Messages the event loop task answers at once (refusals, status, cancel acks).
+    immediate: mpsc::UnboundedReceiver<Out>,
+    connected: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Turns replies into messages and publishes them when the broker is there.
+async fn publisher(
+    s: &Settings,
+    client: &Client,
+    routes: Routes,
+    inputs: Inputs,
+    state: &MqttState,
+) {
+    let Inputs {
+        mut replies,
+        mut immediate,
+        mut connected,
+        mut shutdown,
+    } = inputs;
+    let mut outbox: VecDeque<Out> = VecDeque::new();
+    let (coalesce_every, coalesce_tokens) = s.coalesce;
+    let tick_every = coalesce_every.clamp(Duration::from_millis(5), Duration::from_millis(100));
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            Some(r) = replies.recv() => on_reply(r, &routes, coalesce_every, coalesce_tokens, &mut outbox),
+            Some(o) = immediate.recv() => outbox.push_back(o),
+            _ = tick.tick() => {
+                flush_due(&routes, coalesce_every, &mut outbox);
+            }
+            _ = connected.changed() => {}
+            _ = until_true(&mut shutdown), if stopping_since.is_none() => {
+                stopping_since = Some(Instant::now());
+            }
+        }
+        // Publish what the broker can take now; drop what waited too long.
+        if *connected.borrow() {
+            while let Some(o) = outbox.front() {
+                if !client.try_publish(o) {
+                    break; // the client's queue is full: next tick
+                }
+                outbox.pop_front();
+                state.update(|st| st.published += 1);
+            }
+        }
+        while outbox.front().is_some_and(|o| o.made.elapsed() > s.hold) {
+            if let Some(o) = outbox.pop_front() {
+                state.update(|st| st.dropped_replies += 1);
+                tracing::warn!(
+                    topic = %o.topic,
+                    "mqtt: dropped a reply held {} ms while the broker was away (mqtt.reply_hold_ms)",
+                    o.made.elapsed().as_millis()
+                );
+            }
+        }
+        if let Some(since) = stopping_since {
+            let drained = outbox.is_empty() && lock(&routes).is_empty();
+            if drained || since.elapsed() > DRAIN_TIMEOUT {
+                if !drained {
+                    tracing::warn!("mqtt: stopping with {} replies undelivered", outbox.len());
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn message(route: &mut Route, body: Value) -> Out {
+    let mut body = body;
+    body["seq"] = Value::from(route.seq);
+    route.seq += 1;
+    Out {
+        topic: route.topic.clone(),
+        payload: body.to_string().into_bytes(),
+        retain: false,
+        correlation: route.correlation.clone(),
+        made: Instant::now(),
+    }
+}
+
+fn flush_route(id: &str, route: &mut Route, outbox: &mut VecDeque<Out>) {
+    if route.pending_tokens == 0 {
+        return;
+    }
+    let text = std::mem::take(&mut route.pending);
+    route.pending_tokens = 0;
+    route.pending_since = None;
+    let o = message(route, json!({"id": id, "type": "token", "text": text}));
+    outbox.push_back(o);
+}
+
+fn on_reply(
+    r: Reply,
+    routes: &Routes,
+    every: Duration,
+    max_tokens: usize,
+    outbox: &mut VecDeque<Out>,
+) {
+    let mut routes = lock(routes);
+    let Some(route) = routes.get_mut(&r.id) else {
+        return;
+    };
+    match r.event {
+        Event::Token(text) => {
+            route.pending.push_str(&text);
+            route.pending_tokens += 1;
+            route.pending_since.get_or_insert_with(Instant::now);
+            if route.pending_tokens >= max_tokens || every.is_zero() {
+                flush_route(&r.id, route, outbox);
+            }
+        }
+        terminal => {
+            flush_route(&r.id, route, outbox);
+            let o = message(route, protocol::event_value(&r.id, &terminal));
+            outbox.push_back(o);
+            routes.remove(&r.id);
+        }
+    }
+}
+
+fn flush_due(routes: &Routes, every: Duration, outbox: &mut VecDeque<Out>) {
+    let mut routes = lock(routes);
+    for (id, route) in routes.iter_mut() {
+        if route.pending_since.is_some_and(|t| t.elapsed() >= every) {
+            flush_route(id, route, outbox);
+        }
+    }
+}
