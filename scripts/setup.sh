@@ -4,7 +4,8 @@
 #
 #   scripts/setup.sh          model + Python for the fetch script (enough to run edgellm)
 #   scripts/setup.sh --test   also what the test suite needs: systemd's tools (systemd-analyze,
-#                             systemd-socket-activate) and the aarch64 cross toolchain and qemu
+#                             systemd-socket-activate), mosquitto and its clients, openssl, and
+#                             the aarch64 cross toolchain and qemu
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 want_test=0
@@ -25,6 +26,9 @@ if [ $want_test = 1 ]; then
   fi
   # systemd-analyze verify/security on the units; systemd-socket-activate for socket activation.
   need systemd
+  # MQTT tests: the broker, its command-line clients and mosquitto_passwd; openssl makes the
+  # TLS certificates.
+  need mosquitto mosquitto-clients openssl
   # Debian's rustc (rustc-web) has an aarch64 std; rustup's cannot use it (see DESIGN.md).
   need rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 fi

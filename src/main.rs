@@ -547,7 +547,10 @@ fn serve(
     })?;
     init_logging(&cfg.log.filter);
     let mqtt = if cfg.mqtt.enabled {
-        Some(mqtt::Settings::from_config(&cfg.mqtt)?)
+        Some(mqtt::Settings::from_config(
+            &cfg.mqtt,
+            cfg.limits.max_line_bytes,
+        )?)
     } else {
         None
     };

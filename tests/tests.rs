@@ -4,6 +4,7 @@
 //! - `kernels`: every fast kernel against its scalar twin; quantized results against f32.
 //! - `engine`: a synthetic model through the whole engine (runs under qemu on aarch64 too).
 //! - `daemon`: config, protocol, queue; `edgellm serve` over a real socket, notify, units.
+//! - `mqtt`: the MQTT front-end against real mosquitto brokers.
 //! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
 
 mod common;
@@ -11,4 +12,5 @@ mod daemon;
 mod engine;
 mod gguf_errors;
 mod kernels;
+mod mqtt;
 mod smollm2;

@@ -62,6 +62,10 @@ pub struct Settings {
     pub backoff: (Duration, Duration),
     pub coalesce: (Duration, usize),
     pub hold: Duration,
+    /// Largest packet taken from the broker. MQTT 5 tells the broker, which then drops larger
+    /// messages for us instead of breaking the connection; under 3.1.1 a larger one costs a
+    /// reconnect. Requests between `limits.max_line_bytes` and this are answered `too_large`.
+    pub max_packet: usize,
 }
 
 impl std::fmt::Debug for Settings {
@@ -80,8 +84,9 @@ impl std::fmt::Debug for Settings {
 }
 
 impl Settings {
-    /// Resolves the node name, credentials and TLS files of `mqtt.*`.
-    pub fn from_config(c: &MqttConfig) -> Result<Settings, MqttError> {
+    /// Resolves the node name, credentials and TLS files of `mqtt.*`; `max_request_bytes` is
+    /// `limits.max_line_bytes`.
+    pub fn from_config(c: &MqttConfig, max_request_bytes: usize) -> Result<Settings, MqttError> {
         let broker = BrokerUrl::parse(&c.url).map_err(MqttError::Config)?;
         let node = if c.node.is_empty() {
             hostname()
@@ -179,6 +184,7 @@ impl Settings {
             ),
             coalesce: (Duration::from_millis(c.coalesce_ms), c.coalesce_tokens),
             hold: Duration::from_millis(c.reply_hold_ms),
+            max_packet: (4 * max_request_bytes + 65_536).min(256 << 20),
         })
     }
 
@@ -403,6 +409,7 @@ fn connect(s: &Settings) -> (Client, EventLoop) {
         o.set_keep_alive(s.keep_alive)
             .set_clean_start(false)
             .set_session_expiry_interval(Some(SESSION_EXPIRY_S))
+            .set_max_packet_size(Some(s.max_packet as u32))
             .set_transport(s.transport())
             .set_last_will(LastWill5::new(
                 &s.status_topic,
@@ -420,6 +427,8 @@ fn connect(s: &Settings) -> (Client, EventLoop) {
         let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.broker.host, s.broker.port);
         o.set_keep_alive(s.keep_alive)
             .set_clean_session(false)
+            // Outgoing: a done reply carries the whole text.
+            .set_max_packet_size(s.max_packet, 16 << 20)
             .set_transport(s.transport())
             .set_last_will(rumqttc::LastWill::new(
                 &s.status_topic,

@@ -2,6 +2,6 @@
 //! a real Unix socket, with a NOTIFY_SOCKET listener standing in for systemd, and the units
 //! checked by `systemd-analyze`.
 
-mod harness;
+pub mod harness;
 mod lib_level;
 mod service;

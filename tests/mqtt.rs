@@ -1,0 +1,779 @@
+//! The MQTT front-end against real mosquitto brokers that the tests start on free loopback
+//! ports with their own config files (MQTT 5 and 3.1.1, broker restarts, last will, passwords,
+//! TLS with certificates made here). A missing mosquitto fails these tests.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{Client, Event, Incoming, MqttOptions};
+use serde_json::{json, Value};
+
+use edgellm::testing::SynthSpec;
+
+use crate::common::{default_model, temp_dir};
+use crate::daemon::harness::{synth_file, TestDaemon};
+
+/// A mosquitto of our own.
+struct Broker {
+    child: Child,
+    port: u16,
+    conf: PathBuf,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Broker {
+    /// Starts mosquitto with a listener on a free port and `extra` config lines (which may use
+    /// `{dir}` for the broker's directory and `{port2}` for a second free port).
+    fn start(name: &str, extra: &str) -> Broker {
+        let dir = temp_dir(name);
+        let port = free_port();
+        let extra = extra
+            .replace("{dir}", &dir.display().to_string())
+            .replace("{port2}", &free_port().to_string());
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "per_listener_settings true\npersistence true\npersistence_location {}/\nlistener {port} 127.0.0.1\n{extra}\n",
+                dir.display()
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = spawn_broker(&conf, &dir);
+        let b = Broker {
+            child,
+            port,
+            conf,
+            dir,
+        };
+        b.wait_listening(port);
+        b
+    }
+
+    fn wait_listening(&self, port: u16) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < until,
+                "mosquitto did not listen on {port}: {}",
+                std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker (it saves its sessions), waits `down`, starts it again on the same port.
+    fn restart(&mut self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.child = spawn_broker(&self.conf, &self.dir);
+        self.wait_listening(self.port);
+    }
+
+    fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_broker(conf: &Path, dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("broker.log"))
+        .expect("broker log");
+    Command::new("mosquitto")
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("mosquitto must be installed (scripts/setup.sh --test installs it)")
+}
+
+type UserProps = Vec<(String, String)>;
+
+/// A received message.
+#[derive(Debug, Clone)]
+struct Got {
+    topic: String,
+    body: Value,
+    raw: Vec<u8>,
+    correlation: Option<Bytes>,
+}
+
+/// An MQTT 5 test client (rumqttc), subscribed to `subs` (again after every reconnect), with a
+/// persistent session so that a broker restart loses nothing.
+struct Peer {
+    client: Client,
+    rx: Receiver<Option<Got>>,
+}
+
+impl Peer {
+    fn connect(port: u16, id: &str, subs: &[&str]) -> Peer {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(5))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(600));
+        let (client, mut conn) = Client::new(o, 256);
+        let (tx, rx) = channel();
+        let subs: Vec<String> = subs.iter().map(|s| s.to_string()).collect();
+        let c2 = client.clone();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        for s in &subs {
+                            let _ = c2.try_subscribe(s.clone(), QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        if tx.send(None).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let raw = p.payload.to_vec();
+                        let got = Got {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            body: serde_json::from_slice(&raw).unwrap_or(Value::Null),
+                            raw,
+                            correlation: p.properties.and_then(|pr| pr.correlation_data),
+                        };
+                        if tx.send(Some(got)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        Peer { client, rx }
+    }
+
+    /// Waits for `n` subscription acks.
+    fn subscribed(self, n: usize) -> Peer {
+        let mut seen = 0;
+        let until = Instant::now() + Duration::from_secs(10);
+        while seen < n {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(None) => seen += 1,
+                Ok(Some(_)) => {}
+                Err(_) => panic!("not subscribed"),
+            }
+        }
+        self
+    }
+
+    fn request(&self, topic: &str, body: &Value, reply: Option<&str>, corr: Option<&str>) {
+        self.request_with(
+            topic,
+            body.to_string().into_bytes(),
+            reply,
+            corr,
+            None,
+            vec![],
+        );
+    }
+
+    fn request_with(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        reply: Option<&str>,
+        corr: Option<&str>,
+        expiry_s: Option<u32>,
+        user: Vec<(String, String)>,
+    ) {
+        let props = PublishProperties {
+            response_topic: reply.map(str::to_string),
+            correlation_data: corr.map(|c| Bytes::copy_from_slice(c.as_bytes())),
+            message_expiry_interval: expiry_s,
+            user_properties: user,
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
+            .expect("publish");
+    }
+
+    /// The next message, within `within`.
+    fn next(&self, within: Duration) -> Option<Got> {
+        let until = Instant::now() + within;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(Some(g)) => return Some(g),
+                Ok(None) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Messages until the terminal reply of `id` (others are returned too).
+    fn until_terminal(&self, id: &str) -> Vec<Got> {
+        let mut got = Vec::new();
+        loop {
+            let g = self
+                .next(Duration::from_secs(60))
+                .unwrap_or_else(|| panic!("no terminal reply for {id}: {got:?}"));
+            let done = g.body["id"] == id && g.body["type"] != "token";
+            got.push(g);
+            if done {
+                return got;
+            }
+        }
+    }
+}
+
+/// `edgellm serve` with MQTT on `broker`, node `n1`, and `extra` config.
+fn daemon(name: &str, model: &Path, broker: &Broker, extra: &str) -> TestDaemon {
+    TestDaemon::start(
+        name,
+        model,
+        &format!(
+            "[mqtt]\nenabled = true\nurl = \"{}\"\nnode = \"n1\"\nreconnect_min_ms = 100\nreconnect_max_ms = 400\n{extra}",
+            broker.url()
+        ),
+        &[],
+    )
+}
+
+/// Waits until the daemon's status says MQTT is connected (or `false`: has a last error).
+fn wait_mqtt(d: &TestDaemon, connected: bool) -> Value {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = d.status();
+        let m = &s["mqtt"];
+        if (connected && m["connected"] == true) || (!connected && !m["last_error"].is_null()) {
+            return s;
+        }
+        assert!(Instant::now() < until, "mqtt connected = {connected}? {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const REQ: &str = "edgellm/n1/request";
+
+/// MQTT 5: the reply goes to the response topic with the correlation data; streamed text comes
+/// coalesced and numbered; status and cancel answer; bad input is answered, never fatal.
+#[test]
+fn mqtt5_request_reply_streaming_and_bad_input() {
+    let broker = Broker::start("mqtt-v5", "allow_anonymous true");
+    let dir = temp_dir("mqtt-v5-model");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let d = daemon(
+        "mqtt-v5-daemon",
+        &model,
+        &broker,
+        "coalesce_tokens = 3\ncoalesce_ms = 10000\n",
+    );
+    wait_mqtt(&d, true);
+    let p = Peer::connect(
+        broker.port,
+        "t-v5",
+        &["edgellm/replies/#", "edgellm/n1/status"],
+    )
+    .subscribed(2);
+    // The retained availability message.
+    let st = p.next(Duration::from_secs(5)).expect("status message");
+    assert_eq!(
+        (st.topic.as_str(), st.raw.as_slice()),
+        ("edgellm/n1/status", &b"online"[..])
+    );
+
+    let req = json!({"id": "s1", "prompt": "hello", "max_tokens": 10, "ignore_eos": true,
+                     "temperature": 0, "stream": true});
+    p.request(REQ, &req, Some("edgellm/replies/a"), Some("corr-1"));
+    let got = p.until_terminal("s1");
+    let mut text = String::new();
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g.topic, "edgellm/replies/a");
+        assert_eq!(
+            g.correlation.as_deref(),
+            Some(&b"corr-1"[..]),
+            "correlation echoed"
+        );
+        assert_eq!(g.body["seq"], i as u64, "{:?}", g.body);
+        if g.body["type"] == "token" {
+            text.push_str(g.body["text"].as_str().expect("text"));
+        }
+    }
+    // 10 tokens in messages of at most 3 (a piece of a UTF-8 character is held back, so
+    // messages may carry fewer visible pieces): at least 2 token messages, then done.
+    assert!((3..=5).contains(&got.len()), "{got:?}");
+    let done = &got[got.len() - 1].body;
+    assert_eq!(done["type"], "done");
+    assert_eq!(done["text"].as_str(), Some(text.as_str()));
+    assert_eq!(done["usage"]["completion_tokens"], 10);
+
+    // Status over MQTT.
+    p.request(
+        REQ,
+        &json!({"op": "status"}),
+        Some("edgellm/replies/st"),
+        None,
+    );
+    let s = p.next(Duration::from_secs(10)).expect("status reply");
+    assert_eq!(s.body["type"], "status");
+    assert_eq!(s.body["mqtt"]["connected"], true);
+
+    // Bad input: each answered on the reply topic, and the daemon carries on.
+    let bad: Vec<(Vec<u8>, UserProps, &str)> = vec![
+        (b"not json".to_vec(), vec![], "bad_request"),
+        (br#"{"id":"","prompt":"x"}"#.to_vec(), vec![], "bad_request"),
+        (
+            br#"{"id":"b3","prompt":"x","max_tokens":100000}"#.to_vec(),
+            vec![],
+            "too_large",
+        ),
+        (vec![b' '; 70_000], vec![], "too_large"),
+        (
+            br#"{"id":"b5","prompt":"x","max_tokens":2}"#.to_vec(),
+            vec![("priority".into(), "urgent".into())],
+            "bad_request",
+        ),
+    ];
+    for (payload, user, code) in bad {
+        p.request_with(REQ, payload, Some("edgellm/replies/bad"), None, None, user);
+        let r = p.next(Duration::from_secs(10)).expect("error reply");
+        assert_eq!(r.body["type"], "error", "{r:?}");
+        assert_eq!(r.body["code"], code, "{:?}", r.body);
+    }
+    // Over the packet size the daemon announced (MQTT 5): the broker drops it for us; the
+    // connection and the subscription stay (no `offline` arrives below).
+    p.request_with(
+        REQ,
+        vec![b' '; 400_000],
+        Some("edgellm/replies/bad"),
+        None,
+        None,
+        vec![],
+    );
+    // A reply topic outside the allow-list gets nothing, and a log line.
+    p.request(
+        REQ,
+        &json!({"id": "evil", "prompt": "x", "max_tokens": 2}),
+        Some("elsewhere/x"),
+        None,
+    );
+    // A priority from a user property is accepted.
+    p.request_with(
+        REQ,
+        json!({"id": "ok", "prompt": "x", "max_tokens": 2})
+            .to_string()
+            .into_bytes(),
+        Some("edgellm/replies/ok"),
+        Some("c-ok"),
+        None,
+        vec![("priority".into(), "7".into())],
+    );
+    let r = p.until_terminal("ok");
+    assert_eq!(
+        r.len(),
+        1,
+        "nothing for the refused and the oversized request: {r:?}"
+    );
+    assert_eq!(r[0].body["type"], "done");
+    assert!(
+        d.log().contains("outside mqtt.reply_prefixes"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(d.status()["mqtt"]["connected"], true);
+}
+
+/// MQTT 5 message expiry is the request's deadline; a cancel on the cancel topic stops a
+/// running request; a duplicate id is refused.
+#[test]
+fn mqtt5_expiry_cancel_and_duplicates() {
+    let broker = Broker::start("mqtt-expiry", "allow_anonymous true");
+    let d = daemon(
+        "mqtt-expiry-daemon",
+        &default_model(),
+        &broker,
+        "[model]\nn_ctx = 2048\n[limits]\nmax_tokens = 2000\n",
+    );
+    wait_mqtt(&d, true);
+    let p = Peer::connect(broker.port, "t-exp", &["edgellm/replies/#"]).subscribed(1);
+    let long = |id: &str| {
+        json!({"id": id, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true,
+               "temperature": 0, "stream": true})
+        .to_string()
+        .into_bytes()
+    };
+    p.request_with(
+        REQ,
+        long("x1"),
+        Some("edgellm/replies/e"),
+        None,
+        Some(1),
+        vec![],
+    );
+    let got = p.until_terminal("x1");
+    let done = &got.last().expect("done").body;
+    assert_eq!(done["finish_reason"], "deadline", "{done}");
+
+    p.request_with(
+        REQ,
+        long("c1"),
+        Some("edgellm/replies/c"),
+        None,
+        None,
+        vec![],
+    );
+    let first = p.next(Duration::from_secs(10)).expect("first tokens");
+    assert_eq!(first.body["id"], "c1");
+    p.request_with(
+        REQ,
+        long("c1"),
+        Some("edgellm/replies/dup"),
+        None,
+        None,
+        vec![],
+    );
+    p.request(
+        "edgellm/n1/cancel",
+        &json!({"id": "c1"}),
+        Some("edgellm/replies/ack"),
+        None,
+    );
+    let mut got = Vec::new();
+    while !got
+        .iter()
+        .any(|g: &Got| g.topic == "edgellm/replies/c" && g.body["type"] == "done")
+    {
+        got.push(p.next(Duration::from_secs(30)).expect("replies to c1"));
+    }
+    // The cancel ack may come after the done.
+    if !got.iter().any(|g| g.topic == "edgellm/replies/ack") {
+        got.push(p.next(Duration::from_secs(5)).expect("cancel ack"));
+    }
+    let dup = got
+        .iter()
+        .find(|g| g.topic == "edgellm/replies/dup")
+        .expect("duplicate refused");
+    assert_eq!(dup.body["code"], "bad_request");
+    let ack = got
+        .iter()
+        .find(|g| g.topic == "edgellm/replies/ack")
+        .expect("cancel ack");
+    assert_eq!(ack.body["state"], "running");
+    let done = got
+        .iter()
+        .find(|g| g.topic == "edgellm/replies/c" && g.body["type"] == "done")
+        .expect("cancelled reply");
+    assert_eq!(done.body["finish_reason"], "cancelled");
+}
+
+/// MQTT 3.1.1 (config `protocol = 3`): the request names `reply_to`; mosquitto's own clients.
+#[test]
+fn mqtt311_request_reply_with_mosquitto_clients() {
+    let broker = Broker::start("mqtt-v311", "allow_anonymous true");
+    let dir = temp_dir("mqtt-v311-model");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let d = daemon("mqtt-v311-daemon", &model, &broker, "protocol = 3\n");
+    let s = wait_mqtt(&d, true);
+    assert_eq!(s["mqtt"]["protocol"], "3.1.1");
+    let port = broker.port.to_string();
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-V",
+            "mqttv311",
+            "-p",
+            &port,
+            "-t",
+            "edgellm/replies/v3",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (mosquitto-clients) must be installed");
+    std::thread::sleep(Duration::from_millis(300));
+    let req =
+        json!({"id": "v3", "prompt": "hello", "max_tokens": 4, "reply_to": "edgellm/replies/v3"});
+    let st = Command::new("mosquitto_pub")
+        .args([
+            "-V",
+            "mqttv311",
+            "-q",
+            "1",
+            "-p",
+            &port,
+            "-t",
+            REQ,
+            "-m",
+            &req.to_string(),
+        ])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(st.success());
+    let out = sub.wait_with_output().expect("mosquitto_sub output");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("reply JSON");
+    assert_eq!(
+        (v["id"].as_str(), v["type"].as_str()),
+        (Some("v3"), Some("done")),
+        "{v}"
+    );
+    assert_eq!(v["seq"], 0);
+}
+
+/// 100 requests from 4 clients, each answered exactly once.
+#[test]
+fn hundred_requests_from_four_clients_each_answered_once() {
+    let broker = Broker::start("mqtt-load", "allow_anonymous true");
+    let dir = temp_dir("mqtt-load-model");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let d = daemon(
+        "mqtt-load-daemon",
+        &model,
+        &broker,
+        "[queue]\ncapacity = 8\n",
+    );
+    wait_mqtt(&d, true);
+    let threads: Vec<_> = (0..4)
+        .map(|c| {
+            let port = broker.port;
+            std::thread::spawn(move || {
+                let topic = format!("edgellm/replies/c{c}");
+                let p = Peer::connect(port, &format!("load-{c}"), &[&topic]).subscribed(1);
+                for i in 0..25 {
+                    let req = json!({"id": format!("c{c}-{i}"), "prompt": "x", "max_tokens": 6,
+                                     "ignore_eos": true, "stream": i % 2 == 0});
+                    p.request(REQ, &req, Some(&topic), Some(&format!("k{i}")));
+                }
+                let mut terminal = std::collections::HashMap::new();
+                while terminal.len() < 25 {
+                    let g = p.next(Duration::from_secs(60)).expect("replies");
+                    if g.body["type"] == "token" {
+                        continue;
+                    }
+                    let id = g.body["id"].as_str().expect("id").to_string();
+                    let i: usize = id
+                        .rsplit('-')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .expect("n");
+                    assert_eq!(g.correlation.as_deref(), Some(format!("k{i}").as_bytes()));
+                    assert!(terminal.insert(id.clone(), g.body).is_none(), "{id} twice");
+                }
+                // Nothing more for these ids.
+                assert!(p.next(Duration::from_millis(500)).is_none());
+                terminal
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for t in threads {
+        for (_, r) in t.join().expect("client") {
+            match r["type"].as_str() {
+                Some("done") => done += 1,
+                _ => assert_eq!(r["code"], "queue_full", "{r}"),
+            }
+        }
+    }
+    let s = d.status();
+    assert_eq!(s["requests"]["received"], 100, "{s}");
+    assert_eq!(s["requests"]["done"], done, "{s}");
+}
+
+/// The broker goes away in the middle of a stream and comes back: the daemon reconnects (its
+/// status says so), the request finishes and its reply arrives, and new requests are served.
+/// Killed with SIGKILL, the daemon's last will says `offline`.
+#[test]
+fn broker_restart_mid_stream_and_last_will() {
+    let mut broker = Broker::start("mqtt-restart", "allow_anonymous true");
+    let d = daemon(
+        "mqtt-restart-daemon",
+        &default_model(),
+        &broker,
+        "[model]\nn_ctx = 2048\n[limits]\nmax_tokens = 2000\n",
+    );
+    wait_mqtt(&d, true);
+    let p = Peer::connect(broker.port, "t-restart", &["edgellm/replies/#"]).subscribed(1);
+    let req = json!({"id": "r1", "prompt": "Once upon a time", "max_tokens": 500,
+                     "ignore_eos": true, "temperature": 0, "stream": true});
+    p.request(REQ, &req, Some("edgellm/replies/r"), None);
+    let first = p.next(Duration::from_secs(10)).expect("first tokens");
+    assert_eq!(first.body["seq"], 0);
+    broker.restart(Duration::from_millis(700));
+    let got = p.until_terminal("r1");
+    let done = &got.last().expect("done").body;
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["usage"]["completion_tokens"], 500);
+    let s = wait_mqtt(&d, true);
+    assert!(
+        s["mqtt"]["connects"].as_u64().expect("connects") >= 2,
+        "{s}"
+    );
+    assert!(d.log().contains("reconnecting"), "{}", d.log());
+    // Served after the reconnect.
+    p.request(
+        REQ,
+        &json!({"id": "r2", "prompt": "Hi", "max_tokens": 3}),
+        Some("edgellm/replies/r"),
+        None,
+    );
+    let got = p.until_terminal("r2");
+    assert_eq!(got.last().expect("r2").body["type"], "done");
+
+    // SIGKILL: the broker publishes the last will.
+    let w = Peer::connect(broker.port, "t-will", &["edgellm/n1/status"]).subscribed(1);
+    let online = w.next(Duration::from_secs(5)).expect("retained status");
+    assert_eq!(online.raw, b"online");
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    let will = w.next(Duration::from_secs(10)).expect("last will");
+    assert_eq!(
+        (will.topic.as_str(), will.raw.as_slice()),
+        ("edgellm/n1/status", &b"offline"[..])
+    );
+}
+
+/// A wrong password is refused by the broker; the daemon says so in its log and status and
+/// keeps serving its socket. The right one, from a file, connects.
+#[test]
+fn wrong_password_refused_right_one_from_a_file_connects() {
+    let dir = temp_dir("mqtt-auth-files");
+    let pw = dir.join("passwd");
+    let st = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&pw)
+        .args(["edge", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(st.success());
+    let broker = Broker::start(
+        "mqtt-auth",
+        &format!("allow_anonymous false\npassword_file {}", pw.display()),
+    );
+    let model = synth_file(&dir, &SynthSpec::default());
+    let bad = daemon(
+        "mqtt-auth-bad",
+        &model,
+        &broker,
+        "username = \"edge\"\npassword = \"wrong\"\n",
+    );
+    let s = wait_mqtt(&bad, false);
+    let err = s["mqtt"]["last_error"].as_str().expect("last_error");
+    assert!(err.contains("refused"), "{s}");
+    assert_eq!(s["mqtt"]["connected"], false);
+    assert!(
+        bad.log().contains("the broker refused the connection"),
+        "{}",
+        bad.log()
+    );
+    drop(bad);
+    std::fs::write(dir.join("pw"), "s3cret\n").expect("pw file");
+    let good = daemon(
+        "mqtt-auth-good",
+        &model,
+        &broker,
+        &format!(
+            "username = \"edge\"\npassword_file = {:?}\n",
+            dir.join("pw").display().to_string()
+        ),
+    );
+    wait_mqtt(&good, true);
+}
+
+/// TLS: a CA, a broker certificate and a client certificate made with openssl; the broker
+/// requires the client certificate on its TLS listener. Requests come in on a plain listener of
+/// the same broker and are answered through the daemon's TLS connection.
+#[test]
+fn tls_with_ca_and_client_certificate() {
+    let dir = temp_dir("mqtt-tls-certs");
+    let d = dir.display().to_string();
+    let sh = format!(
+        "set -e; cd {d}
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=edgellm-test-ca -keyout ca.key -out ca.crt 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out server.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth\\n' > san.ext
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile san.ext -out server.crt 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=edgellm-client -keyout client.key -out client.csr 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\\n' > client.ext
+openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile client.ext -out client.crt 2>/dev/null
+chmod 644 *.key"
+    );
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(&sh)
+        .status()
+        .expect("openssl");
+    assert!(st.success(), "making certificates with openssl");
+    let broker = Broker::start(
+        "mqtt-tls",
+        &format!(
+            "allow_anonymous true\nlistener {{port2}} 127.0.0.1\nallow_anonymous true\ncafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\nrequire_certificate true"
+        ),
+    );
+    let conf = std::fs::read_to_string(&broker.conf).expect("conf");
+    let tls_port: u16 = conf
+        .lines()
+        .filter_map(|l| l.strip_prefix("listener "))
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("tls port");
+    broker.wait_listening(tls_port);
+    let model = synth_file(&dir, &SynthSpec::default());
+    let daemon = TestDaemon::start(
+        "mqtt-tls-daemon",
+        &model,
+        &format!(
+            "[mqtt]\nenabled = true\nurl = \"mqtts://127.0.0.1:{tls_port}\"\nnode = \"n1\"\nca_file = \"{d}/ca.crt\"\nclient_cert = \"{d}/client.crt\"\nclient_key = \"{d}/client.key\"\n"
+        ),
+        &[],
+    );
+    wait_mqtt(&daemon, true);
+    let p = Peer::connect(broker.port, "t-tls", &["edgellm/replies/#"]).subscribed(1);
+    p.request(
+        REQ,
+        &json!({"id": "t1", "prompt": "x", "max_tokens": 3}),
+        Some("edgellm/replies/t"),
+        None,
+    );
+    let got = p.until_terminal("t1");
+    assert_eq!(got.last().expect("reply").body["type"], "done");
+
+    // Without the client certificate the broker refuses the TLS connection.
+    let refused = TestDaemon::start(
+        "mqtt-tls-nocert",
+        &model,
+        &format!(
+            "[mqtt]\nenabled = true\nurl = \"mqtts://127.0.0.1:{tls_port}\"\nnode = \"n2\"\nca_file = \"{d}/ca.crt\"\n"
+        ),
+        &[],
+    );
+    let s = wait_mqtt(&refused, false);
+    assert_eq!(s["mqtt"]["connected"], false, "{s}");
+}
