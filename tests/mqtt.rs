@@ -408,6 +408,62 @@ fn mqtt5_request_reply_streaming_and_bad_input() {
         d.log()
     );
     assert_eq!(d.status()["mqtt"]["connected"], true);
+
+    // A clean stop says `offline` on the status topic.
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let off = p.next(Duration::from_secs(10)).expect("offline");
+    assert_eq!(
+        (off.topic.as_str(), off.raw.as_slice()),
+        ("edgellm/n1/status", &b"offline"[..])
+    );
+}
+
+/// Replies produced while the broker is away longer than `mqtt.reply_hold_ms` are dropped
+/// with a log line (and counted), not kept forever; the daemon serves again afterwards.
+#[test]
+fn replies_held_too_long_are_dropped_with_a_log_line() {
+    let mut broker = Broker::start("mqtt-hold", "allow_anonymous true");
+    let d = daemon(
+        "mqtt-hold-daemon",
+        &default_model(),
+        &broker,
+        "reply_hold_ms = 200\n[model]\nn_ctx = 2048\n[limits]\nmax_tokens = 2000\n",
+    );
+    wait_mqtt(&d, true);
+    let p = Peer::connect(broker.port, "t-hold", &["edgellm/replies/#"]).subscribed(1);
+    let req = json!({"id": "h1", "prompt": "Once upon a time", "max_tokens": 200,
+                     "ignore_eos": true, "temperature": 0, "stream": true});
+    p.request(REQ, &req, Some("edgellm/replies/h"), None);
+    p.next(Duration::from_secs(10)).expect("first tokens");
+    broker.stop();
+    // The request finishes while the broker is away.
+    let until = Instant::now() + Duration::from_secs(30);
+    while d.status()["requests"]["done"] != 1 {
+        assert!(Instant::now() < until, "h1 did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    broker.restart(Duration::ZERO);
+    let s = wait_mqtt(&d, true);
+    assert!(
+        s["mqtt"]["dropped_replies"].as_u64().expect("dropped") >= 1,
+        "{s}"
+    );
+    assert!(d.log().contains("dropped a reply"), "{}", d.log());
+    p.request(
+        REQ,
+        &json!({"id": "h2", "prompt": "Hi", "max_tokens": 3}),
+        Some("edgellm/replies/h"),
+        None,
+    );
+    let got = p.until_terminal("h2");
+    assert_eq!(got.last().expect("h2").body["type"], "done");
+    assert!(
+        got.iter()
+            .all(|g| g.body["type"] == "token" || g.body["id"] == "h2"),
+        "h1's done was dropped: {got:?}"
+    );
 }
 
 /// MQTT 5 message expiry is the request's deadline; a cancel on the cancel topic stops a
