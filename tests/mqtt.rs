@@ -266,6 +266,24 @@ fn daemon(name: &str, model: &Path, broker: &Broker, extra: &str) -> TestDaemon 
     )
 }
 
+/// The real model with room for long generations, connected to `broker`.
+fn long_daemon(name: &str, broker: &Broker, extra: &str) -> TestDaemon {
+    let d = daemon(
+        name,
+        &default_model(),
+        broker,
+        &format!("{extra}[model]\nn_ctx = 2048\n[limits]\nmax_tokens = 2000\n"),
+    );
+    wait_mqtt(&d, true);
+    d
+}
+
+/// A streamed request that runs `max_tokens` tokens on the real model.
+fn long(id: &str, max_tokens: usize) -> Value {
+    json!({"id": id, "prompt": "Once upon a time", "max_tokens": max_tokens,
+           "ignore_eos": true, "temperature": 0, "stream": true})
+}
+
 /// Waits until the daemon's status says MQTT is connected (or `false`: has a last error).
 fn wait_mqtt(d: &TestDaemon, connected: bool) -> Value {
     let until = Instant::now() + Duration::from_secs(15);
@@ -424,16 +442,9 @@ fn mqtt5_request_reply_streaming_and_bad_input() {
 #[test]
 fn replies_held_too_long_are_dropped_with_a_log_line() {
     let mut broker = Broker::start("mqtt-hold", "allow_anonymous true");
-    let d = daemon(
-        "mqtt-hold-daemon",
-        &default_model(),
-        &broker,
-        "reply_hold_ms = 200\n[model]\nn_ctx = 2048\n[limits]\nmax_tokens = 2000\n",
-    );
-    wait_mqtt(&d, true);
+    let d = long_daemon("mqtt-hold-daemon", &broker, "reply_hold_ms = 200\n");
     let p = Peer::connect(broker.port, "t-hold", &["edgellm/replies/#"]).subscribed(1);
-    let req = json!({"id": "h1", "prompt": "Once upon a time", "max_tokens": 200,
-                     "ignore_eos": true, "temperature": 0, "stream": true});
+    let req = long("h1", 200);
     p.request(REQ, &req, Some("edgellm/replies/h"), None);
     p.next(Duration::from_secs(10)).expect("first tokens");
     broker.stop();
@@ -471,20 +482,9 @@ fn replies_held_too_long_are_dropped_with_a_log_line() {
 #[test]
 fn mqtt5_expiry_cancel_and_duplicates() {
     let broker = Broker::start("mqtt-expiry", "allow_anonymous true");
-    let d = daemon(
-        "mqtt-expiry-daemon",
-        &default_model(),
-        &broker,
-        "[model]\nn_ctx = 2048\n[limits]\nmax_tokens = 2000\n",
-    );
-    wait_mqtt(&d, true);
+    let _d = long_daemon("mqtt-expiry-daemon", &broker, "");
     let p = Peer::connect(broker.port, "t-exp", &["edgellm/replies/#"]).subscribed(1);
-    let long = |id: &str| {
-        json!({"id": id, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true,
-               "temperature": 0, "stream": true})
-        .to_string()
-        .into_bytes()
-    };
+    let long = |id: &str| long(id, 1000).to_string().into_bytes();
     p.request_with(
         REQ,
         long("x1"),
@@ -669,16 +669,9 @@ fn hundred_requests_from_four_clients_each_answered_once() {
 #[test]
 fn broker_restart_mid_stream_and_last_will() {
     let mut broker = Broker::start("mqtt-restart", "allow_anonymous true");
-    let d = daemon(
-        "mqtt-restart-daemon",
-        &default_model(),
-        &broker,
-        "[model]\nn_ctx = 2048\n[limits]\nmax_tokens = 2000\n",
-    );
-    wait_mqtt(&d, true);
+    let d = long_daemon("mqtt-restart-daemon", &broker, "");
     let p = Peer::connect(broker.port, "t-restart", &["edgellm/replies/#"]).subscribed(1);
-    let req = json!({"id": "r1", "prompt": "Once upon a time", "max_tokens": 500,
-                     "ignore_eos": true, "temperature": 0, "stream": true});
+    let req = long("r1", 500);
     p.request(REQ, &req, Some("edgellm/replies/r"), None);
     let first = p.next(Duration::from_secs(10)).expect("first tokens");
     assert_eq!(first.body["seq"], 0);
