@@ -273,6 +273,8 @@ impl Daemon {
             // Connections end once their replies are written; a client that stopped reading
             // does not hold the exit forever.
             let _ = tokio::time::timeout(STOP_TIMEOUT, server).await;
+            // The MQTT front-end ends once its last replies are out (or after its own drain
+            // timeout when the broker is away), then says `offline` and disconnects.
             if let Some(t) = mqtt_task {
                 let _ = tokio::time::timeout(STOP_TIMEOUT * 2, t).await;
             }

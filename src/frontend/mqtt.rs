@@ -25,7 +25,8 @@ use super::{until_true, Context};
 use crate::config::{BrokerUrl, MqttConfig};
 use crate::queue::{ErrorCode, Event, Job, Reply};
 
-/// After shutdown, how long the publisher may take to deliver the last replies.
+/// After shutdown, once every MQTT request has its terminal reply (the daemon's grace period
+/// decides how long that takes), how long the publisher may take to deliver what is left.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -834,7 +835,9 @@ async fn publisher(
     let tick_every = coalesce_every.clamp(Duration::from_millis(5), Duration::from_millis(100));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stopping_since: Option<Instant> = None;
+    let mut stopping = false;
+    // Since when, after shutdown, every request has had its terminal reply.
+    let mut answered_since: Option<Instant> = None;
     loop {
         tokio::select! {
             Some(r) = replies.recv() => on_reply(r, &routes, coalesce_every, coalesce_tokens, &mut outbox),
@@ -843,8 +846,8 @@ async fn publisher(
                 flush_due(&routes, coalesce_every, &mut outbox);
             }
             _ = connected.changed() => {}
-            _ = until_true(&mut shutdown), if stopping_since.is_none() => {
-                stopping_since = Some(Instant::now());
+            _ = until_true(&mut shutdown), if !stopping => {
+                stopping = true;
             }
         }
         // Publish what the broker can take now; drop what waited too long.
@@ -867,12 +870,13 @@ async fn publisher(
                 );
             }
         }
-        if let Some(since) = stopping_since {
-            let drained = outbox.is_empty() && lock(&routes).is_empty();
-            if drained || since.elapsed() > DRAIN_TIMEOUT {
-                if !drained {
-                    tracing::warn!("mqtt: stopping with {} replies undelivered", outbox.len());
-                }
+        if stopping && lock(&routes).is_empty() {
+            let since = *answered_since.get_or_insert_with(Instant::now);
+            if outbox.is_empty() {
+                return;
+            }
+            if since.elapsed() > DRAIN_TIMEOUT {
+                tracing::warn!("mqtt: stopping with {} replies undelivered", outbox.len());
                 return;
             }
         }
