@@ -753,6 +753,18 @@ fn wrong_password_refused_right_one_from_a_file_connects() {
         ),
     );
     wait_mqtt(&good, true);
+    drop(good);
+    // … or from an environment variable.
+    let from_env = TestDaemon::start(
+        "mqtt-auth-env",
+        &model,
+        &format!(
+            "[mqtt]\nenabled = true\nurl = \"{}\"\nnode = \"n1\"\nusername = \"edge\"\npassword_env = \"EDGELLM_TEST_MQTT_PW\"\n",
+            broker.url()
+        ),
+        &[("EDGELLM_TEST_MQTT_PW", "s3cret")],
+    );
+    wait_mqtt(&from_env, true);
 }
 
 /// TLS: a CA, a broker certificate and a client certificate made with openssl; the broker
