@@ -45,7 +45,9 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "per_listener_settings true\npersistence true\npersistence_location {}/\nlistener {port} 127.0.0.1\n{extra}\n",
+                // `user root`: started as root (as CI runs), mosquitto would switch to its own
+                // user, which cannot read files in a checkout under a private directory.
+                "user root\nper_listener_settings true\npersistence true\npersistence_location {}/\nlistener {port} 127.0.0.1\n{extra}\n",
                 dir.display()
             ),
         )
