@@ -33,6 +33,8 @@ pub struct Config {
 pub struct ModelConfig {
     pub path: Option<PathBuf>,
     pub n_ctx: usize,
+    pub n_sink: usize,
+    pub n_discard: usize,
     pub threads: usize,
     pub kernels: String,
 }
@@ -195,6 +197,8 @@ impl Default for ModelConfig {
         ModelConfig {
             path: None,
             n_ctx: 2048,
+            n_sink: 4,
+            n_discard: 0,
             threads: 0,
             kernels: "auto".into(),
         }
@@ -278,6 +282,7 @@ const RANGES: &[(&str, u64, u64)] = &[
     ("socket.max_connections", 1, 4096),
     ("shutdown.grace_ms", 0, 600_000),
     ("model.threads", 0, 256),
+    ("model.n_sink", 0, 64),
 ];
 
 /// Longest path a `sockaddr_un` holds (108 bytes with the terminating NUL).
@@ -338,6 +343,7 @@ impl Config {
             self.socket.max_connections as u64,
             self.shutdown.grace_ms,
             self.model.threads as u64,
+            self.model.n_sink as u64,
         ];
         for (&(key, lo, hi), v) in RANGES.iter().zip(values) {
             if !(lo..=hi).contains(&v) {
@@ -348,6 +354,12 @@ impl Config {
         if n != 0 && !(16..=131_072).contains(&n) {
             return Err(format!(
                 "model.n_ctx = {n}: allowed 0 (the model's) or 16..=131072"
+            ));
+        }
+        if n != 0 && self.model.n_sink + self.model.n_discard >= n {
+            return Err(format!(
+                "model.n_sink + model.n_discard = {}: allowed less than model.n_ctx ({n})",
+                self.model.n_sink + self.model.n_discard
             ));
         }
         let d = self.limits.default_max_tokens;

@@ -17,7 +17,7 @@ use edgellm::engine::chat::Message;
 use edgellm::engine::perplexity::perplexity;
 use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::tokenizer::Tokenizer;
-use edgellm::engine::Engine;
+use edgellm::engine::{Engine, Window};
 use edgellm::frontend::client::{self, ClientError};
 use edgellm::frontend::{cli, mqtt, unix};
 use edgellm::kernels::quant::GgmlType;
@@ -341,6 +341,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut engine = Engine::load_cpu(&path, &opts)
                 .with_context(|| format!("loading {}", path.display()))?;
+            let n_ctx = engine.backend.n_ctx();
+            engine.set_window(Window::new(n_ctx, 4, 0));
             let prompt = if raw {
                 Prompt::Raw(question)
             } else {
@@ -566,8 +568,17 @@ fn serve(
         ..Default::default()
     };
     tracing::info!(model = %path.display(), "loading the model");
-    let engine =
+    let mut engine =
         Engine::load_cpu(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+    let n_ctx = engine.backend.n_ctx();
+    let window = Window::new(n_ctx, cfg.model.n_sink, cfg.model.n_discard);
+    if window.is_none() {
+        tracing::warn!(
+            n_ctx,
+            "the window is too small to slide: generations stop with finish_reason length when it is full"
+        );
+    }
+    engine.set_window(window);
     let listener = match activated {
         Some(socket) => {
             tracing::info!("listening on the socket passed by systemd");

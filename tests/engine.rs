@@ -322,3 +322,96 @@ fn sentencepiece_tokenizer_from_metadata() {
     );
     assert_eq!(tok.decode(&ids).trim_start(), "hé");
 }
+
+/// After `shift`, the cache holds what a fresh run of the kept tokens at their new positions
+/// would: the sinks, then the tokens after the evicted ones, with keys re-rotated. A one-layer
+/// model makes that exact (deeper layers' keys and values also carry what the kept tokens saw of
+/// the evicted ones, which is the point of keeping them). Both RoPE pairings (llama's
+/// interleaved, qwen2's halves), exact kernels.
+#[test]
+fn shift_rebases_cached_keys_as_if_recomputed() {
+    for arch in ["llama", "qwen2"] {
+        let spec = SynthSpec {
+            arch,
+            n_layer: 1,
+            ..Default::default()
+        };
+        let toks = tokens();
+        let (len, keep, discard) = (toks.len(), 4, 7);
+        let next = 3 + 99;
+        let mut slid = synth_backend(&spec, Some(KernelKind::Reference), 1);
+        batched(&mut slid, &toks, 16);
+        slid.shift(keep, discard, len).expect("shift");
+        let a = slid
+            .forward(&[next], len - discard, false)
+            .expect("after shift")
+            .to_vec();
+
+        let kept: Vec<u32> = toks[..keep]
+            .iter()
+            .chain(&toks[keep + discard..])
+            .copied()
+            .collect();
+        let mut fresh = synth_backend(&spec, Some(KernelKind::Reference), 1);
+        batched(&mut fresh, &kept, 16);
+        let b = fresh
+            .forward(&[next], kept.len(), false)
+            .expect("fresh")
+            .to_vec();
+        let d = rel_max_diff(&a, &b);
+        assert!(d < 1e-4, "{arch}: slid vs recomputed differ by {d}");
+
+        // The negative control: without re-rotation (positions not re-based) they differ.
+        let mut unrotated = synth_backend(&spec, Some(KernelKind::Reference), 1);
+        batched(&mut unrotated, &toks, 16);
+        let c = unrotated
+            .forward(&[next], len, false)
+            .expect("no shift")
+            .to_vec();
+        assert!(
+            rel_max_diff(&c, &b) > 1e-3,
+            "{arch}: the check cannot see a shift"
+        );
+
+        assert!(slid.shift(keep, 0, len).is_err(), "discarding nothing");
+        assert!(slid.shift(keep, 200, len).is_err(), "more than cached");
+    }
+}
+
+/// With a sliding window, one request generates eight windows' worth of tokens; every
+/// eviction is counted. Without one it stops with `length` at the window's end.
+#[test]
+fn sliding_window_generates_past_the_window() {
+    let mut e = engine(None);
+    let n_ctx = e.backend.n_ctx();
+    let mut req = GenerateRequest::new(Prompt::Raw("hello".into()));
+    req.max_tokens = 8 * n_ctx;
+    req.ignore_eos = true;
+    req.sampling = SamplingParams::greedy();
+    let stopped = e.generate(&req, &mut String::new()).expect("generate");
+    assert_eq!(stopped.finish_reason, FinishReason::Length);
+    assert!(stopped.usage.prompt_tokens + stopped.usage.completion_tokens <= n_ctx + 1);
+    assert_eq!(stopped.usage.evicted_tokens, 0);
+
+    let w = edgellm::engine::Window::new(n_ctx, 4, 0).expect("window");
+    assert_eq!(w.n_discard, (n_ctx - 5) / 4);
+    e.set_window(Some(w));
+    let mut streamed = String::new();
+    let c = e.generate(&req, &mut streamed).expect("generate");
+    assert_eq!(c.finish_reason, FinishReason::Length);
+    assert_eq!(c.usage.completion_tokens, 8 * n_ctx);
+    let cached = c.usage.prompt_tokens + c.usage.completion_tokens - c.usage.evicted_tokens;
+    assert!(cached <= n_ctx + 1, "{:?}", c.usage);
+    assert_eq!(c.usage.evicted_tokens % w.n_discard, 0);
+    assert!(c.usage.evicted_tokens >= 7 * n_ctx);
+    assert_eq!(streamed, c.text);
+    // The first window's tokens are the same as without sliding.
+    assert_eq!(&c.tokens[..stopped.tokens.len()], &stopped.tokens[..]);
+
+    assert!(edgellm::engine::Window::new(8, 4, 0).is_some());
+    assert!(
+        edgellm::engine::Window::new(5, 4, 0).is_none(),
+        "no room to slide"
+    );
+    assert!(edgellm::engine::Window::new(64, 4, 60).is_none());
+}

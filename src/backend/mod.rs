@@ -36,6 +36,13 @@ pub enum BackendError {
         end: usize,
         n_ctx: usize,
     },
+    #[error("shift keeping {keep} and discarding {discard} of {len} cached positions does not fit the window of {n_ctx}")]
+    BadShift {
+        keep: usize,
+        discard: usize,
+        len: usize,
+        n_ctx: usize,
+    },
     #[error("batch of {n} tokens is empty or larger than the backend's {max} per call")]
     BadBatch { n: usize, max: usize },
     #[error("{0}")]
@@ -56,6 +63,11 @@ pub trait Backend: Send {
 
     /// Forgets the cached context; the next `forward` starts at position 0.
     fn reset(&mut self);
+
+    /// Slides the window: of the `len` cached positions, `keep..keep + discard` are forgotten
+    /// and `keep + discard..len` move down to `keep..len - discard`, so that the next `forward`
+    /// continues at `len - discard`. Positions `0..keep` (the attention sinks) stay.
+    fn shift(&mut self, keep: usize, discard: usize, len: usize) -> Result<(), BackendError>;
 
     /// Runs `tokens` at positions `pos..pos + tokens.len()`, appending them to the KV cache,
     /// which must hold positions `0..pos` from earlier calls (anything cached at `pos..` is

@@ -69,6 +69,29 @@ impl Sink for String {
     }
 }
 
+/// How the context window slides when it is full: the first `n_sink` positions (attention
+/// sinks, StreamingLLM) stay, the `n_discard` oldest after them are evicted, and generation goes
+/// on with the rest re-based (see [`Backend::shift`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub n_sink: usize,
+    pub n_discard: usize,
+}
+
+impl Window {
+    /// `n_discard` 0 means a quarter of what is not a sink. `None` when the window is too small
+    /// to slide.
+    pub fn new(n_ctx: usize, n_sink: usize, n_discard: usize) -> Option<Window> {
+        let free = n_ctx.checked_sub(n_sink + 1)?;
+        let n_discard = if n_discard == 0 {
+            (free / 4).max(1)
+        } else {
+            n_discard
+        };
+        (n_discard <= free && n_discard > 0).then_some(Window { n_sink, n_discard })
+    }
+}
+
 pub struct Engine {
     pub backend: Box<dyn Backend>,
     pub tokenizer: Tokenizer,
@@ -79,6 +102,8 @@ pub struct Engine {
     /// Logits of the latest position, copied out of the backend so the sampler may penalise
     /// them in place. (n_vocab)
     logits: Vec<f32>,
+    /// Sliding window; `None`: generation stops with `length` when the window is full.
+    window: Option<Window>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -119,7 +144,13 @@ impl Engine {
             // The last sampled token is kept without a position of its own: n_ctx + 1.
             history: Vec::with_capacity(n_ctx + 1),
             logits: vec![0.0; n_vocab],
+            window: None,
         }
+    }
+
+    /// Lets generation go past the window's end by sliding it (`None`: stop at the end).
+    pub fn set_window(&mut self, window: Option<Window>) {
+        self.window = window;
     }
 
     /// Prompt text as the model sees it (template applied to messages).
@@ -191,6 +222,7 @@ impl Engine {
         let mut generated: Vec<u32> = Vec::with_capacity(req.max_tokens.min(n_ctx));
         let mut first_token_at = None;
         let mut logits_ready = true;
+        let mut evicted = 0;
         while !stopped_early && generated.len() < req.max_tokens {
             if let Some(r) = sink.interrupt() {
                 finish = r;
@@ -198,8 +230,15 @@ impl Engine {
             }
             if !logits_ready {
                 if pos >= n_ctx {
-                    finish = FinishReason::Length;
-                    break;
+                    let Some(w) = self.window else {
+                        finish = FinishReason::Length;
+                        break;
+                    };
+                    self.backend.shift(w.n_sink, w.n_discard, pos)?;
+                    // history[..pos] mirrors the cache; its last entry is not cached yet.
+                    self.history.drain(w.n_sink..w.n_sink + w.n_discard);
+                    pos -= w.n_discard;
+                    evicted += w.n_discard;
                 }
                 let last = self.history[self.history.len() - 1];
                 let l = self.backend.forward(&[last], pos, false)?;
@@ -240,6 +279,7 @@ impl Engine {
             usage: Usage {
                 prompt_tokens: prompt.len(),
                 completion_tokens: generated.len(),
+                evicted_tokens: evicted,
             },
             timing: Timing {
                 ttft_ms: (first - start).as_secs_f64() * 1e3,

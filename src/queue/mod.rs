@@ -79,6 +79,9 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Tokens evicted from the context window while this request ran (the window slid).
+    #[serde(default)]
+    pub evicted_tokens: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -294,6 +294,9 @@ impl Backend for Wedge {
     fn reset(&mut self) {
         self.inner.reset()
     }
+    fn shift(&mut self, keep: usize, discard: usize, len: usize) -> Result<(), BackendError> {
+        self.inner.shift(keep, discard, len)
+    }
     fn forward(&mut self, t: &[u32], pos: usize, all: bool) -> Result<&[f32], BackendError> {
         while self.wedged.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(5));

@@ -501,6 +501,16 @@ fn ask_and_status_through_the_daemon() {
     assert_eq!(d.status()["requests"]["done"], 1);
     assert!(!d.log().contains("request done"), "{}", d.log());
 
+    // A generation four times the window (n_ctx 256) slides it and says how much it evicted.
+    let mut c = d.connect();
+    c.send(&json!({"id": "slide", "prompt": "x", "max_tokens": 1024, "ignore_eos": true}));
+    let r = c.recv();
+    assert_eq!(r["usage"]["completion_tokens"], 1024, "{r}");
+    let evicted = r["usage"]["evicted_tokens"]
+        .as_u64()
+        .expect("evicted_tokens");
+    assert!(evicted >= 1024 - 256, "{r}");
+
     let (out, err, code) = edgellm(&["status", "--socket", s], &[]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).expect("status JSON");

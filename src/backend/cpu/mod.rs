@@ -230,6 +230,40 @@ impl Backend for CpuBackend {
         // written by this or earlier calls), so nothing needs clearing.
     }
 
+    /// Keys are cached after RoPE, so moving one from position p to p − d means rotating it by
+    /// −d: RoPE's rotations compose, R(−d)·R(p)·k = R(p − d)·k. The alternative, caching keys
+    /// before RoPE and rotating every cached key at every step, costs a rotation per key per
+    /// token; this costs one per key per shift, and keeps attention's inner loop unchanged.
+    /// Values carry no position and only move.
+    fn shift(&mut self, keep: usize, discard: usize, len: usize) -> Result<(), BackendError> {
+        if discard == 0 || keep + discard > len || len > self.n_ctx {
+            return Err(BackendError::BadShift {
+                keep,
+                discard,
+                len,
+                n_ctx: self.n_ctx,
+            });
+        }
+        let c = &self.cfg;
+        let (kvd, hd, n_ctx) = (c.kv_dim(), c.head_dim, self.n_ctx);
+        // cos/sin of the rotation by −discard, in the first row of the RoPE buffer (which the
+        // next forward call overwrites anyway).
+        let cs = &mut self.s.rope[..hd];
+        rope_row(c, -(discard as f32), cs);
+        let moved = len - keep - discard;
+        for layer in 0..c.n_layer {
+            let base = layer * n_ctx * kvd;
+            let from = base + (keep + discard) * kvd..base + len * kvd;
+            let to = base + keep * kvd;
+            self.s.k_cache.copy_within(from.clone(), to);
+            self.s.v_cache.copy_within(from, to);
+            for head in self.s.k_cache[to..to + moved * kvd].chunks_exact_mut(hd) {
+                apply_rope(c.rope_style, head, cs);
+            }
+        }
+        Ok(())
+    }
+
     fn forward(
         &mut self,
         tokens: &[u32],
@@ -459,15 +493,21 @@ fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
 /// computed by repeated multiplication in f32 as ggml does (the exact path must agree with it).
 fn rope_table(c: &Config, pos: usize, n: usize, out: &mut [f32]) {
     let hd = c.head_dim;
-    let scale = c.rope_theta.powf(-2.0 / hd as f32);
     for t in 0..n {
-        let mut theta = (pos + t) as f32;
-        for i in 0..hd / 2 {
-            let (sin, cos) = theta.sin_cos();
-            out[t * hd + 2 * i] = cos;
-            out[t * hd + 2 * i + 1] = sin;
-            theta *= scale;
-        }
+        rope_row(c, (pos + t) as f32, &mut out[t * hd..(t + 1) * hd]);
+    }
+}
+
+/// cos/sin of every rotated pair for one (possibly negative) position `p`, as [`rope_table`].
+fn rope_row(c: &Config, p: f32, out: &mut [f32]) {
+    let hd = c.head_dim;
+    let scale = c.rope_theta.powf(-2.0 / hd as f32);
+    let mut theta = p;
+    for i in 0..hd / 2 {
+        let (sin, cos) = theta.sin_cos();
+        out[2 * i] = cos;
+        out[2 * i + 1] = sin;
+        theta *= scale;
     }
 }
 
