@@ -286,6 +286,15 @@ fn long(id: &str, max_tokens: usize) -> Value {
            "ignore_eos": true, "temperature": 0, "stream": true})
 }
 
+/// A short request, answered `done` on `topic`; the messages up to that reply.
+fn short_request(p: &Peer, id: &str, topic: &str) -> Vec<Got> {
+    let req = json!({"id": id, "prompt": "Hi", "max_tokens": 3});
+    p.request(REQ, &req, Some(topic), None);
+    let got = p.until_terminal(id);
+    assert_eq!(got.last().expect("reply").body["type"], "done", "{got:?}");
+    got
+}
+
 /// Waits until the daemon's status says MQTT is connected (or `false`: has a last error).
 fn wait_mqtt(d: &TestDaemon, connected: bool) -> Value {
     let until = Instant::now() + Duration::from_secs(15);
@@ -464,14 +473,7 @@ fn replies_held_too_long_are_dropped_with_a_log_line() {
         "{s}"
     );
     assert!(d.log().contains("dropped a reply"), "{}", d.log());
-    p.request(
-        REQ,
-        &json!({"id": "h2", "prompt": "Hi", "max_tokens": 3}),
-        Some("edgellm/replies/h"),
-        None,
-    );
-    let got = p.until_terminal("h2");
-    assert_eq!(got.last().expect("h2").body["type"], "done");
+    let got = short_request(&p, "h2", "edgellm/replies/h");
     assert!(
         got.iter()
             .all(|g| g.body["type"] == "token" || g.body["id"] == "h2"),
@@ -689,14 +691,7 @@ fn broker_restart_mid_stream_and_last_will() {
     );
     assert!(d.log().contains("reconnecting"), "{}", d.log());
     // Served after the reconnect.
-    p.request(
-        REQ,
-        &json!({"id": "r2", "prompt": "Hi", "max_tokens": 3}),
-        Some("edgellm/replies/r"),
-        None,
-    );
-    let got = p.until_terminal("r2");
-    assert_eq!(got.last().expect("r2").body["type"], "done");
+    short_request(&p, "r2", "edgellm/replies/r");
 
     // SIGKILL: the broker publishes the last will.
     let w = Peer::connect(broker.port, "t-will", &["edgellm/n1/status"]).subscribed(1);
@@ -819,14 +814,7 @@ chmod 644 *.key"
     );
     wait_mqtt(&daemon, true);
     let p = Peer::connect(broker.port, "t-tls", &["edgellm/replies/#"]).subscribed(1);
-    p.request(
-        REQ,
-        &json!({"id": "t1", "prompt": "x", "max_tokens": 3}),
-        Some("edgellm/replies/t"),
-        None,
-    );
-    let got = p.until_terminal("t1");
-    assert_eq!(got.last().expect("reply").body["type"], "done");
+    short_request(&p, "t1", "edgellm/replies/t");
 
     // Without the client certificate the broker refuses the TLS connection.
     let refused = TestDaemon::start(
