@@ -423,16 +423,8 @@ unsafe fn tile_fixed<B: WBlock, D: IDot, const R: usize, const C: usize>(
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut off = [[0f32; C]; R];
     for b in 0..nb {
-        let mut y = [_mm256_setzero_si256(); C];
-        let mut yd = [0f32; C];
-        let mut ys = [0f32; C];
-        for c in 0..C {
-            // SAFETY: b < nb <= x[c].len() (asserted above); c < C == x.len().
-            let yb = x.get_unchecked(c).get_unchecked(b);
-            y[c] = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
-            yd[c] = yb.d;
-            ys[c] = yb.s;
-        }
+        // SAFETY: x.len() == C and b < nb <= every x[c].len() (asserted above).
+        let (y, yd, ys) = act_block::<C>(x, b);
         for r in 0..R {
             // SAFETY: b < nb == w[r].len(); r < R == w.len().
             let blk = w.get_unchecked(r).get_unchecked(b);
@@ -450,6 +442,28 @@ unsafe fn tile_fixed<B: WBlock, D: IDot, const R: usize, const C: usize>(
             out[r * C + c] = hsum(acc[r][c]) + off[r][c];
         }
     }
+}
+
+/// Block `b` of each of the C tokens' 8-bit activations: its quants, scale and scaled sum.
+///
+/// # Safety
+/// `x.len() == C` and `b < x[c].len()` for every c; AVX2 available.
+#[inline(always)]
+unsafe fn act_block<const C: usize>(
+    x: &[&[BlockQ8]],
+    b: usize,
+) -> ([__m256i; C], [f32; C], [f32; C]) {
+    let mut y = [_mm256_setzero_si256(); C];
+    let mut yd = [0f32; C];
+    let mut ys = [0f32; C];
+    for c in 0..C {
+        // SAFETY: c < C == x.len() and b < x[c].len(), by the caller's contract.
+        let yb = x.get_unchecked(c).get_unchecked(b);
+        y[c] = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
+        yd[c] = yb.d;
+        ys[c] = yb.s;
+    }
+    (y, yd, ys)
 }
 
 /// Eight dot products at once, R rows × C tokens with R·C = 8: 8 × 1 when decoding, 2 × 4 for
@@ -471,16 +485,8 @@ unsafe fn tile_lanes<B: WBlock, D: IDot, const R: usize, const C: usize>(
     let mut acc = _mm256_setzero_ps();
     let mut off = _mm256_setzero_ps();
     for b in 0..nb {
-        let mut y = [_mm256_setzero_si256(); C];
-        let mut yd = [0f32; C];
-        let mut ys = [0f32; C];
-        for c in 0..C {
-            // SAFETY: c < C == x.len(), b < nb <= x[c].len() (asserted above).
-            let yb = x.get_unchecked(c).get_unchecked(b);
-            y[c] = _mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i);
-            yd[c] = yb.d;
-            ys[c] = yb.s;
-        }
+        // SAFETY: x.len() == C and b < nb <= every x[c].len() (asserted above).
+        let (y, yd, ys) = act_block::<C>(x, b);
         let mut p = [_mm256_setzero_si256(); 8];
         let mut d = [0u16; R];
         let mut m = [0u16; R];
