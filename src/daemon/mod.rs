@@ -174,29 +174,10 @@ impl Daemon {
                     }
                 })
             };
+            // The STATUS= line is read off the same snapshot as the status reply.
             let status_line = {
-                let queue = queue.clone();
-                let info = info.clone();
-                let progress = progress.clone();
-                let mqtt_state = mqtt_state.clone();
-                move || {
-                    let q = queue.status();
-                    let mqtt = match &mqtt_state {
-                        Some(m) if m.connected() => "; mqtt connected",
-                        Some(_) => "; mqtt disconnected",
-                        None => "",
-                    };
-                    format!(
-                        "STATUS={} ({}, {} threads); queue {}/{}; last {:.1} tok/s; served {}{mqtt}",
-                        info.backend,
-                        info.compute,
-                        info.threads,
-                        q.depth,
-                        q.capacity,
-                        progress.last_tps(),
-                        q.counters.done
-                    )
-                }
+                let ctx = ctx.clone();
+                move || status_line(&ctx.status())
             };
             notifier.send(&format!("READY=1\n{}", status_line()));
             tracing::info!(
@@ -323,4 +304,24 @@ fn signals() -> impl Future<Output = &'static str> {
             }
         }
     }
+}
+
+/// systemd's one-line status from the status reply: backend, kernels, threads, queue, the latest
+/// tokens/s, requests served, and MQTT's connection when it is on.
+fn status_line(v: &serde_json::Value) -> String {
+    let mqtt = match v["mqtt"]["connected"].as_bool() {
+        Some(true) => "; mqtt connected",
+        Some(false) => "; mqtt disconnected",
+        None => "",
+    };
+    format!(
+        "STATUS={} ({}, {} threads); queue {}/{}; last {:.1} tok/s; served {}{mqtt}",
+        v["backend"].as_str().unwrap_or("?"),
+        v["compute"].as_str().unwrap_or("?"),
+        v["threads"],
+        v["queue"]["depth"],
+        v["queue"]["capacity"],
+        v["last_decode_tps"].as_f64().unwrap_or(0.0),
+        v["requests"]["done"]
+    )
 }
