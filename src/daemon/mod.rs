@@ -179,7 +179,8 @@ impl Daemon {
                 let ctx = ctx.clone();
                 move || status_line(&ctx.status())
             };
-            notifier.send(&format!("READY=1\n{}", status_line()));
+            let ready_status = status_line();
+            notifier.send(&format!("READY=1\n{ready_status}"));
             tracing::info!(
                 backend = %info.backend,
                 compute = %info.compute,
@@ -194,7 +195,7 @@ impl Daemon {
                 let every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(every);
-                    let mut last = String::new();
+                    let mut last = ready_status;
                     loop {
                         tick.tick().await;
                         // A heartbeat within the last watchdog interval means the engine loop is
