@@ -295,6 +295,17 @@ fn short_request(p: &Peer, id: &str, topic: &str) -> Vec<Got> {
     got
 }
 
+/// The next message is `want` on the node's availability topic.
+fn expect_status(p: &Peer, want: &str) {
+    let m = p
+        .next(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no {want:?} on the status topic"));
+    assert_eq!(
+        (m.topic.as_str(), m.raw.as_slice()),
+        ("edgellm/n1/status", want.as_bytes())
+    );
+}
+
 /// Waits until the daemon's status says MQTT is connected (or `false`: has a last error).
 fn wait_mqtt(d: &TestDaemon, connected: bool) -> Value {
     let until = Instant::now() + Duration::from_secs(15);
@@ -332,11 +343,7 @@ fn mqtt5_request_reply_streaming_and_bad_input() {
     )
     .subscribed(2);
     // The retained availability message.
-    let st = p.next(Duration::from_secs(5)).expect("status message");
-    assert_eq!(
-        (st.topic.as_str(), st.raw.as_slice()),
-        ("edgellm/n1/status", &b"online"[..])
-    );
+    expect_status(&p, "online");
 
     let req = json!({"id": "s1", "prompt": "hello", "max_tokens": 10, "ignore_eos": true,
                      "temperature": 0, "stream": true});
@@ -441,11 +448,7 @@ fn mqtt5_request_reply_streaming_and_bad_input() {
     // A clean stop says `offline` on the status topic.
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
-    let off = p.next(Duration::from_secs(10)).expect("offline");
-    assert_eq!(
-        (off.topic.as_str(), off.raw.as_slice()),
-        ("edgellm/n1/status", &b"offline"[..])
-    );
+    expect_status(&p, "offline");
 }
 
 /// Replies produced while the broker is away longer than `mqtt.reply_hold_ms` are dropped
@@ -695,14 +698,9 @@ fn broker_restart_mid_stream_and_last_will() {
 
     // SIGKILL: the broker publishes the last will.
     let w = Peer::connect(broker.port, "t-will", &["edgellm/n1/status"]).subscribed(1);
-    let online = w.next(Duration::from_secs(5)).expect("retained status");
-    assert_eq!(online.raw, b"online");
+    expect_status(&w, "online");
     d.signal(nix::sys::signal::Signal::SIGKILL);
-    let will = w.next(Duration::from_secs(10)).expect("last will");
-    assert_eq!(
-        (will.topic.as_str(), will.raw.as_slice()),
-        ("edgellm/n1/status", &b"offline"[..])
-    );
+    expect_status(&w, "offline");
 }
 
 /// A wrong password is refused by the broker; the daemon says so in its log and status and
