@@ -705,7 +705,7 @@ impl Handler {
             }
             let state = self.ctx.queue.cancel(&id);
             if topic.is_some() {
-                answer(json!({"id": id, "type": "cancel", "state": state}).to_string());
+                answer(protocol::cancel_json(&id, state));
             }
             return;
         }
@@ -725,7 +725,7 @@ impl Handler {
             }
             Ok(Incoming::Cancel { id }) => {
                 let state = self.ctx.queue.cancel(&id);
-                return answer(json!({"id": id, "type": "cancel", "state": state}).to_string());
+                return answer(protocol::cancel_json(&id, state));
             }
             Ok(Incoming::Generate(g)) => g,
         };

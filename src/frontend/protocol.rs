@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::config::Limits;
 use crate::engine::chat::Message;
 use crate::engine::sampler::SamplingParams;
-use crate::queue::{Completion, ErrorCode, Event, GenerateRequest, Prompt};
+use crate::queue::{CancelState, Completion, ErrorCode, Event, GenerateRequest, Prompt};
 
 /// Longest request id, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -280,6 +280,11 @@ pub fn check_priority(p: i32) -> Result<(), String> {
             PRIORITY_RANGE.end()
         ))
     }
+}
+
+/// The answer to `{"op":"cancel","id":…}`: where the request was.
+pub fn cancel_json(id: &str, state: CancelState) -> String {
+    json!({"id": id, "type": "cancel", "state": state}).to_string()
 }
 
 pub fn error_json(id: Option<&str>, code: ErrorCode, message: &str) -> String {

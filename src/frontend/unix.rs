@@ -409,7 +409,7 @@ impl Connection {
             Ok(Incoming::Status) => ctx.status().to_string(),
             Ok(Incoming::Cancel { id }) => {
                 let state = ctx.queue.cancel(&id);
-                serde_json::json!({"id": id, "type": "cancel", "state": state}).to_string()
+                protocol::cancel_json(&id, state)
             }
             Ok(Incoming::Generate(g)) => {
                 if g.reply_to.is_some() {
