@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::cpu::{CpuBackend, CpuOptions};
+use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BackendError};
 use crate::engine::sampler::Rng;
 
@@ -106,19 +106,4 @@ pub fn run(
         ttft_ms: pp_s * 1e3,
         peak_rss_mib: peak_rss_mib(),
     })
-}
-
-/// Options for a benchmark load: a window that holds prompt and generation, one batch per prompt.
-pub fn options(
-    threads: usize,
-    kernels: Option<crate::kernels::KernelKind>,
-    n_prompt: usize,
-    n_gen: usize,
-) -> CpuOptions {
-    CpuOptions {
-        n_ctx: n_prompt.max(n_gen),
-        threads,
-        kernels,
-        max_batch: n_prompt.max(1),
-    }
 }

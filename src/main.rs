@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use edgellm::backend::cpu::kv::KvType;
 use edgellm::backend::cpu::{CpuBackend, CpuOptions};
 use edgellm::backend::Backend;
 use edgellm::config::{Config, ConfigError};
@@ -48,6 +49,23 @@ struct ModelArgs {
     /// Kernels: auto, reference (exact f32), scalar, avx2, neon, neon-dotprod
     #[arg(long, default_value = "auto")]
     kernels: String,
+    /// KV cache element type: f32, q8_0
+    #[arg(long, default_value = "f32")]
+    kv_type: String,
+}
+
+impl ModelArgs {
+    /// CPU options for these arguments with a window of `n_ctx` tokens.
+    fn cpu(&self, n_ctx: usize, max_batch: usize) -> Result<CpuOptions> {
+        Ok(CpuOptions {
+            n_ctx,
+            threads: self.threads,
+            kernels: kernels(&self.kernels)?,
+            max_batch,
+            kv_type: KvType::parse(&self.kv_type)
+                .map_err(|e| UsageError(format!("--kv-type {}: {e}", self.kv_type)))?,
+        })
+    }
 }
 
 /// How a client finds the daemon.
@@ -333,12 +351,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             let path = model_path(m.model.as_deref())?;
-            let opts = CpuOptions {
-                n_ctx: ctx,
-                threads: m.threads,
-                kernels: kernels(&m.kernels)?,
-                ..Default::default()
-            };
+            let opts = m.cpu(ctx, CpuOptions::default().max_batch)?;
             let mut engine = Engine::load_cpu(&path, &opts)
                 .with_context(|| format!("loading {}", path.display()))?;
             let n_ctx = engine.backend.n_ctx();
@@ -423,12 +436,7 @@ fn run(cli: Cli) -> Result<()> {
             let path = model_path(m.model.as_deref())?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let opts = CpuOptions {
-                n_ctx: ctx,
-                threads: m.threads,
-                kernels: kernels(&m.kernels)?,
-                max_batch: ctx.min(128),
-            };
+            let opts = m.cpu(ctx, ctx.min(128))?;
             let mut model = CpuBackend::open(&path, &opts)
                 .with_context(|| format!("loading {}", path.display()))?;
             let tok = Tokenizer::from_gguf(model.gguf(), path.parent())?;
@@ -503,7 +511,8 @@ fn run(cli: Cli) -> Result<()> {
                 ));
             }
             let path = model_path(m.model.as_deref())?;
-            let opts = edgellm::bench::options(m.threads, kernels(&m.kernels)?, n_prompt, n_gen);
+            // A window that holds prompt and generation, one batch per prompt.
+            let opts = m.cpu(n_prompt.max(n_gen), n_prompt)?;
             let mut backend = CpuBackend::open(&path, &opts)
                 .with_context(|| format!("loading {}", path.display()))?;
             let name = path

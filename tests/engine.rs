@@ -12,7 +12,9 @@ use edgellm::kernels::KernelKind;
 use edgellm::queue::{FinishReason, GenerateRequest, Prompt};
 use edgellm::testing::{synth_model, SynthSpec};
 
-use crate::common::{rel_max_diff, synth_backend};
+use crate::common::{rel_max_diff, synth_backend, synth_backend_with};
+use edgellm::backend::cpu::kv::KvType;
+use edgellm::backend::cpu::{CpuBackend, CpuOptions};
 
 /// Fast path (8-bit activations) against exact f32 logits of the same weights.
 const FAST_VS_EXACT: f32 = 0.05;
@@ -376,6 +378,62 @@ fn shift_rebases_cached_keys_as_if_recomputed() {
         assert!(slid.shift(keep, 0, len).is_err(), "discarding nothing");
         assert!(slid.shift(keep, 200, len).is_err(), "more than cached");
     }
+}
+
+/// A q8_0 KV cache takes under a third of the f32 cache's bytes and gives nearly the same
+/// logits, before and after a slide; a model whose heads are not whole q8_0 blocks is refused it
+/// with a message.
+#[test]
+fn q8_kv_cache_is_smaller_and_close_to_f32() {
+    let spec = SynthSpec {
+        dim: 128,
+        n_head: 4,
+        n_kv_head: 2,
+        ..Default::default()
+    };
+    let opts = |kv_type| CpuOptions {
+        n_ctx: 128,
+        threads: 1,
+        kernels: None,
+        max_batch: 16,
+        kv_type,
+    };
+    let mut f = synth_backend_with(&spec, &opts(KvType::F32)).expect("f32 cache");
+    let mut q = synth_backend_with(&spec, &opts(KvType::Q8_0)).expect("q8_0 cache");
+    let (bf, bq) = (f.info().state_bytes, q.info().state_bytes);
+    let g = Gguf::parse(Bytes::from_vec(synth_model(&spec))).expect("parses");
+    let (pf, pq) = (
+        CpuBackend::plan(&g, &opts(KvType::F32)).expect("plan"),
+        CpuBackend::plan(&g, &opts(KvType::Q8_0)).expect("plan"),
+    );
+    assert_eq!(
+        pf.kv_cache + pf.scratch,
+        bf,
+        "the plan is what f32 allocates"
+    );
+    assert_eq!(
+        pq.kv_cache + pq.scratch,
+        bq,
+        "the plan is what q8_0 allocates"
+    );
+    assert!(3 * pq.kv_cache < pf.kv_cache, "{pq:?} vs {pf:?}");
+
+    let toks = tokens();
+    let a = batched(&mut f, &toks, 16);
+    let b = batched(&mut q, &toks, 16);
+    let d = rel_max_diff(&b, &a);
+    assert!(d > 0.0 && d < 0.05, "q8_0 vs f32 logits differ by {d}");
+    let len = toks.len();
+    f.shift(4, 7, len).expect("shift f32");
+    q.shift(4, 7, len).expect("shift q8_0");
+    let a = f.forward(&[5], len - 7, false).expect("f32").to_vec();
+    let b = q.forward(&[5], len - 7, false).expect("q8_0").to_vec();
+    let d = rel_max_diff(&b, &a);
+    assert!(d < 0.05, "after a slide q8_0 vs f32 differ by {d}");
+
+    let narrow = SynthSpec::default(); // heads of 16 values
+    let e = synth_backend_with(&narrow, &opts(KvType::Q8_0)).expect_err("refused");
+    assert!(e.to_string().contains("kv_type = q8_0"), "{e}");
 }
 
 /// With a sliding window, one request generates eight windows' worth of tokens; every

@@ -454,21 +454,22 @@ pub fn quantize_q5_0(x: &[f32]) -> Vec<BlockQ5_0> {
 }
 
 pub fn quantize_q8_0(x: &[f32]) -> Vec<BlockQ8_0> {
-    x.chunks_exact(QK)
-        .map(|c| {
-            let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut b = BlockQ8_0 {
-                d: f32_to_f16(d),
-                qs: [0; QK],
-            };
-            for (q, &v) in b.qs.iter_mut().zip(c) {
-                *q = (v * id).round() as i8;
-            }
-            b
-        })
-        .collect()
+    let mut out = vec![BlockQ8_0::default(); x.len() / QK];
+    quantize_q8_0_into(x, &mut out);
+    out
+}
+
+/// [`quantize_q8_0`] into blocks the caller owns (`x.len() / 32` of them); allocates nothing.
+pub fn quantize_q8_0_into(x: &[f32], out: &mut [BlockQ8_0]) {
+    for (b, c) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f32_to_f16(d);
+        for (q, &v) in b.qs.iter_mut().zip(c) {
+            *q = (v * id).round() as i8;
+        }
+    }
 }
 
 /// A simple Q4_K quantizer (per-sub-block min/max, 6-bit scales): enough for tests.

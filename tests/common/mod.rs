@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use edgellm::backend::cpu::model::ModelError;
 use edgellm::backend::cpu::{CpuBackend, CpuOptions};
 use edgellm::gguf::{Bytes, Gguf};
 use edgellm::kernels::KernelKind;
@@ -9,17 +10,20 @@ use edgellm::testing::{synth_model, SynthSpec};
 
 /// A synthetic model loaded on the CPU backend.
 pub fn synth_backend(spec: &SynthSpec, kernels: Option<KernelKind>, threads: usize) -> CpuBackend {
+    let opts = CpuOptions {
+        n_ctx: 128,
+        threads,
+        kernels,
+        max_batch: 16,
+        ..Default::default()
+    };
+    synth_backend_with(spec, &opts).expect("synthetic model loads")
+}
+
+/// A synthetic model loaded with `opts`.
+pub fn synth_backend_with(spec: &SynthSpec, opts: &CpuOptions) -> Result<CpuBackend, ModelError> {
     let g = Gguf::parse(Bytes::from_vec(synth_model(spec))).expect("synthetic model parses");
-    CpuBackend::load(
-        g,
-        &CpuOptions {
-            n_ctx: 128,
-            threads,
-            kernels,
-            max_batch: 16,
-        },
-    )
-    .expect("synthetic model loads")
+    CpuBackend::load(g, opts)
 }
 
 /// A fresh directory under the target dir (removed first if it exists).

@@ -5,6 +5,7 @@
 //! positions, logits, per-thread scratch — is allocated once in [`CpuBackend::load`];
 //! `forward` allocates nothing.
 
+pub mod kv;
 pub mod model;
 
 use std::path::Path;
@@ -13,8 +14,9 @@ use crate::backend::{Backend, BackendError, BackendInfo};
 use crate::gguf::Gguf;
 use crate::kernels::matmul::{matmul, Acts, Matrix};
 use crate::kernels::pool::{split, Pool, Shards};
-use crate::kernels::quant::{dequantize_row, BlockQ8, QK};
+use crate::kernels::quant::{dequant_q8_0, dequantize_row, BlockQ8, QK};
 use crate::kernels::{KernelKind, Kernels};
+use kv::{KvCache, KvType, LayerKv};
 use model::{Config, ModelError, RopeStyle, Weights};
 
 /// How to load a model on the CPU.
@@ -28,6 +30,8 @@ pub struct CpuOptions {
     pub kernels: Option<KernelKind>,
     /// Most tokens per forward call.
     pub max_batch: usize,
+    /// Element type of the KV cache.
+    pub kv_type: KvType,
 }
 
 impl Default for CpuOptions {
@@ -37,6 +41,7 @@ impl Default for CpuOptions {
             threads: 0,
             kernels: None,
             max_batch: 64,
+            kv_type: KvType::F32,
         }
     }
 }
@@ -69,10 +74,76 @@ struct State {
     rope: Vec<f32>,
     /// (max_batch, vocab)
     logits: Vec<f32>,
-    /// Keys, after RoPE. (layer, n_ctx, kv_dim)
-    k_cache: Vec<f32>,
-    /// (layer, n_ctx, kv_dim)
-    v_cache: Vec<f32>,
+}
+
+/// Element counts of the [`State`] buffers: computed once, for the allocation and for the
+/// memory budget that is checked before it.
+struct Shapes {
+    f32s: [usize; 12],
+    xq: usize,
+}
+
+impl Shapes {
+    fn new(cfg: &Config, n_ctx: usize, max_batch: usize, threads: usize) -> Shapes {
+        let (b, dim, qd, kvd) = (max_batch, cfg.dim, cfg.q_dim(), cfg.kv_dim());
+        let max_cols = dim.max(qd).max(cfg.ffn);
+        Shapes {
+            // In State's field order, x to logits.
+            f32s: [
+                b * dim,
+                b * dim.max(qd),
+                b * dim,
+                b * qd,
+                b * kvd,
+                b * kvd,
+                b * cfg.ffn,
+                b * cfg.ffn,
+                threads * n_ctx,
+                threads * max_cols,
+                b * cfg.head_dim,
+                b * cfg.vocab,
+            ],
+            xq: b * max_cols / QK,
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.f32s.iter().sum::<usize>() * 4 + self.xq * std::mem::size_of::<BlockQ8>()) as u64
+    }
+
+    fn alloc(&self) -> State {
+        let v = |i: usize| vec![0f32; self.f32s[i]];
+        State {
+            x: v(0),
+            xb: v(1),
+            xb2: v(2),
+            q: v(3),
+            k: v(4),
+            v: v(5),
+            hb: v(6),
+            hb2: v(7),
+            xq: vec![BlockQ8::default(); self.xq],
+            att: v(8),
+            scratch: v(9),
+            rope: v(10),
+            logits: v(11),
+        }
+    }
+}
+
+/// What a CPU backend will hold in memory, known before anything is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Tensor bytes in the mapped file (resident as they are read).
+    pub weights: u64,
+    pub kv_cache: u64,
+    /// Activations, attention scores, logits, per-thread scratch.
+    pub scratch: u64,
+    pub n_ctx: usize,
+    pub threads: usize,
+    /// Bytes of one cached position (keys and values of every layer): a session's cost per
+    /// token.
+    pub bytes_per_position: u64,
 }
 
 pub struct CpuBackend {
@@ -84,6 +155,7 @@ pub struct CpuBackend {
     n_ctx: usize,
     max_batch: usize,
     s: State,
+    kv: KvCache,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -101,54 +173,31 @@ impl CpuBackend {
         CpuBackend::load(gguf, opts)
     }
 
+    /// The memory `load` would take with `opts`, from the model's header alone.
+    pub fn plan(gguf: &Gguf, opts: &CpuOptions) -> Result<MemoryPlan, ModelError> {
+        let cfg = Config::from_gguf(gguf)?;
+        let w = Weights::from_gguf(gguf, &cfg)?;
+        let (n_ctx, threads, max_batch) = resolve(&cfg, opts)?;
+        let row = 2 * cfg.n_layer as u64 * opts.kv_type.row_bytes(cfg.kv_dim()) as u64;
+        Ok(MemoryPlan {
+            weights: w.all().iter().map(|t| t.len as u64).sum(),
+            kv_cache: KvCache::bytes(opts.kv_type, cfg.n_layer, n_ctx, cfg.kv_dim()),
+            scratch: Shapes::new(&cfg, n_ctx, max_batch, threads).bytes(),
+            n_ctx,
+            threads,
+            bytes_per_position: row,
+        })
+    }
+
     /// Validates the model and allocates every buffer it will ever use.
     pub fn load(gguf: Gguf, opts: &CpuOptions) -> Result<CpuBackend, ModelError> {
         let cfg = Config::from_gguf(&gguf)?;
         let w = Weights::from_gguf(&gguf, &cfg)?;
         let kernels = Kernels::select(opts.kernels)?;
-        let threads = if opts.threads == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        } else {
-            opts.threads
-        };
-        if threads > 256 {
-            return Err(ModelError::Config(format!(
-                "threads = {threads}: allowed 1..=256"
-            )));
-        }
-        let n_ctx = if opts.n_ctx == 0 {
-            cfg.train_ctx.min(4096)
-        } else {
-            opts.n_ctx
-        };
-        if !(1..=1 << 20).contains(&n_ctx) {
-            return Err(ModelError::Config(format!(
-                "n_ctx = {n_ctx}: allowed 1..=1048576"
-            )));
-        }
-        let max_batch = opts.max_batch.clamp(1, 4096);
+        let (n_ctx, threads, max_batch) = resolve(&cfg, opts)?;
         let pool = Pool::new(threads).map_err(ModelError::Threads)?;
-        let (b, dim, qd, kvd) = (max_batch, cfg.dim, cfg.q_dim(), cfg.kv_dim());
-        let max_cols = dim.max(qd).max(cfg.ffn);
-        let s = State {
-            x: vec![0.0; b * dim],
-            xb: vec![0.0; b * dim.max(qd)],
-            xb2: vec![0.0; b * dim],
-            q: vec![0.0; b * qd],
-            k: vec![0.0; b * kvd],
-            v: vec![0.0; b * kvd],
-            hb: vec![0.0; b * cfg.ffn],
-            hb2: vec![0.0; b * cfg.ffn],
-            xq: vec![BlockQ8::default(); b * max_cols / QK],
-            att: vec![0.0; threads * n_ctx],
-            scratch: vec![0.0; threads * max_cols],
-            rope: vec![0.0; b * cfg.head_dim],
-            logits: vec![0.0; b * cfg.vocab],
-            k_cache: vec![0.0; cfg.n_layer * n_ctx * kvd],
-            v_cache: vec![0.0; cfg.n_layer * n_ctx * kvd],
-        };
+        let s = Shapes::new(&cfg, n_ctx, max_batch, threads).alloc();
+        let kv = KvCache::new(opts.kv_type, cfg.n_layer, n_ctx, cfg.kv_dim());
         Ok(CpuBackend {
             gguf,
             cfg,
@@ -158,6 +207,7 @@ impl CpuBackend {
             n_ctx,
             max_batch,
             s,
+            kv,
         })
     }
 
@@ -170,23 +220,43 @@ impl CpuBackend {
     }
 
     fn state_bytes(&self) -> u64 {
-        let s = &self.s;
-        let f = s.x.len()
-            + s.xb.len()
-            + s.xb2.len()
-            + s.q.len()
-            + s.k.len()
-            + s.v.len()
-            + s.hb.len()
-            + s.hb2.len()
-            + s.att.len()
-            + s.scratch.len()
-            + s.rope.len()
-            + s.logits.len()
-            + s.k_cache.len()
-            + s.v_cache.len();
-        (f * 4 + s.xq.len() * std::mem::size_of::<BlockQ8>()) as u64
+        let threads = self.pool.n_threads();
+        Shapes::new(&self.cfg, self.n_ctx, self.max_batch, threads).bytes() + self.kv.byte_len()
     }
+}
+
+/// Context window, threads and batch size that `opts` ask of this model, checked.
+fn resolve(cfg: &Config, opts: &CpuOptions) -> Result<(usize, usize, usize), ModelError> {
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        opts.threads
+    };
+    if threads > 256 {
+        return Err(ModelError::Config(format!(
+            "threads = {threads}: allowed 1..=256"
+        )));
+    }
+    let n_ctx = if opts.n_ctx == 0 {
+        cfg.train_ctx.min(4096)
+    } else {
+        opts.n_ctx
+    };
+    if !(1..=1 << 20).contains(&n_ctx) {
+        return Err(ModelError::Config(format!(
+            "n_ctx = {n_ctx}: allowed 1..=1048576"
+        )));
+    }
+    if opts.kv_type == KvType::Q8_0 && (cfg.head_dim % QK != 0 || cfg.head_dim > 16 * QK) {
+        return Err(ModelError::Config(format!(
+            "kv_type = q8_0 needs a head size that is a multiple of {QK}, at most {}; this model's is {}",
+            16 * QK,
+            cfg.head_dim
+        )));
+    }
+    Ok((n_ctx, threads, opts.max_batch.clamp(1, 4096)))
 }
 
 impl Backend for CpuBackend {
@@ -245,22 +315,24 @@ impl Backend for CpuBackend {
             });
         }
         let c = &self.cfg;
-        let (kvd, hd, n_ctx) = (c.kv_dim(), c.head_dim, self.n_ctx);
+        let hd = c.head_dim;
         // cos/sin of the rotation by −discard, in the first row of the RoPE buffer (which the
         // next forward call overwrites anyway).
-        let cs = &mut self.s.rope[..hd];
+        let (cs, rest) = self.s.rope.split_at_mut(hd);
         rope_row(c, -(discard as f32), cs);
-        let moved = len - keep - discard;
-        for layer in 0..c.n_layer {
-            let base = layer * n_ctx * kvd;
-            let from = base + (keep + discard) * kvd..base + len * kvd;
-            let to = base + keep * kvd;
-            self.s.k_cache.copy_within(from.clone(), to);
-            self.s.v_cache.copy_within(from, to);
-            for head in self.s.k_cache[to..to + moved * kvd].chunks_exact_mut(hd) {
-                apply_rope(c.rope_style, head, cs);
-            }
-        }
+        let _ = rest;
+        let style = c.rope_style;
+        self.kv.move_rows(
+            keep + discard,
+            keep,
+            len - keep - discard,
+            &mut self.s.scratch,
+            &mut |row| {
+                for head in row.chunks_exact_mut(hd) {
+                    apply_rope(style, head, cs);
+                }
+            },
+        );
         Ok(())
     }
 
@@ -308,6 +380,7 @@ impl CpuBackend {
             pool,
             n_ctx,
             s,
+            kv,
             ..
         } = self;
         let bytes = gguf.bytes();
@@ -364,10 +437,7 @@ impl CpuBackend {
                     apply_rope(c.rope_style, h, rope);
                 }
             }
-            let layer_off = li * n_ctx * kvd;
-            let dst = layer_off + pos * kvd;
-            s.k_cache[dst..dst + n * kvd].copy_from_slice(&s.k[..n * kvd]);
-            s.v_cache[dst..dst + n * kvd].copy_from_slice(&s.v[..n * kvd]);
+            kv.write(li, pos, &s.k[..n * kvd], &s.v[..n * kvd]);
             attention(
                 pool,
                 k,
@@ -375,8 +445,7 @@ impl CpuBackend {
                 pos,
                 n,
                 &s.q,
-                &s.k_cache[layer_off..layer_off + n_ctx * kvd],
-                &s.v_cache[layer_off..layer_off + n_ctx * kvd],
+                kv.layer(li),
                 &mut s.att,
                 n_ctx,
                 &mut s.xb,
@@ -526,7 +595,8 @@ fn apply_rope(style: RopeStyle, h: &mut [f32], cs: &[f32]) {
 }
 
 /// Causal grouped-query attention of `n` tokens at positions `pos..` over the cached keys and
-/// values, split over the pool by (token, head). Output: `out` (n, q_dim).
+/// values, split over the pool by (token, head). Output: `out` (n, q_dim). With a q8_0 cache the
+/// query head is quantized to 8 bits too and scored with the integer dot product of the weights.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     pool: &mut Pool,
@@ -535,8 +605,7 @@ fn attention(
     pos: usize,
     n: usize,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    cache: LayerKv<'_>,
     att: &mut [f32],
     n_ctx: usize,
     out: &mut [f32],
@@ -547,21 +616,35 @@ fn attention(
     let units = n * c.n_head;
     let att = Shards::new(att);
     let out = Shards::new(&mut out[..n * qd]);
+    let (per, hb) = (kvd / QK, hd / QK);
     pool.run(&|tid, nt| {
         // SAFETY: thread `tid` alone uses score row `tid`.
         let scores = unsafe { att.part(tid * n_ctx, n_ctx) };
+        let mut qq = [BlockQ8::default(); 16];
+        let mut vrow = [0f32; QK];
         for u in split(units, tid, nt, 1) {
             let (t, h) = (u / c.n_head, u % c.n_head);
             let g = h / group;
             let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
             let len = pos + t + 1;
             let sc = &mut scores[..len];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in sc.iter_mut().enumerate() {
-                let kj = &k_cache[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                *s = (k.dot_f32)(qh, kj) * scale;
-                max = max.max(*s);
+            match cache {
+                LayerKv::F32 { k: kc, .. } => {
+                    for (j, s) in sc.iter_mut().enumerate() {
+                        let kj = &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                        *s = (k.dot_f32)(qh, kj) * scale;
+                    }
+                }
+                LayerKv::Q8 { k: kc, .. } => {
+                    let qq = &mut qq[..hb];
+                    (k.quantize_q8)(qh, qq);
+                    for (j, s) in sc.iter_mut().enumerate() {
+                        let kj = &kc[j * per + g * hb..j * per + (g + 1) * hb];
+                        *s = (k.dot_q8_0)(kj, qq) * scale;
+                    }
+                }
             }
+            let max = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for s in sc.iter_mut() {
                 *s = (*s - max).exp();
@@ -571,11 +654,27 @@ fn attention(
             // SAFETY: unit (t, h) owns this head's slot of token t's output row.
             let o = unsafe { out.part(t * qd + h * hd, hd) };
             o.fill(0.0);
-            for (j, &s) in sc.iter().enumerate() {
-                let p = s * inv;
-                let vj = &v_cache[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                for (oi, vi) in o.iter_mut().zip(vj) {
-                    *oi += p * vi;
+            match cache {
+                LayerKv::F32 { v: vc, .. } => {
+                    for (j, &s) in sc.iter().enumerate() {
+                        let p = s * inv;
+                        let vj = &vc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                        for (oi, vi) in o.iter_mut().zip(vj) {
+                            *oi += p * vi;
+                        }
+                    }
+                }
+                LayerKv::Q8 { v: vc, .. } => {
+                    for (j, &s) in sc.iter().enumerate() {
+                        let p = s * inv;
+                        let vj = &vc[j * per + g * hb..j * per + (g + 1) * hb];
+                        for (ob, b) in o.chunks_exact_mut(QK).zip(vj) {
+                            dequant_q8_0(std::slice::from_ref(b), &mut vrow);
+                            for (oi, vi) in ob.iter_mut().zip(&vrow) {
+                                *oi += p * vi;
+                            }
+                        }
+                    }
                 }
             }
         }

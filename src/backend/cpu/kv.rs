@@ -1,0 +1,269 @@
+//! The CPU engine's KV cache: for every layer, the keys (after RoPE) and values of `n_ctx`
+//! positions, allocated once at load. Stored as f32, or as q8_0 blocks (ggml's 8-bit type: 32
+//! values and one f16 scale in 34 bytes, 3.8× smaller), chosen by `model.kv_type`.
+//!
+//! Rows are laid out `(layer, position, kv_dim)`, position-major, so that a window slide moves
+//! one contiguous range per layer and a session snapshot copies one prefix per layer.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kernels::quant::{block_bytes, dequant_q8_0, quantize_q8_0_into, BlockQ8_0, QK};
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvType {
+    #[default]
+    F32,
+    Q8_0,
+}
+
+impl KvType {
+    pub fn parse(s: &str) -> Result<KvType, String> {
+        match s {
+            "f32" => Ok(KvType::F32),
+            "q8_0" | "q8" => Ok(KvType::Q8_0),
+            _ => Err("allowed \"f32\", \"q8_0\"".into()),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes of one cached row of `kv_dim` values.
+    pub fn row_bytes(self, kv_dim: usize) -> usize {
+        match self {
+            KvType::F32 => kv_dim * 4,
+            KvType::Q8_0 => kv_dim / QK * std::mem::size_of::<BlockQ8_0>(),
+        }
+    }
+}
+
+/// Keys and values of one layer, for attention to read.
+#[derive(Clone, Copy)]
+pub enum LayerKv<'a> {
+    F32 {
+        k: &'a [f32],
+        v: &'a [f32],
+    },
+    Q8 {
+        k: &'a [BlockQ8_0],
+        v: &'a [BlockQ8_0],
+    },
+}
+
+enum Store {
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
+    Q8 {
+        k: Vec<BlockQ8_0>,
+        v: Vec<BlockQ8_0>,
+    },
+}
+
+pub struct KvCache {
+    store: Store,
+    n_layer: usize,
+    n_ctx: usize,
+    kv_dim: usize,
+}
+
+impl KvCache {
+    /// Bytes the cache takes, without allocating it (the start-up memory budget).
+    pub fn bytes(ty: KvType, n_layer: usize, n_ctx: usize, kv_dim: usize) -> u64 {
+        2 * (n_layer * n_ctx) as u64 * ty.row_bytes(kv_dim) as u64
+    }
+
+    /// `kv_dim` must be a multiple of 32 for q8_0 (checked by the backend at load).
+    pub fn new(ty: KvType, n_layer: usize, n_ctx: usize, kv_dim: usize) -> KvCache {
+        let n = n_layer * n_ctx * kv_dim;
+        let store = match ty {
+            KvType::F32 => Store::F32 {
+                k: vec![0.0; n],
+                v: vec![0.0; n],
+            },
+            KvType::Q8_0 => Store::Q8 {
+                k: vec![BlockQ8_0::default(); n / QK],
+                v: vec![BlockQ8_0::default(); n / QK],
+            },
+        };
+        KvCache {
+            store,
+            n_layer,
+            n_ctx,
+            kv_dim,
+        }
+    }
+
+    pub fn ty(&self) -> KvType {
+        match self.store {
+            Store::F32 { .. } => KvType::F32,
+            Store::Q8 { .. } => KvType::Q8_0,
+        }
+    }
+
+    pub fn byte_len(&self) -> u64 {
+        KvCache::bytes(self.ty(), self.n_layer, self.n_ctx, self.kv_dim)
+    }
+
+    /// Elements of one layer's rows `a..b` in the flat store (`per_row` elements a row).
+    fn span(&self, layer: usize, a: usize, b: usize, per_row: usize) -> std::ops::Range<usize> {
+        let base = layer * self.n_ctx * per_row;
+        base + a * per_row..base + b * per_row
+    }
+
+    /// Stores the keys and values of rows `pos..pos + n` of `layer` (`k`, `v`: n × kv_dim).
+    pub fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let n = k.len() / self.kv_dim;
+        let rf = self.span_f32(layer, pos, pos + n);
+        let rq = self.span(layer, pos, pos + n, self.kv_dim / QK);
+        match &mut self.store {
+            Store::F32 { k: kc, v: vc } => {
+                kc[rf.clone()].copy_from_slice(k);
+                vc[rf].copy_from_slice(v);
+            }
+            Store::Q8 { k: kc, v: vc } => {
+                let r = rq;
+                quantize_q8_0_into(k, &mut kc[r.clone()]);
+                quantize_q8_0_into(v, &mut vc[r]);
+            }
+        }
+    }
+
+    fn span_f32(&self, layer: usize, a: usize, b: usize) -> std::ops::Range<usize> {
+        self.span(layer, a, b, self.kv_dim)
+    }
+
+    /// The whole of one layer (attention reads rows `0..=pos` of it).
+    pub fn layer(&self, layer: usize) -> LayerKv<'_> {
+        match &self.store {
+            Store::F32 { k, v } => {
+                let r = self.span_f32(layer, 0, self.n_ctx);
+                LayerKv::F32 {
+                    k: &k[r.clone()],
+                    v: &v[r],
+                }
+            }
+            Store::Q8 { k, v } => {
+                let r = self.span(layer, 0, self.n_ctx, self.kv_dim / QK);
+                LayerKv::Q8 {
+                    k: &k[r.clone()],
+                    v: &v[r],
+                }
+            }
+        }
+    }
+
+    /// Moves rows `from..from + n` of every layer to `to..to + n` and passes each moved key row
+    /// to `rekey` (n × kv_dim f32 per call of one row; q8_0 rows are dequantized for it and
+    /// quantized again after). `row` is a scratch row of at least kv_dim floats.
+    pub fn move_rows(
+        &mut self,
+        from: usize,
+        to: usize,
+        n: usize,
+        row: &mut [f32],
+        rekey: &mut dyn FnMut(&mut [f32]),
+    ) {
+        let kvd = self.kv_dim;
+        let (n_layer, n_ctx) = (self.n_layer, self.n_ctx);
+        match &mut self.store {
+            Store::F32 { k, v } => {
+                for layer in 0..n_layer {
+                    let base = layer * n_ctx * kvd;
+                    let src = base + from * kvd..base + (from + n) * kvd;
+                    let dst = base + to * kvd;
+                    k.copy_within(src.clone(), dst);
+                    v.copy_within(src, dst);
+                    for r in k[dst..dst + n * kvd].chunks_exact_mut(kvd) {
+                        rekey(r);
+                    }
+                }
+            }
+            Store::Q8 { k, v } => {
+                let per = kvd / QK;
+                let row = &mut row[..kvd];
+                for layer in 0..n_layer {
+                    let base = layer * n_ctx * per;
+                    let src = base + from * per..base + (from + n) * per;
+                    let dst = base + to * per;
+                    k.copy_within(src.clone(), dst);
+                    v.copy_within(src, dst);
+                    for r in k[dst..dst + n * per].chunks_exact_mut(per) {
+                        dequant_q8_0(r, row);
+                        rekey(row);
+                        quantize_q8_0_into(row, r);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes [`KvCache::save`] writes for `len` positions.
+    pub fn saved_bytes(&self, len: usize) -> usize {
+        2 * self.n_layer * len * self.ty().row_bytes(self.kv_dim)
+    }
+
+    /// Appends rows `0..len` of every layer, keys then values, to `out`.
+    pub fn save(&self, len: usize, out: &mut Vec<u8>) {
+        out.reserve(self.saved_bytes(len));
+        for layer in 0..self.n_layer {
+            match &self.store {
+                Store::F32 { k, v } => {
+                    let r = self.span_f32(layer, 0, len);
+                    out.extend_from_slice(block_bytes(&k[r.clone()]));
+                    out.extend_from_slice(block_bytes(&v[r]));
+                }
+                Store::Q8 { k, v } => {
+                    let r = self.span(layer, 0, len, self.kv_dim / QK);
+                    out.extend_from_slice(block_bytes(&k[r.clone()]));
+                    out.extend_from_slice(block_bytes(&v[r]));
+                }
+            }
+        }
+    }
+
+    /// Replaces rows `0..len` with what [`KvCache::save`] wrote for `len`. `data` must be
+    /// exactly [`KvCache::saved_bytes`] long.
+    pub fn load(&mut self, len: usize, data: &[u8]) {
+        let half = self.ty().row_bytes(self.kv_dim) * len;
+        let (n_ctx, kvd) = (self.n_ctx, self.kv_dim);
+        for (layer, chunk) in data.chunks_exact(2 * half).enumerate() {
+            let (kb, vb) = chunk.split_at(half);
+            match &mut self.store {
+                Store::F32 { k, v } => {
+                    let base = layer * n_ctx * kvd;
+                    fill(&mut k[base..base + len * kvd], kb);
+                    fill(&mut v[base..base + len * kvd], vb);
+                }
+                Store::Q8 { k, v } => {
+                    let per = kvd / QK;
+                    let base = layer * n_ctx * per;
+                    fill_q8(&mut k[base..base + len * per], kb);
+                    fill_q8(&mut v[base..base + len * per], vb);
+                }
+            }
+        }
+    }
+}
+
+fn fill(dst: &mut [f32], src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+        *d = f32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
+    }
+}
+
+fn fill_q8(dst: &mut [BlockQ8_0], src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src.chunks_exact(34)) {
+        d.d = u16::from_ne_bytes([s[0], s[1]]);
+        for (q, &b) in d.qs.iter_mut().zip(&s[2..]) {
+            *q = b as i8;
+        }
+    }
+}
