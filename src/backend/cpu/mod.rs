@@ -249,7 +249,8 @@ fn resolve(cfg: &Config, opts: &CpuOptions) -> Result<(usize, usize, usize), Mod
             "n_ctx = {n_ctx}: allowed 1..=1048576"
         )));
     }
-    if opts.kv_type == KvType::Q8_0 && (cfg.head_dim % QK != 0 || cfg.head_dim > 16 * QK) {
+    if opts.kv_type == KvType::Q8_0 && (!cfg.head_dim.is_multiple_of(QK) || cfg.head_dim > 16 * QK)
+    {
         return Err(ModelError::Config(format!(
             "kv_type = q8_0 needs a head size that is a multiple of {QK}, at most {}; this model's is {}",
             16 * QK,
