@@ -39,18 +39,27 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is absent.
-pub fn peak_rss_mib() -> f64 {
+/// A `kB` field of /proc/self/status, in bytes; 0 where /proc is absent.
+fn status_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
+                .and_then(|kb| kb.parse::<u64>().ok())
         })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    status_kb("VmHWM:") as f64 / (1u64 << 20) as f64
+}
+
+/// Resident set size of this process now (VmRSS), in bytes.
+pub fn rss_bytes() -> u64 {
+    status_kb("VmRSS:")
 }
 
 pub fn run(

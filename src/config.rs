@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::cpu::kv::KvType;
 use crate::kernels::KernelKind;
 
 /// The documented default configuration, as shipped in `configs/edgellm.toml`.
@@ -24,6 +25,8 @@ pub struct Config {
     pub limits: Limits,
     pub socket: SocketConfig,
     pub mqtt: MqttConfig,
+    pub memory: MemoryConfig,
+    pub sessions: SessionsConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -37,6 +40,29 @@ pub struct ModelConfig {
     pub n_discard: usize,
     pub threads: usize,
     pub kernels: String,
+    pub kv_type: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    pub max_count: usize,
+    pub max_bytes: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            max_count: 16,
+            max_bytes: 64 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -201,6 +227,7 @@ impl Default for ModelConfig {
             n_discard: 0,
             threads: 0,
             kernels: "auto".into(),
+            kv_type: "f32".into(),
         }
     }
 }
@@ -283,6 +310,8 @@ const RANGES: &[(&str, u64, u64)] = &[
     ("shutdown.grace_ms", 0, 600_000),
     ("model.threads", 0, 256),
     ("model.n_sink", 0, 64),
+    ("sessions.max_count", 0, 4096),
+    ("sessions.max_bytes", 0, 1 << 40),
 ];
 
 /// Longest path a `sockaddr_un` holds (108 bytes with the terminating NUL).
@@ -344,6 +373,8 @@ impl Config {
             self.shutdown.grace_ms,
             self.model.threads as u64,
             self.model.n_sink as u64,
+            self.sessions.max_count as u64,
+            self.sessions.max_bytes,
         ];
         for (&(key, lo, hi), v) in RANGES.iter().zip(values) {
             if !(lo..=hi).contains(&v) {
@@ -371,6 +402,7 @@ impl Config {
         }
         KernelKind::parse(&self.model.kernels)
             .map_err(|e| format!("model.kernels = {:?}: {e}", self.model.kernels))?;
+        self.kv_type()?;
         self.socket_mode()?;
         let len = self.socket.path.as_os_str().len();
         if len == 0 || len > MAX_SOCKET_PATH {
@@ -461,5 +493,10 @@ impl Config {
 
     pub fn kernels(&self) -> Option<KernelKind> {
         KernelKind::parse(&self.model.kernels).ok().flatten()
+    }
+
+    pub fn kv_type(&self) -> Result<KvType, String> {
+        KvType::parse(&self.model.kv_type)
+            .map_err(|e| format!("model.kv_type = {:?}: {e}", self.model.kv_type))
     }
 }

@@ -9,9 +9,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use edgellm::backend::cpu::kv::KvType;
+use edgellm::backend::cpu::model::ModelError;
 use edgellm::backend::cpu::{CpuBackend, CpuOptions};
 use edgellm::backend::Backend;
 use edgellm::config::{Config, ConfigError};
+use edgellm::daemon::budget::{own_cgroup_limit, Budget};
 use edgellm::daemon::notify::Notifier;
 use edgellm::daemon::{Daemon, Listener};
 use edgellm::engine::chat::Message;
@@ -139,6 +141,10 @@ enum Cmd {
         /// MQTT node id in the topics (overrides mqtt.node)
         #[arg(long)]
         node: Option<String>,
+        /// Print the memory budget (weights, KV cache, scratch, sessions) and its limit, and
+        /// exit: 0 when it fits, 1 when it does not
+        #[arg(long)]
+        check: bool,
     },
     /// Print the running daemon's status (JSON)
     Status {
@@ -391,7 +397,8 @@ fn run(cli: Cli) -> Result<()> {
             model,
             mqtt,
             node,
-        } => serve(config, socket, model, mqtt, node),
+            check,
+        } => serve(config, socket, model, mqtt, node, check),
         Cmd::Status { d } => {
             let sock = socket_path(&d)?;
             let mut stream = client::connect(&sock)
@@ -534,6 +541,7 @@ fn serve(
     model: Option<PathBuf>,
     mqtt_url: Option<String>,
     node: Option<String>,
+    check: bool,
 ) -> Result<()> {
     let mut cfg = match &config {
         Some(p) => Config::load(p)?,
@@ -565,17 +573,36 @@ fn serve(
     } else {
         None
     };
-    let activated = unix::from_systemd()?;
-    if activated.is_none() {
-        unix::claim_path(&cfg.socket.path)?;
-    }
     let path = model_path(cfg.model.path.as_deref())?;
     let opts = CpuOptions {
         n_ctx: cfg.model.n_ctx,
         threads: cfg.model.threads,
         kernels: cfg.kernels(),
+        kv_type: cfg.kv_type().map_err(UsageError)?,
         ..Default::default()
     };
+    let plan = edgellm::gguf::Gguf::open(&path)
+        .map_err(ModelError::from)
+        .and_then(|g| CpuBackend::plan(&g, &opts))
+        .with_context(|| format!("loading {}", path.display()))?;
+    let sessions = if cfg.sessions.max_count == 0 {
+        0
+    } else {
+        cfg.sessions.max_bytes
+    };
+    let budget = Budget::new(&plan, sessions, cfg.memory.max_bytes, own_cgroup_limit());
+    if check {
+        println!("{}", serde_json::to_string_pretty(&budget)?);
+        eprintln!("{}", budget.summary());
+        budget.check().map_err(anyhow::Error::msg)?;
+        return Ok(());
+    }
+    budget.check().map_err(anyhow::Error::msg)?;
+    tracing::info!("{}", budget.summary());
+    let activated = unix::from_systemd()?;
+    if activated.is_none() {
+        unix::claim_path(&cfg.socket.path)?;
+    }
     tracing::info!(model = %path.display(), "loading the model");
     let mut engine =
         Engine::load_cpu(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
@@ -616,6 +643,7 @@ fn serve(
         listener,
         notifier: Notifier::from_env(),
         mqtt,
+        budget,
     };
     daemon.warm_up()?;
     daemon.run(std::future::pending())?;

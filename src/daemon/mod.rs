@@ -8,6 +8,7 @@
 //! requests finish within `shutdown.grace_ms`, then the rest are cancelled; every one gets its
 //! terminal reply, and the process exits 0.
 
+pub mod budget;
 pub mod notify;
 
 use std::future::Future;
@@ -65,6 +66,8 @@ pub struct Daemon {
     pub model: String,
     /// The MQTT front-end, when configured.
     pub mqtt: Option<mqtt::Settings>,
+    /// The memory budget checked at start (reported in status).
+    pub budget: budget::Budget,
 }
 
 impl Daemon {
@@ -94,6 +97,7 @@ impl Daemon {
             notifier,
             model,
             mqtt,
+            budget,
         } = self;
         let mqtt_state = mqtt.as_ref().map(|_| Arc::new(MqttState::default()));
         let info = engine.backend.info();
@@ -123,6 +127,10 @@ impl Daemon {
                     "requests": q.counters,
                     "last_decode_tps": (progress.last_tps() * 10.0).round() / 10.0,
                     "engine_heartbeat_ms": progress.since_beat().as_millis() as u64,
+                    "memory": {
+                        "budget": budget,
+                        "rss_bytes": crate::bench::rss_bytes(),
+                    },
                 });
                 if let Some(m) = &mqtt_state {
                     v["mqtt"] = m.json();

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use edgellm::backend::cpu::CpuBackend;
 use edgellm::backend::{Backend, BackendError, BackendInfo};
 use edgellm::config::{Config, ConfigError, DEFAULT_TOML};
+use edgellm::daemon::budget::{cgroup_limit, Budget, Limit};
 use edgellm::daemon::notify::Notifier;
 use edgellm::daemon::{Daemon, Listener};
 use edgellm::engine::chat::ChatTemplate;
@@ -333,6 +335,8 @@ fn wedged_engine_stops_the_watchdog_pings() {
     let mut config = Config::default();
     config.socket.path = sock.clone();
     config.shutdown.grace_ms = 100;
+    let g = Gguf::parse(Bytes::from_vec(synth_model(&spec))).expect("parses");
+    let plan = CpuBackend::plan(&g, &Default::default()).expect("plan");
     let listener = edgellm::frontend::unix::bind(&sock, 0o600, None).expect("bind");
     let daemon = Daemon {
         config,
@@ -348,6 +352,7 @@ fn wedged_engine_stops_the_watchdog_pings() {
         .expect("notifier"),
         model: "synth".into(),
         mqtt: None,
+        budget: Budget::new(&plan, 0, 0, None),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || {
@@ -390,4 +395,71 @@ fn wedged_engine_stops_the_watchdog_pings() {
     let _ = stop_tx.send(());
     server.join().expect("join").expect("daemon run");
     assert!(!sock.exists(), "socket removed on exit");
+}
+
+/// The cgroup limit is the smallest `memory.max` (v2) or `memory.limit_in_bytes` (v1) from the
+/// process's cgroup up to the mount; "max" and v1's unlimited value are no limit.
+#[test]
+fn cgroup_limit_is_the_smallest_on_the_way_up() {
+    let root = temp_dir("cgroup-tree");
+    let write = |rel: &str, name: &str, v: &str| {
+        let d = root.join(rel);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join(name), v).expect("write");
+    };
+    write("system.slice", "memory.max", "300000000\n");
+    write("system.slice/edgellm.service", "memory.max", "max\n");
+    let l = cgroup_limit("0::/system.slice/edgellm.service\n", &root).expect("a limit");
+    assert_eq!(l.bytes, 300_000_000);
+    assert!(l.source.contains("system.slice/memory.max"), "{}", l.source);
+    write("system.slice/edgellm.service", "memory.max", "200000000\n");
+    let l = cgroup_limit("0::/system.slice/edgellm.service\n", &root).expect("a limit");
+    assert_eq!(l.bytes, 200_000_000);
+    assert_eq!(cgroup_limit("0::/elsewhere\n", &root), None);
+
+    write(
+        "memory/box",
+        "memory.limit_in_bytes",
+        "9223372036854771712\n",
+    );
+    assert_eq!(cgroup_limit("4:memory:/box\n0::/\n", &root), None);
+    write("memory/box/inner", "memory.limit_in_bytes", "150000000\n");
+    let l = cgroup_limit("5:cpu:/\n4:memory:/box/inner\n", &root).expect("v1 limit");
+    assert_eq!(l.bytes, 150_000_000);
+}
+
+/// Over budget is refused with each part and the limit in MiB; the tighter of the config's
+/// and the cgroup's limits applies.
+#[test]
+fn memory_budget_names_each_part_and_the_limit() {
+    let g = Gguf::parse(Bytes::from_vec(synth_model(&SynthSpec::default()))).expect("parses");
+    let plan = CpuBackend::plan(&g, &Default::default()).expect("plan");
+    let fits = Budget::new(&plan, 1 << 20, 1 << 30, None);
+    assert!(fits.check().is_ok());
+    assert_eq!(
+        fits.total,
+        plan.weights + plan.kv_cache + plan.scratch + (1 << 20) + fits.runtime
+    );
+    let cg = Limit {
+        bytes: 10 << 20,
+        source: "cgroup /x/memory.max".into(),
+    };
+    let over = Budget::new(&plan, 1 << 20, 1 << 30, Some(cg));
+    let e = over.check().expect_err("over the cgroup limit");
+    for part in [
+        "weights",
+        "KV cache",
+        "scratch",
+        "sessions 1.0 MiB",
+        "runtime",
+    ] {
+        assert!(e.contains(part), "{part} missing: {e}");
+    }
+    assert!(
+        e.contains("limit of 10.0 MiB (cgroup /x/memory.max)"),
+        "{e}"
+    );
+    let own = Budget::new(&plan, 0, 5 << 20, Some(over.limit.clone().expect("limit")));
+    let e = own.check().expect_err("over the config limit");
+    assert!(e.contains("(memory.max_bytes)"), "{e}");
 }

@@ -575,6 +575,69 @@ fn config_command_and_bad_config_stop_serve() {
     );
 }
 
+/// `serve --check` prints the memory budget of the real model and exits 0; the KV cache is
+/// layers × 2 × kv_dim × n_ctx elements (f32, or q8_0's 34 bytes per 32); a budget over
+/// `memory.max_bytes` stops serve before it binds, naming every part and the limit.
+#[test]
+fn serve_check_prints_the_budget_and_over_budget_refuses_to_start() {
+    let dir = temp_dir("daemon-budget");
+    let model = default_model();
+    let sock = dir.join("s.sock");
+    let budget = |extra: &str| {
+        let cfg = dir.join("c.toml");
+        let text = format!(
+            "[model]\npath = {:?}\nn_ctx = 1024\n{extra}\n[socket]\npath = {:?}\n",
+            model.display().to_string(),
+            sock.display().to_string()
+        );
+        std::fs::write(&cfg, text).expect("write");
+        let (out, err, code) = edgellm(
+            &["serve", "--check", "--config", cfg.to_str().expect("utf-8")],
+            &[],
+        );
+        (
+            serde_json::from_str::<Value>(&out).unwrap_or(Value::Null),
+            err,
+            code,
+        )
+    };
+    // SmolLM2-135M: 30 layers, 3 KV heads of 64.
+    let (f32s, err, code) = budget("");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(f32s["kv_cache"], json!(30 * 2 * 192 * 4 * 1024), "{f32s}");
+    assert!(f32s["weights"].as_u64().unwrap_or(0) > 80 << 20, "{f32s}");
+    assert!(err.contains("memory budget"), "{err}");
+    let (q8, err, code) = budget("kv_type = \"q8_0\"");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        q8["kv_cache"],
+        json!(30 * 2 * (192 / 32 * 34) * 1024),
+        "{q8}"
+    );
+    assert!(!sock.exists(), "--check binds nothing");
+
+    let (_, err, code) = budget("[memory]\nmax_bytes = 100000000\n");
+    assert_eq!(code, 1, "{err}");
+    for part in [
+        "weights",
+        "KV cache 45.0 MiB",
+        "scratch",
+        "sessions 64.0 MiB",
+        "runtime",
+    ] {
+        assert!(err.contains(part), "{part} missing: {err}");
+    }
+    assert!(
+        err.contains("over the limit of 95.4 MiB (memory.max_bytes)"),
+        "{err}"
+    );
+    let cfg = dir.join("c.toml");
+    let (_, err, code) = edgellm(&["serve", "--config", cfg.to_str().expect("utf-8")], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("over the limit"), "{err}");
+    assert!(!sock.exists(), "refused before binding");
+}
+
 /// The units pass `systemd-analyze verify`, and the service's exposure is 2.0 or lower.
 #[test]
 fn units_pass_systemd_analyze() {
