@@ -386,6 +386,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 stop,
                 ignore_eos: false,
+                session: None,
             };
             let c = cli::ask(&mut engine, &req, std::io::stdout().lock())?;
             eprintln!("{}", cli::summary(&c));

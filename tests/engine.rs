@@ -9,7 +9,7 @@ use edgellm::engine::{Engine, EngineError};
 use edgellm::gguf::{Bytes, Gguf};
 use edgellm::kernels::quant::GgmlType;
 use edgellm::kernels::KernelKind;
-use edgellm::queue::{FinishReason, GenerateRequest, Prompt};
+use edgellm::queue::{Completion, FinishReason, GenerateRequest, Prompt, SessionRef};
 use edgellm::testing::{synth_model, SynthSpec};
 
 use crate::common::{rel_max_diff, synth_backend, synth_backend_with};
@@ -472,4 +472,209 @@ fn sliding_window_generates_past_the_window() {
         "no room to slide"
     );
     assert!(edgellm::engine::Window::new(64, 4, 60).is_none());
+}
+
+fn user(text: &str) -> Message {
+    Message::new("user", text)
+}
+
+fn chat_req(
+    messages: Vec<Message>,
+    session: Option<(&str, Option<Vec<Message>>)>,
+) -> GenerateRequest {
+    let mut req = GenerateRequest::new(Prompt::Messages(messages));
+    req.max_tokens = 6;
+    req.ignore_eos = true;
+    req.sampling = SamplingParams::greedy();
+    req.session = session.map(|(id, history)| SessionRef {
+        id: id.into(),
+        history,
+    });
+    req
+}
+
+/// A conversation longer than the window loses its oldest turns, never the system prompt or
+/// the last user turn, and says how many tokens went; when even those two do not fit, the
+/// error names the prompt's tokens and the window.
+#[test]
+fn prompt_overflow_drops_the_oldest_turns() {
+    let mut e = engine(None);
+    let n_ctx = e.backend.n_ctx();
+    let sys = Message::new("system", "be brief");
+    let mut msgs = vec![sys.clone()];
+    for i in 0..12 {
+        msgs.push(user(&format!("question number {i} about the weather")));
+        msgs.push(Message::new(
+            "assistant",
+            &format!("answer number {i} it rains"),
+        ));
+    }
+    msgs.push(user("last one"));
+    let tokens_of = |e: &Engine, m: &[Message]| {
+        let text = e.chat.render(m).expect("render");
+        e.tokenizer.encode_prompt(&text).expect("encode").len()
+    };
+    let full = tokens_of(&e, &msgs);
+    assert!(
+        full > n_ctx,
+        "the test needs a conversation over the window ({full})"
+    );
+    let c = e
+        .generate(&chat_req(msgs.clone(), None), &mut String::new())
+        .expect("fits");
+    let dropped = c.usage.prompt_tokens_dropped;
+    assert_eq!(c.usage.prompt_tokens + dropped, full);
+    assert!(
+        c.usage.prompt_tokens < n_ctx && dropped > 0,
+        "{:?}",
+        c.usage
+    );
+    // What was kept is the system prompt and the newest turns: some suffix of the messages.
+    let kept = (1..msgs.len())
+        .map(|k| {
+            let m: Vec<Message> = std::iter::once(sys.clone())
+                .chain(msgs[k..].iter().cloned())
+                .collect();
+            tokens_of(&e, &m)
+        })
+        .position(|n| n == c.usage.prompt_tokens);
+    assert!(
+        kept.is_some(),
+        "prompt is not the system prompt plus the newest turns"
+    );
+
+    let short = e
+        .generate(&chat_req(vec![user("hi")], None), &mut String::new())
+        .expect("ok");
+    assert_eq!(short.usage.prompt_tokens_dropped, 0);
+
+    let huge = vec![sys, user(&"rain ".repeat(n_ctx))];
+    match e.generate(&chat_req(huge, None), &mut String::new()) {
+        Err(EngineError::PromptTooLong {
+            tokens, n_ctx: n, ..
+        }) => {
+            assert!(tokens >= n && n == n_ctx, "{tokens} {n}");
+        }
+        other => panic!("expected PromptTooLong, got {other:?}"),
+    }
+}
+
+/// A follow-up turn of a session prefills only the new turn; sessions interleaved with others answer exactly as when run
+/// alone (nothing of one leaks into another); bounds evict the least recently used, and an
+/// evicted session is rebuilt from the history the client sends, or refused without one.
+#[test]
+fn sessions_reuse_their_cache_and_stay_apart() {
+    let turns = |e: &mut Engine, id: &str, qs: &[&str]| -> Vec<Completion> {
+        let mut out = Vec::new();
+        for (i, q) in qs.iter().enumerate() {
+            let history = (i == 0).then(Vec::new);
+            let c = e
+                .generate(
+                    &chat_req(vec![user(q)], Some((id, history))),
+                    &mut String::new(),
+                )
+                .expect("turn");
+            out.push(c);
+        }
+        out
+    };
+    let mut alone = engine(None);
+    alone.set_sessions(4, 1 << 20);
+    let a_alone = turns(&mut alone, "a", &["hello there", "and then", "more"]);
+    assert_eq!(a_alone[0].usage.cached_tokens, 0);
+    for c in &a_alone[1..] {
+        assert!(
+            c.usage.cached_tokens > 0,
+            "follow-up reused nothing: {:?}",
+            c.usage
+        );
+        assert!(
+            c.usage.prompt_tokens < c.usage.cached_tokens,
+            "follow-up prefilled {:?}",
+            c.usage
+        );
+    }
+    assert_eq!(a_alone[2].session.as_ref().map(|s| s.turns), Some(3));
+
+    // Interleaved with session b and with plain requests: a answers exactly as alone.
+    let mut mixed = engine(None);
+    mixed.set_sessions(4, 1 << 20);
+    let mut got = Vec::new();
+    for (i, q) in ["hello there", "and then", "more"].iter().enumerate() {
+        let history = (i == 0).then(Vec::new);
+        got.push(
+            mixed
+                .generate(
+                    &chat_req(vec![user(q)], Some(("a", history.clone()))),
+                    &mut String::new(),
+                )
+                .expect("a"),
+        );
+        mixed
+            .generate(
+                &chat_req(vec![user("other talk entirely")], Some(("b", history))),
+                &mut String::new(),
+            )
+            .expect("b");
+        mixed
+            .generate(
+                &chat_req(vec![user("no session")], None),
+                &mut String::new(),
+            )
+            .expect("plain");
+    }
+    for (g, a) in got.iter().zip(&a_alone) {
+        assert_eq!(g.tokens, a.tokens, "session a changed by its neighbours");
+        assert_eq!(g.usage.cached_tokens, a.usage.cached_tokens);
+    }
+    assert_eq!(mixed.session_stats().held, 2);
+
+    // Bounds: two sessions at most; a third evicts the least recently used (b, then a).
+    let mut e = engine(None);
+    e.set_sessions(2, 1 << 20);
+    turns(&mut e, "a", &["one"]);
+    turns(&mut e, "b", &["two"]);
+    turns(&mut e, "a", &["one", "again"]);
+    turns(&mut e, "c", &["three"]);
+    assert_eq!(e.session_stats().held, 2);
+    assert_eq!(e.session_stats().evicted, 1);
+    let refused = e.generate(
+        &chat_req(vec![user("hm")], Some(("b", None))),
+        &mut String::new(),
+    );
+    match refused {
+        Err(EngineError::SessionUnknown(id)) => assert_eq!(id, "b"),
+        other => panic!("expected SessionUnknown, got {other:?}"),
+    }
+    let history = vec![user("two"), Message::new("assistant", "whatever it said")];
+    let rebuilt = e
+        .generate(
+            &chat_req(vec![user("hm")], Some(("b", Some(history)))),
+            &mut String::new(),
+        )
+        .expect("rebuilt from history");
+    assert_eq!(rebuilt.usage.cached_tokens, 0);
+    assert_eq!(rebuilt.session.as_ref().map(|s| s.turns), Some(1));
+    let next = e
+        .generate(
+            &chat_req(vec![user("so")], Some(("b", None))),
+            &mut String::new(),
+        )
+        .expect("held again");
+    assert!(next.usage.cached_tokens > 0);
+
+    // Bytes: a store too small for any saved cache keeps none but the resident one.
+    let mut tight = engine(None);
+    tight.set_sessions(8, 1000);
+    turns(&mut tight, "a", &["one"]);
+    turns(&mut tight, "b", &["two"]);
+    let st = tight.session_stats();
+    assert_eq!((st.held, st.bytes), (1, 0), "{st:?}");
+    assert!(matches!(
+        tight.generate(
+            &chat_req(vec![user("x")], Some(("a", None))),
+            &mut String::new()
+        ),
+        Err(EngineError::SessionUnknown(_))
+    ));
 }

@@ -43,6 +43,8 @@ pub enum BackendError {
         len: usize,
         n_ctx: usize,
     },
+    #[error("saved state of {got} bytes does not match {len} positions ({want} bytes)")]
+    BadState { len: usize, got: usize, want: usize },
     #[error("batch of {n} tokens is empty or larger than the backend's {max} per call")]
     BadBatch { n: usize, max: usize },
     #[error("{0}")]
@@ -68,6 +70,17 @@ pub trait Backend: Send {
     /// and `keep + discard..len` move down to `keep..len - discard`, so that the next `forward`
     /// continues at `len - discard`. Positions `0..keep` (the attention sinks) stay.
     fn shift(&mut self, keep: usize, discard: usize, len: usize) -> Result<(), BackendError>;
+
+    /// Bytes [`Backend::save`] writes for `len` cached positions.
+    fn saved_bytes(&self, len: usize) -> usize;
+
+    /// Appends the cached state of positions `0..len` to `out`: a session kept between turns
+    /// while other requests use the cache.
+    fn save(&self, len: usize, out: &mut Vec<u8>) -> Result<(), BackendError>;
+
+    /// Puts back positions `0..len` from `data`, which [`Backend::save`] wrote for `len`; the
+    /// next `forward` continues at `len`.
+    fn load(&mut self, len: usize, data: &[u8]) -> Result<(), BackendError>;
 
     /// Runs `tokens` at positions `pos..pos + tokens.len()`, appending them to the KV cache,
     /// which must hold positions `0..pos` from earlier calls (anything cached at `pos..` is

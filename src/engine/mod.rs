@@ -13,6 +13,7 @@
 pub mod chat;
 pub mod perplexity;
 pub mod sampler;
+pub mod session;
 pub mod stream;
 pub mod tokenizer;
 pub mod worker;
@@ -23,9 +24,10 @@ use std::time::Instant;
 use crate::backend::cpu::model::ModelError;
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::{Backend, BackendError};
-use crate::queue::{Completion, FinishReason, GenerateRequest, Prompt, Timing, Usage};
-use chat::{ChatError, ChatTemplate};
+use crate::queue::{Completion, FinishReason, GenerateRequest, Prompt, SessionInfo, Timing, Usage};
+use chat::{ChatError, ChatTemplate, Message};
 use sampler::Sampler;
+use session::{Session, SessionStats, SessionStore};
 use stream::TextStream;
 use tokenizer::{Tokenizer, TokenizerError};
 
@@ -48,6 +50,8 @@ pub enum EngineError {
     },
     #[error("prompt is empty")]
     EmptyPrompt,
+    #[error("session {0:?} is not held (never started here, or evicted to stay within sessions.max_count / sessions.max_bytes); send its earlier turns in `history` to rebuild it, or `history: []` to start it")]
+    SessionUnknown(String),
     #[error("{0}")]
     BadRequest(String),
 }
@@ -104,6 +108,9 @@ pub struct Engine {
     logits: Vec<f32>,
     /// Sliding window; `None`: generation stops with `length` when the window is full.
     window: Option<Window>,
+    /// The session whose state is in the backend's cache.
+    resident: Option<Session>,
+    sessions: SessionStore,
 }
 
 impl std::fmt::Debug for Engine {
@@ -145,6 +152,8 @@ impl Engine {
             history: Vec::with_capacity(n_ctx + 1),
             logits: vec![0.0; n_vocab],
             window: None,
+            resident: None,
+            sessions: SessionStore::default(),
         }
     }
 
@@ -166,13 +175,221 @@ impl Engine {
         })
     }
 
-    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        let text = self.prompt_text(prompt)?;
-        let ids = self.tokenizer.encode_prompt(&text)?;
-        if ids.is_empty() {
+    /// Keeps up to `max_count` sessions in `max_bytes` between their turns (0: sessions off).
+    pub fn set_sessions(&mut self, max_count: usize, max_bytes: u64) {
+        self.resident = None;
+        self.sessions = SessionStore::new(max_count, max_bytes);
+    }
+
+    /// Sessions held and their bytes.
+    pub fn session_stats(&self) -> SessionStats {
+        self.sessions.stats(usize::from(self.resident.is_some()))
+    }
+
+    /// Positions the cache may hold for a prompt that leaves room for an answer of up to
+    /// `max_tokens` (a quarter of the window at most, at least one position).
+    fn prompt_budget(&self, max_tokens: usize) -> usize {
+        let n_ctx = self.backend.n_ctx();
+        n_ctx - max_tokens.clamp(1, (n_ctx / 4).max(1))
+    }
+
+    /// Tokens of `messages`, dropping the oldest turns while they exceed `budget`: the system
+    /// prompt (a first message of role "system") and the last user turn (and what follows it)
+    /// always stay. Returns the kept messages, their tokens and the tokens dropped. Only when
+    /// even those do not fit the window is it an error.
+    fn fit_messages(
+        &self,
+        messages: &[Message],
+        budget: usize,
+    ) -> Result<(Vec<Message>, String, Vec<u32>, usize), EngineError> {
+        if messages.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        Ok(ids)
+        let render = |m: &[Message]| -> Result<(String, Vec<u32>), EngineError> {
+            let text = self.chat.render(m)?;
+            let ids = self.tokenizer.encode_prompt(&text)?;
+            Ok((text, ids))
+        };
+        let (mut text, mut ids) = render(messages)?;
+        let full = ids.len();
+        let first = usize::from(messages[0].role == "system");
+        let last_user = messages
+            .iter()
+            .rposition(|m| m.role == "user")
+            .unwrap_or(messages.len() - 1)
+            .max(first);
+        let mut drop = 0;
+        while ids.len() > budget && first + drop < last_user {
+            drop += 1;
+            let kept: Vec<Message> = messages[..first]
+                .iter()
+                .chain(&messages[first + drop..])
+                .cloned()
+                .collect();
+            (text, ids) = render(&kept)?;
+        }
+        let n_ctx = self.backend.n_ctx();
+        if ids.len() >= n_ctx {
+            return Err(EngineError::PromptTooLong {
+                tokens: ids.len(),
+                n_ctx,
+                limit: n_ctx - 1,
+            });
+        }
+        let kept = messages[..first]
+            .iter()
+            .chain(&messages[first + drop..])
+            .cloned()
+            .collect();
+        Ok((kept, text, ids.clone(), full.saturating_sub(ids.len())))
+    }
+
+    /// Saves the resident session's cache into the store, so the backend can serve another.
+    fn park(&mut self) -> Result<(), EngineError> {
+        if let Some(mut s) = self.resident.take() {
+            s.kv.clear();
+            self.backend.save(s.cached, &mut s.kv)?;
+            s.kv.shrink_to_fit();
+            for id in self.sessions.put(s, 0) {
+                tracing::info!(session = %id, "session evicted (sessions.max_count / max_bytes)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Works out what to run for `req`: the session it continues (made resident), the tokens
+    /// to feed, and where in the cache they start.
+    fn prepare(&mut self, req: &GenerateRequest) -> Result<Prepared, EngineError> {
+        let budget = self.prompt_budget(req.max_tokens);
+        let Some(sref) = &req.session else {
+            self.park()?;
+            let (text, ids, dropped) = match &req.prompt {
+                Prompt::Raw(t) => {
+                    let ids = self.tokenizer.encode_prompt(t)?;
+                    if ids.is_empty() {
+                        return Err(EngineError::EmptyPrompt);
+                    }
+                    let n_ctx = self.backend.n_ctx();
+                    if ids.len() >= n_ctx {
+                        return Err(EngineError::PromptTooLong {
+                            tokens: ids.len(),
+                            n_ctx,
+                            limit: n_ctx - 1,
+                        });
+                    }
+                    (t.clone(), ids, 0)
+                }
+                Prompt::Messages(m) => {
+                    let (_, text, ids, dropped) = self.fit_messages(m, budget)?;
+                    (text, ids, dropped)
+                }
+            };
+            return Ok(Prepared::fresh(None, Vec::new(), text, ids, dropped));
+        };
+        if !self.sessions.enabled() {
+            return Err(EngineError::BadRequest(
+                "session: sessions are off on this daemon (sessions.max_count = 0)".into(),
+            ));
+        }
+        let Prompt::Messages(new) = &req.prompt else {
+            return Err(EngineError::BadRequest(
+                "session: a session continues a chat; send messages, not prompt".into(),
+            ));
+        };
+        if self.resident.as_ref().is_none_or(|r| r.id != sref.id) {
+            self.park()?;
+            if let Some(mut s) = self.sessions.take(&sref.id) {
+                self.backend.load(s.cached, &s.kv)?;
+                // Resident: its state lives in the backend now.
+                s.kv = Vec::new();
+                self.resident = Some(s);
+            }
+        }
+        let held = self.resident.take();
+        let (prev, held) = match (&sref.history, held) {
+            (Some(h), Some(s)) if s.messages == *h => (h.clone(), Some(s)),
+            (Some(h), _) => (h.clone(), None),
+            (None, Some(s)) => (s.messages.clone(), Some(s)),
+            (None, None) => return Err(EngineError::SessionUnknown(sref.id.clone())),
+        };
+        for id in self.sessions.make_room(0) {
+            tracing::info!(session = %id, "session evicted (sessions.max_count)");
+        }
+        let mut all = prev;
+        all.extend(new.iter().cloned());
+        if let Some(s) = held {
+            let text = self.chat.render(&all)?;
+            if let Some(suffix) = text.strip_prefix(s.text.as_str()) {
+                let mut feed = s.tokens[s.cached..].to_vec();
+                feed.extend(self.tokenizer.encode(suffix)?);
+                let room = self.backend.n_ctx() - self.window.map_or(0, |w| w.n_sink);
+                if feed.len() < room.min(budget) {
+                    return Ok(Prepared {
+                        pos: s.cached,
+                        prompt_tokens: feed.len(),
+                        feed,
+                        dropped: 0,
+                        reused: s.cached,
+                        messages: all,
+                        text,
+                        session: Some(s),
+                    });
+                }
+            }
+            tracing::debug!(session = %s.id, "session cache not reusable; prefilling the conversation again");
+        }
+        let (kept, text, ids, dropped) = self.fit_messages(&all, budget)?;
+        let session = Session::new(&sref.id);
+        Ok(Prepared::fresh(Some(session), kept, text, ids, dropped))
+    }
+
+    /// Runs `tokens` from position `*pos`, in chunks, sliding the window when it is full.
+    /// Returns the logits of the last token in `self.logits`, or the reason generation was
+    /// interrupted between chunks.
+    fn feed(
+        &mut self,
+        tokens: &[u32],
+        pos: &mut usize,
+        evicted: &mut usize,
+        sink: &mut dyn Sink,
+    ) -> Result<Option<FinishReason>, EngineError> {
+        let n_ctx = self.backend.n_ctx();
+        let batch = self.backend.max_batch();
+        let mut done = 0;
+        while done < tokens.len() {
+            if let Some(r) = sink.interrupt() {
+                return Ok(Some(r));
+            }
+            if *pos >= n_ctx {
+                self.slide(pos, evicted)?;
+            }
+            let n = batch.min(tokens.len() - done).min(n_ctx - *pos);
+            let part = &tokens[done..done + n];
+            let l = self.backend.forward(part, *pos, false)?;
+            if done + n == tokens.len() {
+                self.logits.copy_from_slice(l);
+            }
+            *pos += n;
+            done += n;
+        }
+        Ok(None)
+    }
+
+    /// Evicts `n_discard` positions after the sinks (the window must slide: `None` is an
+    /// error here, callers check first).
+    fn slide(&mut self, pos: &mut usize, evicted: &mut usize) -> Result<(), EngineError> {
+        let n_ctx = self.backend.n_ctx();
+        let w = self.window.ok_or(BackendError::ContextFull {
+            pos: *pos,
+            end: *pos + 1,
+            n_ctx,
+        })?;
+        self.backend.shift(w.n_sink, w.n_discard, *pos)?;
+        // history[..pos] mirrors the cache; what follows is not cached yet.
+        self.history.drain(w.n_sink..w.n_sink + w.n_discard);
+        *pos -= w.n_discard;
+        *evicted += w.n_discard;
+        Ok(())
     }
 
     /// Generates a completion, streaming its text to `sink`.
@@ -181,48 +398,51 @@ impl Engine {
         req: &GenerateRequest,
         sink: &mut dyn Sink,
     ) -> Result<Completion, EngineError> {
+        let result = self.generate_inner(req, sink);
+        if result.is_err() {
+            // The cache no longer matches any session's record of it.
+            self.resident = None;
+        }
+        result
+    }
+
+    fn generate_inner(
+        &mut self,
+        req: &GenerateRequest,
+        sink: &mut dyn Sink,
+    ) -> Result<Completion, EngineError> {
         let start = Instant::now();
         req.sampling.validate().map_err(EngineError::BadRequest)?;
-        let prompt = self.prompt_tokens(&req.prompt)?;
+        let p = self.prepare(req)?;
         let n_ctx = self.backend.n_ctx();
-        // At least one position must be left to generate into.
-        if prompt.len() >= n_ctx {
-            return Err(EngineError::PromptTooLong {
-                tokens: prompt.len(),
-                n_ctx,
-                limit: n_ctx - 1,
-            });
-        }
         self.sampler.reset(req.sampling.clone());
-        self.history.clear();
-        self.backend.reset();
-
-        // Prefill in chunks; only the last chunk's last logits matter. The sink is asked between
-        // chunks too, so a cancel or a deadline stops a long prompt, and a watchdog sees progress.
-        let chunk = self.backend.max_batch();
-        let mut pos = 0;
-        let mut finish = FinishReason::Length;
-        let mut stopped_early = false;
-        for part in prompt.chunks(chunk) {
-            if let Some(r) = sink.interrupt() {
-                finish = r;
-                stopped_early = true;
-                break;
+        let mut pos = p.pos;
+        match &p.session {
+            Some(s) if p.pos > 0 => {
+                self.history.clear();
+                self.history.extend_from_slice(&s.tokens[..s.cached]);
             }
-            let l = self.backend.forward(part, pos, false)?;
-            if pos + part.len() == prompt.len() {
-                self.logits.copy_from_slice(l);
+            _ => {
+                self.history.clear();
+                self.backend.reset();
             }
-            pos += part.len();
         }
-        self.history.extend_from_slice(&prompt);
+        let mut evicted = 0;
+        let mut finish = FinishReason::Length;
+        // The history mirrors the cache as the feed goes: a slide during it drains the right
+        // tokens.
+        self.history.extend_from_slice(&p.feed);
+        let interrupted = self.feed(&p.feed, &mut pos, &mut evicted, sink)?;
+        let stopped_early = interrupted.is_some();
+        if let Some(r) = interrupted {
+            finish = r;
+        }
         let prefill_done = Instant::now();
 
         let mut stream = TextStream::new(&req.stop);
         let mut generated: Vec<u32> = Vec::with_capacity(req.max_tokens.min(n_ctx));
         let mut first_token_at = None;
         let mut logits_ready = true;
-        let mut evicted = 0;
         while !stopped_early && generated.len() < req.max_tokens {
             if let Some(r) = sink.interrupt() {
                 finish = r;
@@ -230,15 +450,11 @@ impl Engine {
             }
             if !logits_ready {
                 if pos >= n_ctx {
-                    let Some(w) = self.window else {
+                    if self.window.is_none() {
                         finish = FinishReason::Length;
                         break;
-                    };
-                    self.backend.shift(w.n_sink, w.n_discard, pos)?;
-                    // history[..pos] mirrors the cache; its last entry is not cached yet.
-                    self.history.drain(w.n_sink..w.n_sink + w.n_discard);
-                    pos -= w.n_discard;
-                    evicted += w.n_discard;
+                    }
+                    self.slide(&mut pos, &mut evicted)?;
                 }
                 let last = self.history[self.history.len() - 1];
                 let l = self.backend.forward(&[last], pos, false)?;
@@ -270,21 +486,46 @@ impl Engine {
         }
         stream.finish(sink);
         let end = Instant::now();
+        let text = stream.into_text();
+        let session = p.session.map(|mut s| {
+            let mut reply = Vec::new();
+            for &t in &generated {
+                reply.extend_from_slice(self.tokenizer.piece(t));
+            }
+            s.text = p.text;
+            s.text.push_str(&String::from_utf8_lossy(&reply));
+            s.messages = p.messages;
+            s.messages.push(Message::new("assistant", &text));
+            s.tokens.clear();
+            s.tokens.extend_from_slice(&self.history);
+            s.cached = pos.min(self.history.len());
+            s.evicted += evicted;
+            s.turns += 1;
+            s
+        });
+        let session_info = session.as_ref().map(|s| SessionInfo {
+            id: s.id.clone(),
+            turns: s.turns,
+            cached_tokens: s.cached,
+        });
+        self.resident = session;
         let first = first_token_at.unwrap_or(end);
         let decode_s = (end - first).as_secs_f64();
         let prefill_s = (prefill_done - start).as_secs_f64();
         Ok(Completion {
-            text: stream.into_text(),
+            text,
             finish_reason: finish,
             usage: Usage {
-                prompt_tokens: prompt.len(),
+                prompt_tokens: p.prompt_tokens,
                 completion_tokens: generated.len(),
                 evicted_tokens: evicted,
+                prompt_tokens_dropped: p.dropped,
+                cached_tokens: p.reused,
             },
             timing: Timing {
                 ttft_ms: (first - start).as_secs_f64() * 1e3,
                 prefill_tps: if prefill_s > 0.0 {
-                    prompt.len() as f64 / prefill_s
+                    p.feed.len() as f64 / prefill_s
                 } else {
                     0.0
                 },
@@ -296,6 +537,48 @@ impl Engine {
                 total_ms: (end - start).as_secs_f64() * 1e3,
             },
             tokens: generated,
+            session: session_info,
         })
+    }
+}
+
+/// What [`Engine::prepare`] worked out for a request.
+struct Prepared {
+    /// The session the request continues or starts (resident while it runs).
+    session: Option<Session>,
+    /// Where the feed starts: the session's cached positions, or 0.
+    pos: usize,
+    /// Tokens to run before generating.
+    feed: Vec<u32>,
+    /// Prompt tokens of this request (what is fed).
+    prompt_tokens: usize,
+    /// Tokens of the oldest turns dropped to fit the window.
+    dropped: usize,
+    /// Cached positions of the session reused instead of prefilled.
+    reused: usize,
+    /// The conversation up to this turn (sessions).
+    messages: Vec<Message>,
+    /// The rendered prompt text.
+    text: String,
+}
+
+impl Prepared {
+    fn fresh(
+        session: Option<Session>,
+        messages: Vec<Message>,
+        text: String,
+        ids: Vec<u32>,
+        dropped: usize,
+    ) -> Prepared {
+        Prepared {
+            session,
+            pos: 0,
+            prompt_tokens: ids.len(),
+            feed: ids,
+            dropped,
+            reused: 0,
+            messages,
+            text,
+        }
     }
 }

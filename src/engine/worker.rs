@@ -107,6 +107,7 @@ fn answer(engine: &mut Engine, job: &Job, progress: &Progress) -> Event {
         Ok(Err(e)) => {
             let code = match &e {
                 EngineError::PromptTooLong { .. } => ErrorCode::TooLarge,
+                EngineError::SessionUnknown(_) => ErrorCode::SessionUnknown,
                 EngineError::EmptyPrompt | EngineError::BadRequest(_) | EngineError::Chat(_) => {
                     ErrorCode::BadRequest
                 }

@@ -13,7 +13,9 @@ use serde_json::{json, Value};
 use crate::config::Limits;
 use crate::engine::chat::Message;
 use crate::engine::sampler::SamplingParams;
-use crate::queue::{CancelState, Completion, ErrorCode, Event, GenerateRequest, Prompt};
+use crate::queue::{
+    CancelState, Completion, ErrorCode, Event, GenerateRequest, Prompt, SessionRef,
+};
 
 /// Longest request id, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -46,6 +48,8 @@ struct Wire {
     #[serde(default)]
     ignore_eos: bool,
     session: Option<String>,
+    /// With `session`: the conversation before this turn.
+    history: Option<Vec<Message>>,
     priority: Option<i32>,
     deadline_ms: Option<u64>,
     /// MQTT 3.1.1 reply topic; other front-ends refuse it.
@@ -233,11 +237,36 @@ fn check(
         seed: w.seed.unwrap_or(d.seed),
     };
     sampling.validate().map_err(bad)?;
-    if w.session.is_some() {
-        return Err(bad(
-            "session: sessions are not supported by this version; send the whole conversation in messages".into(),
-        ));
-    }
+    let session =
+        match (w.session, w.history) {
+            (Some(sid), history) => {
+                let ok = |c: char| c.is_ascii_alphanumeric() || "-_.:@".contains(c);
+                if sid.is_empty() || sid.len() > MAX_ID_BYTES || !sid.chars().all(ok) {
+                    return Err(bad(format!(
+                        "session: {sid:?}; allowed 1..={MAX_ID_BYTES} letters, digits and -_.:@"
+                    )));
+                }
+                if !matches!(prompt, Prompt::Messages(_)) {
+                    return Err(bad(
+                        "session: a session continues a chat; send messages, not prompt".into(),
+                    ));
+                }
+                if let Some((i, _)) = history
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .find(|(_, m)| m.role.is_empty())
+                {
+                    return Err(bad(format!("history[{i}].role: empty")));
+                }
+                Some(SessionRef { id: sid, history })
+            }
+            (None, Some(_)) => return Err(bad(
+                "history: only with session; without one, send the whole conversation in messages"
+                    .into(),
+            )),
+            (None, None) => None,
+        };
     let priority = w.priority;
     if let Some(p) = priority {
         check_priority(p).map_err(bad)?;
@@ -261,6 +290,7 @@ fn check(
             sampling,
             stop,
             ignore_eos: w.ignore_eos,
+            session,
         },
         stream: w.stream,
         priority,

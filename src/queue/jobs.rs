@@ -24,6 +24,8 @@ pub enum ErrorCode {
     Deadline,
     /// The peer is not allowed to use the daemon.
     Forbidden,
+    /// A request continues a session that is not held and sends no history to rebuild it.
+    SessionUnknown,
     Internal,
 }
 
@@ -36,6 +38,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Deadline => "deadline",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::SessionUnknown => "session_unknown",
             ErrorCode::Internal => "internal",
         }
     }

@@ -39,6 +39,18 @@ pub struct GenerateRequest {
     /// Never stop at an end-of-generation token: generate `max_tokens` (or until the window is
     /// full). For benchmarks and load tests, as llama.cpp's server's `ignore_eos`.
     pub ignore_eos: bool,
+    /// The conversation this request continues.
+    pub session: Option<SessionRef>,
+}
+
+/// A request's `session`: its id, and the earlier turns when the client sends them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRef {
+    pub id: String,
+    /// `Some`: the conversation before this turn, as the client has it (the session is rebuilt
+    /// from it when it is not held, or held with other turns); `Some(empty)` starts a session.
+    /// `None`: continue the held session, an error when none is held.
+    pub history: Option<Vec<Message>>,
 }
 
 impl GenerateRequest {
@@ -49,6 +61,7 @@ impl GenerateRequest {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            session: None,
         }
     }
 }
@@ -82,6 +95,21 @@ pub struct Usage {
     /// Tokens evicted from the context window while this request ran (the window slid).
     #[serde(default)]
     pub evicted_tokens: usize,
+    /// Prompt tokens of the oldest turns dropped so that the prompt fits the window.
+    #[serde(default)]
+    pub prompt_tokens_dropped: usize,
+    /// Tokens of a session's earlier turns reused from its cache instead of prefilled.
+    #[serde(default)]
+    pub cached_tokens: usize,
+}
+
+/// The session a reply belongs to, after its turn.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: String,
+    pub turns: usize,
+    /// Positions of the session in the cache now.
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -104,6 +132,8 @@ pub struct Completion {
     /// Generated token ids (end-of-generation token excluded).
     #[serde(skip, default)]
     pub tokens: Vec<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub session: Option<SessionInfo>,
 }
 
 impl Completion {
@@ -115,6 +145,7 @@ impl Completion {
             usage: Usage::default(),
             timing: Timing::default(),
             tokens: Vec::new(),
+            session: None,
         }
     }
 }

@@ -299,6 +299,15 @@ impl Backend for Wedge {
     fn shift(&mut self, keep: usize, discard: usize, len: usize) -> Result<(), BackendError> {
         self.inner.shift(keep, discard, len)
     }
+    fn saved_bytes(&self, len: usize) -> usize {
+        self.inner.saved_bytes(len)
+    }
+    fn save(&self, len: usize, out: &mut Vec<u8>) -> Result<(), BackendError> {
+        self.inner.save(len, out)
+    }
+    fn load(&mut self, len: usize, data: &[u8]) -> Result<(), BackendError> {
+        self.inner.load(len, data)
+    }
     fn forward(&mut self, t: &[u32], pos: usize, all: bool) -> Result<&[f32], BackendError> {
         while self.wedged.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(5));

@@ -337,6 +337,35 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn saved_bytes(&self, len: usize) -> usize {
+        self.kv.saved_bytes(len)
+    }
+
+    fn save(&self, len: usize, out: &mut Vec<u8>) -> Result<(), BackendError> {
+        if len > self.n_ctx {
+            return Err(BackendError::ContextFull {
+                pos: 0,
+                end: len,
+                n_ctx: self.n_ctx,
+            });
+        }
+        self.kv.save(len, out);
+        Ok(())
+    }
+
+    fn load(&mut self, len: usize, data: &[u8]) -> Result<(), BackendError> {
+        let want = self.kv.saved_bytes(len);
+        if len > self.n_ctx || data.len() != want {
+            return Err(BackendError::BadState {
+                len,
+                got: data.len(),
+                want,
+            });
+        }
+        self.kv.load(len, data);
+        Ok(())
+    }
+
     fn forward(
         &mut self,
         tokens: &[u32],
