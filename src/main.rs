@@ -234,6 +234,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(ee) = engine_error {
             return match ee {
                 EngineError::PromptTooLong { .. }
+                | EngineError::TurnTooLong { .. }
                 | EngineError::EmptyPrompt
                 | EngineError::BadRequest(_) => 2,
                 _ => 1,
@@ -616,6 +617,7 @@ fn serve(
         );
     }
     engine.set_window(window);
+    engine.set_sessions(cfg.sessions.max_count, cfg.sessions.max_bytes);
     let listener = match activated {
         Some(socket) => {
             tracing::info!("listening on the socket passed by systemd");

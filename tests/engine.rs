@@ -550,12 +550,10 @@ fn prompt_overflow_drops_the_oldest_turns() {
 
     let huge = vec![sys, user(&"rain ".repeat(n_ctx))];
     match e.generate(&chat_req(huge, None), &mut String::new()) {
-        Err(EngineError::PromptTooLong {
-            tokens, n_ctx: n, ..
-        }) => {
+        Err(EngineError::TurnTooLong { tokens, n_ctx: n }) => {
             assert!(tokens >= n && n == n_ctx, "{tokens} {n}");
         }
-        other => panic!("expected PromptTooLong, got {other:?}"),
+        other => panic!("expected TurnTooLong, got {other:?}"),
     }
 }
 

@@ -49,6 +49,24 @@ pub enum DaemonError {
     EngineStuck(Duration),
 }
 
+/// The running request's use of the window: positions filled, their share of it, and
+/// positions evicted; `null` while idle.
+fn kv_json(q: &crate::queue::QueueStatus, progress: &Progress, n_ctx: usize) -> serde_json::Value {
+    match &q.running {
+        Some(r) => {
+            let (used, evicted) = progress.kv();
+            json!({
+                "id": r.id,
+                "used": used,
+                "n_ctx": n_ctx,
+                "fill": (used as f64 / n_ctx.max(1) as f64 * 1000.0).round() / 1000.0,
+                "evicted": evicted,
+            })
+        }
+        None => serde_json::Value::Null,
+    }
+}
+
 /// Where the daemon listens.
 #[derive(Debug)]
 pub struct Listener {
@@ -124,6 +142,8 @@ impl Daemon {
                     "uptime_s": started.elapsed().as_secs(),
                     "accepting": q.accepting,
                     "queue": {"depth": q.depth, "capacity": q.capacity, "running": q.running},
+                    "kv": kv_json(&q, &progress, info.n_ctx),
+                    "sessions": progress.sessions(),
                     "requests": q.counters,
                     "last_decode_tps": (progress.last_tps() * 10.0).round() / 10.0,
                     "engine_heartbeat_ms": progress.since_beat().as_millis() as u64,

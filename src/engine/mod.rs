@@ -48,6 +48,8 @@ pub enum EngineError {
         n_ctx: usize,
         limit: usize,
     },
+    #[error("the system prompt and the last user turn are {tokens} tokens with every earlier turn dropped; the context window holds {n_ctx} (limit: {} prompt tokens)", n_ctx - 1)]
+    TurnTooLong { tokens: usize, n_ctx: usize },
     #[error("prompt is empty")]
     EmptyPrompt,
     #[error("session {0:?} is not held (never started here, or evicted to stay within sessions.max_count / sessions.max_bytes); send its earlier turns in `history` to rebuild it, or `history: []` to start it")]
@@ -64,6 +66,9 @@ pub trait Sink {
     fn interrupt(&mut self) -> Option<FinishReason> {
         None
     }
+    /// After every prefill chunk and token: positions of the window in use, and positions
+    /// evicted so far by this request.
+    fn kv(&mut self, _used: usize, _evicted: usize) {}
 }
 
 /// A sink that only collects.
@@ -230,10 +235,9 @@ impl Engine {
         }
         let n_ctx = self.backend.n_ctx();
         if ids.len() >= n_ctx {
-            return Err(EngineError::PromptTooLong {
+            return Err(EngineError::TurnTooLong {
                 tokens: ids.len(),
                 n_ctx,
-                limit: n_ctx - 1,
             });
         }
         let kept = messages[..first]
@@ -371,6 +375,7 @@ impl Engine {
             }
             *pos += n;
             done += n;
+            sink.kv(*pos, *evicted);
         }
         Ok(None)
     }
@@ -460,6 +465,7 @@ impl Engine {
                 let l = self.backend.forward(&[last], pos, false)?;
                 self.logits.copy_from_slice(l);
                 pos += 1;
+                sink.kv(pos, evicted);
             }
             logits_ready = false;
             if req.ignore_eos {

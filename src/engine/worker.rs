@@ -7,10 +7,11 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::session::SessionStats;
 use super::{Engine, EngineError, Sink};
 use crate::queue::{Completion, ErrorCode, Event, FinishReason, Job, Queue};
 
@@ -25,6 +26,11 @@ pub struct Progress {
     beat_ms: AtomicU64,
     /// Decode tokens/s of the latest finished request (f64 bits).
     last_tps: AtomicU64,
+    /// Window positions in use by the running request, and positions it has evicted.
+    kv_used: AtomicU64,
+    kv_evicted: AtomicU64,
+    /// The engine's sessions, after the latest request.
+    sessions: Mutex<SessionStats>,
 }
 
 impl Default for Progress {
@@ -33,6 +39,9 @@ impl Default for Progress {
             start: Instant::now(),
             beat_ms: AtomicU64::new(0),
             last_tps: AtomicU64::new(0f64.to_bits()),
+            kv_used: AtomicU64::new(0),
+            kv_evicted: AtomicU64::new(0),
+            sessions: Mutex::new(SessionStats::default()),
         }
     }
 }
@@ -52,6 +61,28 @@ impl Progress {
     pub fn last_tps(&self) -> f64 {
         f64::from_bits(self.last_tps.load(Ordering::Relaxed))
     }
+
+    /// Window positions in use by the running request, and positions it evicted so far.
+    pub fn kv(&self) -> (u64, u64) {
+        (
+            self.kv_used.load(Ordering::Relaxed),
+            self.kv_evicted.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn sessions(&self) -> SessionStats {
+        self.sessions
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn set_sessions(&self, st: SessionStats) {
+        match self.sessions.lock() {
+            Ok(mut s) => *s = st,
+            Err(p) => *p.into_inner() = st,
+        }
+    }
 }
 
 /// Starts the worker thread. It runs until the queue is closed and empty.
@@ -66,11 +97,15 @@ pub fn spawn(
 }
 
 fn run(mut engine: Engine, queue: &Queue, progress: &Progress) {
+    progress.set_sessions(engine.session_stats());
     loop {
         progress.beat();
         match queue.next(IDLE_BEAT) {
             Some(job) => {
+                progress.kv_used.store(0, Ordering::Relaxed);
+                progress.kv_evicted.store(0, Ordering::Relaxed);
                 let outcome = answer(&mut engine, &job, progress);
+                progress.set_sessions(engine.session_stats());
                 log(&job, &outcome);
                 // Counted before it is sent: a client that asks for status after its reply
                 // sees the request counted.
@@ -106,7 +141,9 @@ fn answer(engine: &mut Engine, job: &Job, progress: &Progress) -> Event {
         }
         Ok(Err(e)) => {
             let code = match &e {
-                EngineError::PromptTooLong { .. } => ErrorCode::TooLarge,
+                EngineError::PromptTooLong { .. } | EngineError::TurnTooLong { .. } => {
+                    ErrorCode::TooLarge
+                }
                 EngineError::SessionUnknown(_) => ErrorCode::SessionUnknown,
                 EngineError::EmptyPrompt | EngineError::BadRequest(_) | EngineError::Chat(_) => {
                     ErrorCode::BadRequest
@@ -153,6 +190,13 @@ impl Sink for JobSink<'_> {
         }
         None
     }
+
+    fn kv(&mut self, used: usize, evicted: usize) {
+        self.progress.kv_used.store(used as u64, Ordering::Relaxed);
+        self.progress
+            .kv_evicted
+            .store(evicted as u64, Ordering::Relaxed);
+    }
 }
 
 /// The one info line per request.
@@ -164,6 +208,9 @@ fn log(job: &Job, outcome: &Event) {
             frontend = job.frontend,
             prompt_tokens = c.usage.prompt_tokens,
             completion_tokens = c.usage.completion_tokens,
+            cached_tokens = c.usage.cached_tokens,
+            dropped_tokens = c.usage.prompt_tokens_dropped,
+            evicted_tokens = c.usage.evicted_tokens,
             ttft_ms = c.timing.ttft_ms.round() as u64,
             tps = (c.timing.decode_tps * 10.0).round() / 10.0,
             total_ms = waited_ms,

@@ -340,7 +340,7 @@ pub fn event_value(id: &str, event: &Event) -> Value {
 }
 
 fn done_value(id: &str, c: &Completion) -> Value {
-    json!({
+    let mut v = json!({
         "id": id,
         "type": "done",
         "text": c.text,
@@ -352,7 +352,11 @@ fn done_value(id: &str, c: &Completion) -> Value {
             "decode_tps": round2(c.timing.decode_tps),
             "total_ms": round2(c.timing.total_ms),
         },
-    })
+    });
+    if let Some(s) = &c.session {
+        v["session"] = json!(s);
+    }
+    v
 }
 
 fn round2(x: f64) -> f64 {

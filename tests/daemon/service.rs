@@ -536,6 +536,226 @@ fn ask_and_status_through_the_daemon() {
     assert!(err.contains("no daemon answers"), "{err}");
 }
 
+/// Sessions on the real model over the socket: a follow-up turn reuses the cache, which
+/// stands for the same conversation a client would send whole; a session interleaved with another and with plain
+/// requests answers exactly as when it runs alone; an unknown session without history is
+/// `session_unknown`; status shows the running request's window fill and evictions, and the
+/// sessions held; a conversation over the window drops its oldest turns and says so.
+#[test]
+fn sessions_status_and_overflow_on_the_real_model() {
+    let model = default_model();
+    let d = TestDaemon::start(
+        "daemon-sessions",
+        &model,
+        "[sessions]\nmax_count = 4\n",
+        &[],
+    );
+    let mut c = d.connect();
+    let mut ask = |id: &str, session: &str, q: &str, first: bool| -> Value {
+        let mut v = chat(id, q, 24);
+        v["session"] = json!(session);
+        if first {
+            v["history"] = json!([]);
+        }
+        c.send(&v);
+        let r = c.recv();
+        assert_eq!(r["type"], "done", "{r}");
+        r
+    };
+    let qs = [
+        "What is the capital of France?",
+        "And of Italy?",
+        "Which of the two is bigger?",
+    ];
+    let solo: Vec<Value> = qs
+        .iter()
+        .enumerate()
+        .map(|(i, q)| ask(&format!("s{i}"), "solo", q, i == 0))
+        .collect();
+    for r in &solo[1..] {
+        let u = &r["usage"];
+        assert!(u["cached_tokens"].as_u64() > Some(30), "{r}");
+        assert!(u["prompt_tokens"].as_u64() < Some(30), "{r}");
+    }
+    assert_eq!(solo[2]["session"]["turns"], 3, "{}", solo[2]);
+    let mut mixed = Vec::new();
+    let mut p = d.connect();
+    for (i, q) in qs.iter().enumerate() {
+        mixed.push(ask(&format!("m{i}"), "mixed", q, i == 0));
+        ask(&format!("o{i}"), "other", "Tell me about cats.", i == 0);
+        p.send(&chat(&format!("p{i}"), "Say hello.", 8));
+        assert_eq!(p.recv()["type"], "done");
+    }
+    for (m, s) in mixed.iter().zip(&solo) {
+        assert_eq!(
+            m["text"], s["text"],
+            "interleaving changed the session's answer"
+        );
+        assert_eq!(m["usage"]["cached_tokens"], s["usage"]["cached_tokens"]);
+    }
+    let st = d.status();
+    assert_eq!(st["sessions"]["held"], 3, "{st}");
+    assert!(st["sessions"]["bytes"].as_u64() > Some(100_000), "{st}");
+
+    // The same conversation sent whole, without a session.
+    let mut conv = Vec::new();
+    for (q, r) in qs.iter().zip(&solo).take(2) {
+        conv.push(json!({"role": "user", "content": q}));
+        conv.push(json!({"role": "assistant", "content": r["text"]}));
+    }
+    conv.push(json!({"role": "user", "content": qs[2]}));
+    c.send(&json!({"id": "cold", "messages": conv, "max_tokens": 24, "temperature": 0}));
+    let cold = c.recv();
+    assert_eq!(cold["usage"]["cached_tokens"], 0, "{cold}");
+    // The session's cache stands for the same conversation: the cold prompt is what the
+    // session reused plus what it prefilled (give or take the replies' tokenization: the
+    // session keeps the tokens sampled, the cold request tokenizes the replies' text).
+    let u = |r: &Value, k: &str| r["usage"][k].as_i64().unwrap_or(-1000);
+    let whole = u(&solo[2], "cached_tokens") + u(&solo[2], "prompt_tokens");
+    assert!(
+        (u(&cold, "prompt_tokens") - whole).abs() <= 4,
+        "{cold} vs {}",
+        solo[2]
+    );
+
+    let mut v = chat("lost", "Hello?", 8);
+    v["session"] = json!("never-seen");
+    c.send(&v);
+    let r = c.recv();
+    assert_eq!(r["code"], "session_unknown", "{r}");
+    assert!(
+        r["message"].as_str().unwrap_or("").contains("history"),
+        "{r}"
+    );
+
+    // While a long generation runs, status shows its window fill and evictions (n_ctx 256).
+    let mut long = d.connect();
+    long.send(
+        &json!({"id": "long", "prompt": "Once upon a time", "max_tokens": 1000,
+                      "ignore_eos": true, "temperature": 0, "stream": true}),
+    );
+    assert_eq!(long.recv()["type"], "token");
+    let mut seen = None;
+    for _ in 0..200 {
+        let st = d.status();
+        if st["kv"]["evicted"].as_u64() > Some(0) {
+            seen = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = seen.expect("status never showed an eviction");
+    assert_eq!(st["kv"]["id"], "long", "{st}");
+    assert_eq!(st["kv"]["n_ctx"], 256, "{st}");
+    let used = st["kv"]["used"].as_u64().unwrap_or(0);
+    assert!((1..=256).contains(&used), "{st}");
+    long.send(&json!({"op": "cancel", "id": "long"}));
+    let done = loop {
+        let v = long.recv();
+        if v["type"] == "done" {
+            break v;
+        }
+    };
+    assert_eq!(done["finish_reason"], "cancelled", "{done}");
+
+    // A conversation over the window: the oldest turns go, the reply says how many tokens.
+    let mut msgs = vec![json!({"role": "system", "content": "You are terse."})];
+    for i in 0..30 {
+        msgs.push(json!({"role": "user", "content": format!("Remember the number {i}.")}));
+        msgs.push(json!({"role": "assistant", "content": format!("Noted: {i}.")}));
+    }
+    msgs.push(json!({"role": "user", "content": "Which number came last?"}));
+    c.send(&json!({"id": "over", "messages": msgs, "max_tokens": 8, "temperature": 0}));
+    let r = c.recv();
+    assert_eq!(r["type"], "done", "{r}");
+    let dropped = r["usage"]["prompt_tokens_dropped"].as_u64().unwrap_or(0);
+    assert!(dropped > 200, "{r}");
+    assert!(r["usage"]["prompt_tokens"].as_u64() < Some(256), "{r}");
+    assert_eq!(r["usage"]["evicted_tokens"], 0, "{r}");
+    let huge = json!([{"role": "user", "content": "word ".repeat(400)}]);
+    c.send(&json!({"id": "huge", "messages": huge, "max_tokens": 8}));
+    let r = c.recv();
+    assert_eq!(r["code"], "too_large", "{r}");
+    // Both numbers: the turn's tokens (over 256) and the window's.
+    let m = r["message"].as_str().unwrap_or("");
+    let n: usize = m
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or(0);
+    assert!(n > 256 && m.contains("window holds 256"), "{r}");
+}
+
+/// Resident memory of the daemon after 1,000 requests is within 5 MiB of what it was after
+/// the first 10: plain chats, window-sliding generations, session turns over more sessions
+/// than the store holds (so sessions are saved, loaded, evicted and rebuilt), and refusals.
+#[test]
+fn resident_memory_stays_flat_over_a_thousand_requests() {
+    let dir = temp_dir("daemon-rss");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let d = TestDaemon::start(
+        "daemon-rss-run",
+        &model,
+        "[sessions]\nmax_count = 4\nmax_bytes = 2000000\n[log]\nfilter = \"warn\"\n",
+        &[],
+    );
+    let pid = d.child.id();
+    let rss = || -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    };
+    let mut c = d.connect();
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    let mut after_10 = 0;
+    for i in 0..1000usize {
+        let id = format!("r{i}");
+        let v = match i % 5 {
+            0 => json!({"id": id, "prompt": "x", "max_tokens": 600, "ignore_eos": true}),
+            1 | 2 => {
+                let mut v = chat(&id, &format!("turn {i} of a long chat"), 12);
+                v["session"] = json!(format!("s{}", (i / 5) % 8));
+                if (i / 5) % 3 == 0 {
+                    v["history"] = json!([]);
+                }
+                v
+            }
+            3 => {
+                json!({"id": id, "messages": [{"role": "user", "content": "x"}], "max_tokens": 99999})
+            }
+            _ => chat(&id, "hello there", 16),
+        };
+        c.send(&v);
+        let r = c.recv();
+        let kind = match r["type"].as_str() {
+            Some("done") => "done".to_string(),
+            _ => r["code"].as_str().unwrap_or("?").to_string(),
+        };
+        *outcomes.entry(kind).or_default() += 1;
+        if i == 9 {
+            after_10 = rss();
+        }
+    }
+    let after_1000 = rss();
+    eprintln!("RSS after 10: {after_10} B, after 1000: {after_1000} B; outcomes {outcomes:?}");
+    assert_eq!(outcomes.values().sum::<usize>(), 1000);
+    assert!(
+        outcomes.get("done").copied().unwrap_or(0) >= 600,
+        "{outcomes:?}"
+    );
+    assert!(outcomes.contains_key("session_unknown"), "{outcomes:?}");
+    assert_eq!(outcomes.get("too_large"), Some(&200), "{outcomes:?}");
+    let st = d.status();
+    assert!(st["sessions"]["evicted"].as_u64() > Some(0), "{st}");
+    assert!(
+        after_1000 <= after_10 + (5 << 20),
+        "resident memory grew from {after_10} to {after_1000} bytes"
+    );
+}
+
 /// `edgellm config`: the default printed is the shipped file; a bad file stops `serve` before
 /// anything loads, naming the key.
 #[test]
