@@ -17,7 +17,7 @@ use edgellm::daemon::budget::{own_cgroup_limit, Budget};
 use edgellm::daemon::notify::Notifier;
 use edgellm::daemon::{Daemon, Listener};
 use edgellm::engine::chat::Message;
-use edgellm::engine::perplexity::perplexity;
+use edgellm::engine::perplexity::{perplexity, perplexity_stream, StreamOpts};
 use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::tokenizer::Tokenizer;
 use edgellm::engine::{Engine, Window};
@@ -182,6 +182,27 @@ enum Cmd {
         /// Score only the first N chunks
         #[arg(long)]
         chunks: Option<usize>,
+        /// Score the text as one stream through a sliding KV cache of --window positions
+        #[arg(long)]
+        stream: bool,
+        /// --stream: the window W (positions in the cache)
+        #[arg(long, default_value_t = 256, requires = "stream")]
+        window: usize,
+        /// --stream: attention sinks kept at the start of the cache
+        #[arg(long, default_value_t = 4, requires = "stream")]
+        sinks: usize,
+        /// --stream: positions evicted per slide (1: every token sees W - 1 before it)
+        #[arg(long, default_value_t = 1, requires = "stream")]
+        discard: usize,
+        /// --stream: also score every 4th target with its last W tokens recomputed from scratch
+        #[arg(long, requires = "stream")]
+        recompute: bool,
+        /// --recompute: score every Nth target instead of every 4th
+        #[arg(long, default_value_t = 4, requires = "recompute")]
+        recompute_every: usize,
+        /// --stream: use only the first N tokens of the text
+        #[arg(long, requires = "stream")]
+        tokens: Option<usize>,
     },
     /// Requantize a GGUF model's matrices to another type (as llama-quantize --allow-requantize)
     Quantize {
@@ -441,10 +462,50 @@ fn run(cli: Cli) -> Result<()> {
             ctx,
             compare_exact,
             chunks,
+            stream,
+            window,
+            sinks,
+            discard,
+            recompute,
+            recompute_every,
+            tokens: limit,
         } => {
             let path = model_path(m.model.as_deref())?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
+            if stream {
+                let opts = m.cpu(window, window.min(64))?;
+                let mut model = CpuBackend::open(&path, &opts)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                let tok = Tokenizer::from_gguf(model.gguf(), path.parent())?;
+                let mut tokens = tok.encode(&text)?;
+                if let Some(n) = limit {
+                    tokens.truncate(n);
+                }
+                eprintln!(
+                    "perplexity --stream: {} tokens, window {window}, {sinks} sinks, evicting {discard} at a time{}",
+                    tokens.len(),
+                    if recompute {
+                        format!(", recompute every {recompute_every}th target")
+                    } else {
+                        String::new()
+                    }
+                );
+                let r = perplexity_stream(
+                    &mut model,
+                    &tokens,
+                    StreamOpts {
+                        window,
+                        sinks,
+                        discard,
+                        recompute_every: if recompute { recompute_every.max(1) } else { 0 },
+                    },
+                    &mut |d, n, p| eprintln!("[{d}/{n}] {p:.4}"),
+                )?;
+                eprintln!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_stderr);
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
             let opts = m.cpu(ctx, ctx.min(128))?;
             let mut model = CpuBackend::open(&path, &opts)
                 .with_context(|| format!("loading {}", path.display()))?;

@@ -3,6 +3,9 @@
 //! a chunk's second half is scored on the logits of the token before it. With a second (exact)
 //! backend it also measures the mean KL divergence of the first from the second and how often
 //! both pick the same top token, as `llama-perplexity --kl-divergence` does.
+//!
+//! [`perplexity_stream`] measures the sliding window instead: the text as one stream through a
+//! cache of W positions with attention sinks, against the window recomputed from scratch.
 
 use serde::Serialize;
 
@@ -32,6 +35,12 @@ pub enum PplError {
     TooShort { tokens: usize, need: usize },
     #[error("n_ctx = {n_ctx} must be at least 8 and fit the backend's window of {window}")]
     BadCtx { n_ctx: usize, window: usize },
+    #[error("sinks {sinks} + discard {discard} must be less than the window {window}, and discard at least 1")]
+    BadWindow {
+        sinks: usize,
+        discard: usize,
+        window: usize,
+    },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -145,4 +154,160 @@ pub fn perplexity(
             .as_ref()
             .map(|_| 100.0 * same_top1 as f64 / count as f64),
     })
+}
+
+/// How [`perplexity_stream`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamOpts {
+    /// The window W: positions in the cache (the backend's `n_ctx` must be W).
+    pub window: usize,
+    /// Attention sinks kept at the start of the cache.
+    pub sinks: usize,
+    /// Positions evicted per slide (1: a true sliding window, each token sees W − 1 before it).
+    pub discard: usize,
+    /// Score every `sample`-th target position also with the last W tokens recomputed from
+    /// scratch (0: no recompute).
+    pub recompute_every: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamResult {
+    pub window: usize,
+    pub sinks: usize,
+    pub discard: usize,
+    /// Perplexity of every target after the first W tokens, through the sliding cache.
+    pub ppl: f64,
+    pub ppl_stderr: f64,
+    pub tokens: usize,
+    /// Positions evicted over the run.
+    pub evicted: usize,
+    /// On the sampled positions only (every `recompute_every`-th target): the sliding cache's
+    /// perplexity, and the recomputed window's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ppl_sampled: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ppl_recompute: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampled_tokens: Option<usize>,
+}
+
+/// Mean and standard error of a perplexity from per-token negative log-likelihoods.
+fn ppl_of(nll: &[f64]) -> (f64, f64) {
+    let n = nll.len().max(1) as f64;
+    let mean = nll.iter().sum::<f64>() / n;
+    let var = nll.iter().map(|x| x * x).sum::<f64>() / n - mean * mean;
+    let ppl = mean.exp();
+    let se = if var > 0.0 && nll.len() > 1 {
+        (var / (n - 1.0)).sqrt() * ppl
+    } else {
+        0.0
+    };
+    (ppl, se)
+}
+
+/// Scores `tokens` as a stream through a sliding KV cache of `opts.window` positions, the way
+/// the daemon's window slides: when the cache is full, the first `sinks` positions stay, the
+/// `discard` oldest after them are evicted and the rest re-based. Every target after the first
+/// W tokens is scored on the logits of the token before it. The tokens between slides run as
+/// one batch, which is exactly token by token (attention is causal), only faster.
+///
+/// With `recompute_every` > 0, every such target position t (t ≡ 0 mod it) is scored again
+/// from a fresh cache holding only tokens t − W..t: the window recomputed, the baseline the
+/// sliding cache approximates. `progress(done, total, ppl_so_far)` is called now and then.
+pub fn perplexity_stream(
+    model: &mut dyn Backend,
+    tokens: &[u32],
+    opts: StreamOpts,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<StreamResult, PplError> {
+    let w = opts.window;
+    if w < 8 || w != model.n_ctx() {
+        return Err(PplError::BadCtx {
+            n_ctx: w,
+            window: model.n_ctx(),
+        });
+    }
+    if opts.discard == 0 || opts.sinks + opts.discard >= w {
+        return Err(PplError::BadWindow {
+            sinks: opts.sinks,
+            discard: opts.discard,
+            window: w,
+        });
+    }
+    if tokens.len() <= w + 1 {
+        return Err(PplError::TooShort {
+            tokens: tokens.len(),
+            need: w + 2,
+        });
+    }
+    let vocab = model.n_vocab();
+    let batch = model.max_batch();
+    let sampled = |t: usize| opts.recompute_every > 0 && t % opts.recompute_every == 0;
+    let mut nll = Vec::with_capacity(tokens.len() - w);
+    let mut nll_sampled = Vec::new();
+    let (mut pos, mut evicted, mut i) = (0usize, 0usize, 0usize);
+    model.reset();
+    // Token i goes to position pos; its logits score token i + 1.
+    while i + 1 < tokens.len() {
+        if pos == w {
+            model.shift(opts.sinks, opts.discard, pos)?;
+            pos -= opts.discard;
+            evicted += opts.discard;
+        }
+        let n = batch.min(w - pos).min(tokens.len() - 1 - i);
+        let logits = model.forward(&tokens[i..i + n], pos, true)?;
+        for (k, row) in logits.chunks_exact(vocab).enumerate() {
+            let target = i + k + 1;
+            if target < w {
+                continue;
+            }
+            let (lp, _) = log_softmax_at(row, tokens[target] as usize);
+            nll.push(-lp);
+            if sampled(target) {
+                nll_sampled.push(-lp);
+            }
+        }
+        pos += n;
+        i += n;
+        if i % 512 < n {
+            progress(i, tokens.len(), ppl_of(&nll).0);
+        }
+    }
+    let (ppl, ppl_stderr) = ppl_of(&nll);
+    let mut r = StreamResult {
+        window: w,
+        sinks: opts.sinks,
+        discard: opts.discard,
+        ppl,
+        ppl_stderr,
+        tokens: nll.len(),
+        evicted,
+        ppl_sampled: None,
+        ppl_recompute: None,
+        sampled_tokens: None,
+    };
+    if opts.recompute_every > 0 {
+        let targets: Vec<usize> = (w..tokens.len()).filter(|&t| sampled(t)).collect();
+        let mut nll_re = Vec::with_capacity(targets.len());
+        for (k, &t) in targets.iter().enumerate() {
+            model.reset();
+            let mut p = 0;
+            let mut last = Vec::new();
+            for part in tokens[t - w..t].chunks(batch) {
+                let l = model.forward(part, p, false)?;
+                p += part.len();
+                if p == w {
+                    last = l.to_vec();
+                }
+            }
+            nll_re.push(-log_softmax_at(&last, tokens[t] as usize).0);
+            if k % 64 == 63 {
+                progress(k + 1, targets.len(), ppl_of(&nll_re).0);
+            }
+        }
+        r.ppl_sampled = Some(ppl_of(&nll_sampled).0);
+        r.ppl_recompute = Some(ppl_of(&nll_re).0);
+        r.sampled_tokens = Some(targets.len());
+    }
+    Ok(r)
 }
