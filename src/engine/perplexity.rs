@@ -242,7 +242,7 @@ pub fn perplexity_stream(
     }
     let vocab = model.n_vocab();
     let batch = model.max_batch();
-    let sampled = |t: usize| opts.recompute_every > 0 && t % opts.recompute_every == 0;
+    let sampled = |t: usize| opts.recompute_every > 0 && t.is_multiple_of(opts.recompute_every);
     let mut nll = Vec::with_capacity(tokens.len() - w);
     let mut nll_sampled = Vec::new();
     let (mut pos, mut evicted, mut i) = (0usize, 0usize, 0usize);
