@@ -2,6 +2,10 @@
 //! -n 64` measures them, so the figures compare: pp is one batch of 128 random tokens from an
 //! empty cache; tg is 64 single-token steps from an empty cache. Medians over repetitions, after
 //! one warm-up run.
+//!
+//! `--long`: per-token latency percentiles of a generation many windows long (the window
+//! slides); `--session`: time to first token of a session's follow-up turn against a cold
+//! request with the same conversation.
 
 use std::time::Instant;
 
@@ -9,7 +13,10 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BackendError};
-use crate::engine::sampler::Rng;
+use crate::engine::chat::Message;
+use crate::engine::sampler::{Rng, SamplingParams};
+use crate::engine::{Engine, EngineError, Window};
+use crate::queue::{GenerateRequest, Prompt, SessionRef};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -114,5 +121,234 @@ pub fn run(
         tg_tps: n_gen as f64 / tg_s,
         ttft_ms: pp_s * 1e3,
         peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// `edgellm bench --long`: one request generating `windows` × n_ctx tokens through the sliding
+/// window (the daemon's engine path: sampling, window slides), with each token's latency taken
+/// after the window first filled.
+#[derive(Debug, Clone, Serialize)]
+pub struct LongReport {
+    pub model: String,
+    pub kernels: String,
+    pub threads: usize,
+    pub kv_type: String,
+    pub n_ctx: usize,
+    pub n_sink: usize,
+    pub n_discard: usize,
+    pub tokens: usize,
+    /// Tokens timed: those generated after the window first filled.
+    pub timed: usize,
+    pub evicted: usize,
+    pub slides: usize,
+    pub tps: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// p99 / median: at most 1.5 means no per-slide spikes in the tail.
+    pub p99_over_p50: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// Records when each token's forward finished.
+struct Clock {
+    last: Option<Instant>,
+    full: bool,
+    n_ctx: usize,
+    lat: Vec<f64>,
+}
+
+impl crate::engine::Sink for Clock {
+    fn text(&mut self, _: &str) {}
+    fn kv(&mut self, used: usize, _evicted: usize) {
+        let now = Instant::now();
+        if self.full {
+            if let Some(l) = self.last {
+                self.lat.push((now - l).as_secs_f64() * 1e3);
+            }
+        }
+        self.full |= used >= self.n_ctx;
+        self.last = Some(now);
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub fn run_long(
+    engine: &mut Engine,
+    name: &str,
+    window: Window,
+    windows: usize,
+) -> Result<LongReport, EngineError> {
+    let info = engine.backend.info();
+    let n_ctx = info.n_ctx;
+    engine.set_window(Some(window));
+    let mut req = GenerateRequest::new(Prompt::Raw("Once upon a time".into()));
+    req.max_tokens = windows * n_ctx;
+    req.ignore_eos = true;
+    req.sampling = SamplingParams {
+        temperature: 0.8,
+        seed: 7,
+        ..Default::default()
+    };
+    let mut clock = Clock {
+        last: None,
+        full: false,
+        n_ctx,
+        lat: Vec::with_capacity(req.max_tokens),
+    };
+    let t0 = Instant::now();
+    let c = engine.generate(&req, &mut clock)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mut lat = clock.lat;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let p50 = percentile(&lat, 0.5);
+    let p99 = percentile(&lat, 0.99);
+    Ok(LongReport {
+        model: name.into(),
+        kernels: info.compute,
+        threads: info.threads,
+        kv_type: info.kv_type,
+        n_ctx,
+        n_sink: window.n_sink,
+        n_discard: window.n_discard,
+        tokens: c.usage.completion_tokens,
+        timed: lat.len(),
+        evicted: c.usage.evicted_tokens,
+        slides: c.usage.evicted_tokens / window.n_discard.max(1),
+        tps: c.usage.completion_tokens as f64 / secs,
+        p50_ms: p50,
+        p90_ms: percentile(&lat, 0.9),
+        p99_ms: p99,
+        p999_ms: percentile(&lat, 0.999),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+        p99_over_p50: if p50 > 0.0 { p99 / p50 } else { 0.0 },
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// `edgellm bench --session`: time to first token of a follow-up turn in a session, against a
+/// cold request carrying the same conversation whole.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionReport {
+    pub model: String,
+    pub kernels: String,
+    pub threads: usize,
+    pub n_ctx: usize,
+    /// Prompt tokens of the cold request (the whole conversation).
+    pub history_tokens: usize,
+    /// Tokens the follow-up reused from the session's cache, and prefilled.
+    pub cached_tokens: usize,
+    pub follow_up_prompt_tokens: usize,
+    pub reps: usize,
+    /// Medians over `reps`.
+    pub cold_ttft_ms: f64,
+    /// The session resident in the cache (the previous request was its own).
+    pub follow_up_ttft_ms: f64,
+    /// The session saved and loaded back (another request ran between the turns).
+    pub follow_up_parked_ttft_ms: f64,
+    pub follow_up_over_cold: f64,
+    pub parked_over_cold: f64,
+}
+
+/// A conversation of `turns` made-up exchanges (deterministic), as a client would keep it.
+pub fn made_up_history(turns: usize) -> Vec<Message> {
+    const W: [&str; 16] = [
+        "river", "garden", "lamp", "winter", "engine", "window", "market", "letter", "storm",
+        "harbour", "kitchen", "signal", "forest", "bridge", "candle", "station",
+    ];
+    let mut rng = Rng::new(11);
+    let mut word = || W[(rng.next_u64() % W.len() as u64) as usize];
+    let mut h = vec![Message::new("system", "You are a helpful assistant on a small board.")];
+    for i in 0..turns {
+        h.push(Message::new(
+            "user",
+            &format!("Question {i}: what links the {} and the {}?", word(), word()),
+        ));
+        let mut a = String::new();
+        for _ in 0..6 {
+            a.push_str(&format!(
+                "The {} is near the {} by the {}. ",
+                word(),
+                word(),
+                word()
+            ));
+        }
+        h.push(Message::new("assistant", a.trim_end()));
+    }
+    h
+}
+
+pub fn run_session(
+    engine: &mut Engine,
+    name: &str,
+    turns: usize,
+    reps: usize,
+) -> Result<SessionReport, EngineError> {
+    let info = engine.backend.info();
+    engine.set_sessions(4, 1 << 30);
+    let history = made_up_history(turns);
+    let req = |messages: Vec<Message>, session: Option<(&str, Option<Vec<Message>>)>| {
+        let mut r = GenerateRequest::new(Prompt::Messages(messages));
+        r.max_tokens = 8;
+        r.ignore_eos = true;
+        r.sampling = SamplingParams::greedy();
+        r.session = session.map(|(id, history)| SessionRef {
+            id: id.into(),
+            history,
+        });
+        r
+    };
+    let first = Message::new("user", "Summarise that in one line.");
+    let follow = Message::new("user", "And what comes next?");
+    let (mut cold, mut warm, mut parked) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut history_tokens, mut cached, mut prefilled) = (0, 0, 0);
+    let mut sink = String::new();
+    for rep in 0..=reps {
+        // The session: built from the client's history, one turn, then the follow-up.
+        let id = format!("bench-{rep}");
+        let t1 = engine.generate(&req(vec![first.clone()], Some((&id, Some(history.clone())))), &mut sink)?;
+        let f = engine.generate(&req(vec![follow.clone()], Some((&id, None))), &mut sink)?;
+        // Another request between the turns parks the session in the store.
+        engine.generate(&req(vec![Message::new("user", "Hi.")], None), &mut sink)?;
+        let p = engine.generate(&req(vec![follow.clone()], Some((&id, None))), &mut sink)?;
+        // Cold: the same conversation as the follow-up saw it, sent whole.
+        let mut whole = history.clone();
+        whole.push(first.clone());
+        whole.push(Message::new("assistant", &t1.text));
+        whole.push(follow.clone());
+        let c = engine.generate(&req(whole, None), &mut sink)?;
+        if rep > 0 {
+            cold.push(c.timing.ttft_ms);
+            warm.push(f.timing.ttft_ms);
+            parked.push(p.timing.ttft_ms);
+        }
+        history_tokens = c.usage.prompt_tokens;
+        cached = f.usage.cached_tokens;
+        prefilled = f.usage.prompt_tokens;
+    }
+    let (c, w, p) = (median(&mut cold), median(&mut warm), median(&mut parked));
+    Ok(SessionReport {
+        model: name.into(),
+        kernels: info.compute,
+        threads: info.threads,
+        n_ctx: info.n_ctx,
+        history_tokens,
+        cached_tokens: cached,
+        follow_up_prompt_tokens: prefilled,
+        reps,
+        cold_ttft_ms: c,
+        follow_up_ttft_ms: w,
+        follow_up_parked_ttft_ms: p,
+        follow_up_over_cold: w / c,
+        parked_over_cold: p / c,
     })
 }

@@ -225,6 +225,28 @@ enum Cmd {
         /// Repetitions (the median is reported)
         #[arg(short = 'r', long, default_value_t = 5)]
         reps: usize,
+        /// Per-token latency percentiles of one generation --windows windows long, through the
+        /// sliding window (after it first fills)
+        #[arg(long, conflicts_with = "session")]
+        long: bool,
+        /// Time to first token of a session's follow-up turn against a cold request with the
+        /// same conversation
+        #[arg(long)]
+        session: bool,
+        /// --long/--session: the context window
+        #[arg(long, default_value_t = 2048)]
+        ctx: usize,
+        /// --long: generate this many windows' worth of tokens
+        #[arg(long, default_value_t = 8)]
+        windows: usize,
+        /// --long: attention sinks, and positions evicted per slide (0: a quarter of the window)
+        #[arg(long, default_value_t = 4)]
+        sinks: usize,
+        #[arg(long, default_value_t = 0)]
+        discard: usize,
+        /// --session: made-up exchanges in the conversation before the follow-up
+        #[arg(long, default_value_t = 12)]
+        turns: usize,
     },
 }
 
@@ -574,7 +596,39 @@ fn run(cli: Cli) -> Result<()> {
             n_prompt,
             n_gen,
             reps,
+            long,
+            session,
+            ctx,
+            windows,
+            sinks,
+            discard,
+            turns,
         } => {
+            if long || session {
+                let path = model_path(m.model.as_deref())?;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let opts = m.cpu(ctx, CpuOptions::default().max_batch)?;
+                let mut engine = Engine::load_cpu(&path, &opts)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                let n_ctx = engine.backend.n_ctx();
+                let out = if long {
+                    let window = Window::new(n_ctx, sinks, discard).ok_or_else(|| {
+                        UsageError(format!(
+                            "--sinks {sinks} --discard {discard}: must leave room in the window of {n_ctx}"
+                        ))
+                    })?;
+                    let r = edgellm::bench::run_long(&mut engine, &name, window, windows.max(1))?;
+                    serde_json::to_string(&r)?
+                } else {
+                    let r = edgellm::bench::run_session(&mut engine, &name, turns, reps)?;
+                    serde_json::to_string(&r)?
+                };
+                println!("{out}");
+                return Ok(());
+            }
             if n_prompt == 0 || n_gen == 0 || reps == 0 {
                 bail!(UsageError(
                     "--n-prompt, --n-gen and --reps must be at least 1".into()

@@ -20,6 +20,8 @@ pub struct BackendInfo {
     pub max_batch: usize,
     /// Tensor types of the weights and how many tensors of each.
     pub tensor_types: Vec<(String, usize)>,
+    /// Element type of the KV cache ("f32", "q8_0").
+    pub kv_type: String,
     /// Bytes of weights (mapped) and of the KV cache and scratch (allocated once).
     pub weight_bytes: u64,
     pub state_bytes: u64,

@@ -279,6 +279,7 @@ impl Backend for CpuBackend {
             n_vocab: self.cfg.vocab,
             max_batch: self.max_batch,
             tensor_types: types,
+            kv_type: self.kv.ty().name().into(),
             weight_bytes: all.iter().map(|t| t.len as u64).sum(),
             state_bytes: self.state_bytes(),
         }
