@@ -267,11 +267,18 @@ pub fn made_up_history(turns: usize) -> Vec<Message> {
     ];
     let mut rng = Rng::new(11);
     let mut word = || W[(rng.next_u64() % W.len() as u64) as usize];
-    let mut h = vec![Message::new("system", "You are a helpful assistant on a small board.")];
+    let mut h = vec![Message::new(
+        "system",
+        "You are a helpful assistant on a small board.",
+    )];
     for i in 0..turns {
         h.push(Message::new(
             "user",
-            &format!("Question {i}: what links the {} and the {}?", word(), word()),
+            &format!(
+                "Question {i}: what links the {} and the {}?",
+                word(),
+                word()
+            ),
         ));
         let mut a = String::new();
         for _ in 0..6 {
@@ -315,7 +322,10 @@ pub fn run_session(
     for rep in 0..=reps {
         // The session: built from the client's history, one turn, then the follow-up.
         let id = format!("bench-{rep}");
-        let t1 = engine.generate(&req(vec![first.clone()], Some((&id, Some(history.clone())))), &mut sink)?;
+        let t1 = engine.generate(
+            &req(vec![first.clone()], Some((&id, Some(history.clone())))),
+            &mut sink,
+        )?;
         let f = engine.generate(&req(vec![follow.clone()], Some((&id, None))), &mut sink)?;
         // Another request between the turns parks the session in the store.
         engine.generate(&req(vec![Message::new("user", "Hi.")], None), &mut sink)?;
