@@ -326,7 +326,12 @@ impl Engine {
             if let Some(suffix) = text.strip_prefix(s.text.as_str()) {
                 let mut feed = s.tokens[s.cached..].to_vec();
                 feed.extend(self.tokenizer.encode(suffix)?);
-                let room = self.backend.n_ctx() - self.window.map_or(0, |w| w.n_sink);
+                // With a window the cache slides to take the turn; without one it must fit.
+                let n_ctx = self.backend.n_ctx();
+                let room = match self.window {
+                    Some(w) => n_ctx - w.n_sink,
+                    None => n_ctx.saturating_sub(s.cached + 1),
+                };
                 if feed.len() < room.min(budget) {
                     return Ok(Prepared {
                         pos: s.cached,
