@@ -218,19 +218,16 @@ impl Engine {
         let (mut text, mut ids) = render(messages)?;
         let full = ids.len();
         let first = usize::from(messages[0].role == "system");
-        let last_user = messages
+        let mut last_user = messages
             .iter()
             .rposition(|m| m.role == "user")
             .unwrap_or(messages.len() - 1)
             .max(first);
-        let mut drop = 0;
-        while ids.len() > budget && first + drop < last_user {
-            drop += 1;
-            let kept: Vec<Message> = messages[..first]
-                .iter()
-                .chain(&messages[first + drop..])
-                .cloned()
-                .collect();
+        let mut kept = messages.to_vec();
+        while ids.len() > budget && first < last_user {
+            // The oldest turn after the system prompt goes; the last user turn moves up one.
+            kept.remove(first);
+            last_user -= 1;
             (text, ids) = render(&kept)?;
         }
         let n_ctx = self.backend.n_ctx();
@@ -240,12 +237,8 @@ impl Engine {
                 n_ctx,
             });
         }
-        let kept = messages[..first]
-            .iter()
-            .chain(&messages[first + drop..])
-            .cloned()
-            .collect();
-        Ok((kept, text, ids.clone(), full.saturating_sub(ids.len())))
+        let dropped = full.saturating_sub(ids.len());
+        Ok((kept, text, ids, dropped))
     }
 
     /// Saves the resident session's cache into the store, so the backend can serve another.
@@ -510,7 +503,6 @@ impl Engine {
             s.tokens.clear();
             s.tokens.extend_from_slice(&self.history);
             s.cached = pos.min(self.history.len());
-            s.evicted += evicted;
             s.turns += 1;
             s
         });

@@ -27,8 +27,6 @@ pub struct Session {
     pub cached: usize,
     /// The backend state of positions `0..cached`, while the session is not resident.
     pub kv: Vec<u8>,
-    /// Tokens evicted by the window over the session's life.
-    pub evicted: usize,
     pub turns: usize,
     last_used: u64,
 }
@@ -93,18 +91,10 @@ impl SessionStore {
         self.max_count > 0
     }
 
-    pub fn max_count(&self) -> usize {
-        self.max_count
-    }
-
     /// Takes session `id` out of the store.
     pub fn take(&mut self, id: &str) -> Option<Session> {
         let i = self.saved.iter().position(|s| s.id == id)?;
         Some(self.saved.swap_remove(i))
-    }
-
-    pub fn contains(&self, id: &str) -> bool {
-        self.saved.iter().any(|s| s.id == id)
     }
 
     /// Room for one more session besides `resident` of them: evicts the least recently used
