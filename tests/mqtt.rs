@@ -463,9 +463,18 @@ fn replies_held_too_long_are_dropped_with_a_log_line() {
     p.next(Duration::from_secs(10)).expect("first tokens");
     broker.stop();
     // The request finishes while the broker is away.
-    let until = Instant::now() + Duration::from_secs(30);
-    while d.status()["requests"]["done"] != 1 {
-        assert!(Instant::now() < until, "h1 did not finish");
+    // Generous: CI runs this beside the perplexity tests on two cores.
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = d.status();
+        if s["requests"]["done"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < until && s["requests"]["failed"] == 0,
+            "h1 did not finish: {s}\n{}",
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
