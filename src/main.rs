@@ -20,6 +20,8 @@ use edgellm::engine::chat::Message;
 use edgellm::engine::perplexity::{perplexity, perplexity_stream, StreamOpts};
 use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::tokenizer::Tokenizer;
+use edgellm::backend::ort::OrtOptions;
+use edgellm::engine::load::{is_onnx_dir, BackendChoice, LoadSpec};
 use edgellm::engine::{Engine, Window};
 use edgellm::frontend::client::{self, ClientError};
 use edgellm::frontend::{cli, mqtt, unix};
@@ -42,9 +44,18 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// GGUF model file (default: $EDGELLM_MODEL, then models/cache/SmolLM2-135M-Instruct.Q4_1.gguf)
+    /// GGUF model file, or an ONNX model folder for --backend ort (default: $EDGELLM_MODEL,
+    /// then models/cache/SmolLM2-135M-Instruct.Q4_1.gguf)
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
+    /// cpu (the int4 engine on a GGUF), ort (ONNX Runtime on an ONNX folder, falling back to
+    /// the int4 engine on the default GGUF), auto (ort when --model is a folder)
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// --backend ort: execution providers in order of preference, comma-separated
+    /// (qnn, cuda, tensorrt, xnnpack, cpu)
+    #[arg(long, default_value = "cpu")]
+    providers: String,
     /// Compute threads (default: all cores)
     #[arg(long, short = 't', default_value_t = 0)]
     threads: usize,
@@ -57,6 +68,35 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// What to load for these arguments: a folder is an ONNX model (the default GGUF, when
+    /// present, is the fallback), a file a GGUF.
+    fn spec(&self, n_ctx: usize, max_batch: usize) -> Result<LoadSpec> {
+        let choice = BackendChoice::parse(&self.backend)
+            .map_err(|e| UsageError(format!("--backend: {e}")))?;
+        let (gguf, onnx) = match &self.model {
+            Some(p) if is_onnx_dir(p) => (model_path(None).ok(), Some(p.clone())),
+            Some(p) => (Some(p.clone()), None),
+            None => (Some(model_path(None)?), None),
+        };
+        if choice == BackendChoice::Ort && onnx.is_none() {
+            bail!(UsageError(
+                "--backend ort needs --model DIR, an ONNX model folder (edgellm export-onnx writes one from a GGUF)".into()
+            ));
+        }
+        Ok(LoadSpec {
+            choice,
+            gguf,
+            onnx,
+            cpu: self.cpu(n_ctx, max_batch)?,
+            ort: OrtOptions {
+                providers: self.providers.split(',').map(|s| s.trim().to_string()).collect(),
+                threads: self.threads,
+                n_ctx,
+                ..Default::default()
+            },
+        })
+    }
+
     /// CPU options for these arguments with a window of `n_ctx` tokens.
     fn cpu(&self, n_ctx: usize, max_batch: usize) -> Result<CpuOptions> {
         Ok(CpuOptions {
@@ -358,8 +398,12 @@ fn run(cli: Cli) -> Result<()> {
                     .unwrap_or(0)
             });
             // Options that only mean something in-process keep the answer in-process.
-            let in_process =
-                local || m.model.is_some() || m.threads != 0 || m.kernels != "auto" || ctx != 0;
+            let in_process = local
+                || m.model.is_some()
+                || m.threads != 0
+                || m.kernels != "auto"
+                || m.backend != "auto"
+                || ctx != 0;
             if !in_process {
                 let explicit = d.socket.is_some();
                 let sock = socket_path(&d)?;
@@ -400,10 +444,10 @@ fn run(cli: Cli) -> Result<()> {
                     Err(e) => tracing::debug!("no daemon at {}: {e}", sock.display()),
                 }
             }
-            let path = model_path(m.model.as_deref())?;
-            let opts = m.cpu(ctx, CpuOptions::default().max_batch)?;
-            let mut engine = Engine::load_cpu(&path, &opts)
-                .with_context(|| format!("loading {}", path.display()))?;
+            let (mut engine, fallback) = m.spec(ctx, CpuOptions::default().max_batch)?.load()?;
+            if let Some(why) = fallback {
+                eprintln!("edgellm: ort backend unavailable ({why}); answering on the int4 CPU engine");
+            }
             let n_ctx = engine.backend.n_ctx();
             engine.set_window(Window::new(n_ctx, 4, 0));
             let prompt = if raw {

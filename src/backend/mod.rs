@@ -1,11 +1,12 @@
 //! Backends run the model: token ids in, logits out, with the KV cache kept inside the backend.
 //!
 //! - [`cpu`]: the int4 CPU engine on a memory-mapped GGUF (this crate's own kernels).
-//! - An ONNX Runtime backend will implement the same trait, keeping its KV cache in ORT tensors.
+//! - [`ort`]: ONNX Runtime through an execution provider chain, on an ONNX decoder folder.
 //!
 //! The engine (tokenizer, chat template, sampler, generation loop) only sees [`Backend`].
 
 pub mod cpu;
+pub mod ort;
 
 /// What a backend reports about itself (status, `edgellm bench`, logs).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -67,6 +68,11 @@ pub trait Backend: Send {
 
     /// Forgets the cached context; the next `forward` starts at position 0.
     fn reset(&mut self);
+
+    /// Whether [`Backend::shift`] can slide this backend's window.
+    fn can_shift(&self) -> bool {
+        true
+    }
 
     /// Slides the window: of the `len` cached positions, `keep..keep + discard` are forgotten
     /// and `keep + discard..len` move down to `keep..len - discard`, so that the next `forward`

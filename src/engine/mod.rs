@@ -11,6 +11,7 @@
 //! the main thread in `edgellm ask`).
 
 pub mod chat;
+pub mod load;
 pub mod perplexity;
 pub mod sampler;
 pub mod session;
@@ -23,6 +24,7 @@ use std::time::Instant;
 
 use crate::backend::cpu::model::ModelError;
 use crate::backend::cpu::{CpuBackend, CpuOptions};
+use crate::backend::ort::{OrtBackend, OrtError, OrtOptions};
 use crate::backend::{Backend, BackendError};
 use crate::queue::{Completion, FinishReason, GenerateRequest, Prompt, SessionInfo, Timing, Usage};
 use chat::{ChatError, ChatTemplate, Message};
@@ -42,6 +44,8 @@ pub enum EngineError {
     Chat(#[from] ChatError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Ort(#[from] OrtError),
     #[error("prompt is {tokens} tokens; the context window holds {n_ctx} (limit: {limit} prompt tokens)")]
     PromptTooLong {
         tokens: usize,
@@ -145,6 +149,33 @@ impl Engine {
         Ok(Engine::new(Box::new(backend), tokenizer, chat))
     }
 
+    /// Loads an ONNX decoder folder (genai layout) on ONNX Runtime. The chat template is the
+    /// folder's `chat_template.jinja`, else `chat_template` in its `tokenizer_config.json`, else
+    /// ChatML.
+    pub fn load_ort(dir: &Path, opts: &OrtOptions) -> Result<Engine, EngineError> {
+        let backend = OrtBackend::open(dir, opts)?;
+        let m = backend.model();
+        let tokenizer = Tokenizer::from_json(&dir.join("tokenizer.json"), m.bos, &m.eos)?;
+        if tokenizer.n_vocab() > backend.n_vocab() {
+            return Err(EngineError::Tokenizer(TokenizerError::Bad(format!(
+                "tokenizer has {} tokens, the model {}",
+                tokenizer.n_vocab(),
+                backend.n_vocab()
+            ))));
+        }
+        let template = std::fs::read_to_string(dir.join("chat_template.jinja"))
+            .ok()
+            .or_else(|| {
+                let cfg = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&cfg).ok()?;
+                v["chat_template"].as_str().map(str::to_string)
+            });
+        let bos = tokenizer.bos.and_then(|b| tokenizer.text(b)).unwrap_or("");
+        let eos = tokenizer.eos.and_then(|b| tokenizer.text(b)).unwrap_or("");
+        let chat = ChatTemplate::new(template.as_deref(), bos, eos)?;
+        Ok(Engine::new(Box::new(backend), tokenizer, chat))
+    }
+
     pub fn new(backend: Box<dyn Backend>, tokenizer: Tokenizer, chat: ChatTemplate) -> Engine {
         let n_vocab = backend.n_vocab();
         let n_ctx = backend.n_ctx();
@@ -163,8 +194,10 @@ impl Engine {
     }
 
     /// Lets generation go past the window's end by sliding it (`None`: stop at the end).
+    /// A backend that cannot slide (an ONNX graph whose rotary edgellm cannot read) keeps no
+    /// window: its generations stop with `length` when the window is full.
     pub fn set_window(&mut self, window: Option<Window>) {
-        self.window = window;
+        self.window = window.filter(|_| self.backend.can_shift());
     }
 
     /// Prompt text as the model sees it (template applied to messages).

@@ -40,6 +40,18 @@ const GPT2_SPLIT: &str =
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// As llama.cpp does: control tokens that end a turn in common chat formats.
+const END_TEXTS: [&str; 8] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "<|end_of_text|>",
+];
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Bytes each token stands for in output (empty for control tokens).
@@ -158,17 +170,6 @@ impl Tokenizer {
                 eog.push(t);
             }
         }
-        // As llama.cpp does: control tokens that end a turn in common chat formats.
-        const END_TEXTS: [&str; 8] = [
-            "<|eot_id|>",
-            "<|im_end|>",
-            "<|end|>",
-            "<end_of_turn>",
-            "<|endoftext|>",
-            "<|eom_id|>",
-            "<EOT>",
-            "<|end_of_text|>",
-        ];
         for (i, t) in tokens.iter().enumerate() {
             if special[i] && END_TEXTS.contains(&t.as_str()) && !eog.contains(&(i as u32)) {
                 eog.push(i as u32);
@@ -183,6 +184,80 @@ impl Tokenizer {
             eos,
             eog,
             add_bos,
+        })
+    }
+
+    /// Reads a Hugging Face `tokenizer.json` (byte-level BPE) for a model that carries no GGUF
+    /// metadata, such as an ONNX folder; special tokens are its added tokens marked `special`.
+    /// `bos` and `eos` come from the model's config; the usual end-of-turn tokens end generation
+    /// too, as for GGUF models.
+    pub fn from_json(
+        path: &Path,
+        bos: Option<u32>,
+        eos: &[u32],
+    ) -> Result<Tokenizer, TokenizerError> {
+        let lib = |e: String| TokenizerError::Library(format!("{}: {e}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| lib(e.to_string()))?;
+        let json: Json = serde_json::from_str(&text).map_err(|e| lib(e.to_string()))?;
+        let kind = json["model"]["type"].as_str().unwrap_or("?");
+        let byte_level = json["decoder"]["type"] == "ByteLevel"
+            || json["pre_tokenizer"].to_string().contains("ByteLevel");
+        if kind != "BPE" || !byte_level {
+            return Err(TokenizerError::UnsupportedModel(format!(
+                "{kind} in {} (supported: byte-level BPE)",
+                path.display()
+            )));
+        }
+        let inner = text
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| lib(e.to_string()))?;
+        let vocab = inner.get_vocab(true);
+        let n = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
+        if n == 0 {
+            return Err(lib("empty vocabulary".into()));
+        }
+        let mut tokens = vec![String::new(); n];
+        for (t, &i) in &vocab {
+            tokens[i as usize] = t.clone();
+        }
+        let mut types = vec![TYPE_NORMAL; n];
+        if let Some(added) = json["added_tokens"].as_array() {
+            for a in added {
+                if let Some(i) = a["id"].as_u64().filter(|&i| (i as usize) < n) {
+                    types[i as usize] = if a["special"] == true {
+                        TYPE_CONTROL
+                    } else {
+                        TYPE_USER
+                    };
+                }
+            }
+        }
+        let check = |id: u32| -> Result<u32, TokenizerError> {
+            if (id as usize) < n {
+                Ok(id)
+            } else {
+                Err(TokenizerError::Bad(format!(
+                    "special token id {id} is outside the vocabulary of {n}"
+                )))
+            }
+        };
+        let bos = bos.map(check).transpose()?;
+        let mut eog: Vec<u32> = eos.iter().map(|&e| check(e)).collect::<Result<_, _>>()?;
+        let special: Vec<bool> = types.iter().map(|&t| t == TYPE_CONTROL).collect();
+        for (i, t) in tokens.iter().enumerate() {
+            if special[i] && END_TEXTS.contains(&t.as_str()) && !eog.contains(&(i as u32)) {
+                eog.push(i as u32);
+            }
+        }
+        Ok(Tokenizer {
+            inner,
+            pieces: byte_level_pieces(&tokens, &types),
+            texts: tokens,
+            special,
+            bos,
+            eos: eos.first().copied(),
+            eog,
+            add_bos: false,
         })
     }
 

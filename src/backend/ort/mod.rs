@@ -1,0 +1,506 @@
+//! The ONNX Runtime backend: an ONNX decoder (onnxruntime-genai's layout) run by ORT through
+//! the first execution provider of the configured chain that works.
+//!
+//! - [`runtime`]: loading the library (once per process), telemetry off, what it offers.
+//! - [`model`]: the model folder: `genai_config.json`, the graph's I/O names and rotary layout.
+//! - [`onnx`]: ONNX's protobuf messages (reading graphs, and `export-onnx` writing them).
+//!
+//! Memory is fixed at load, as on the CPU engine: each layer's keys and values live in one ORT
+//! tensor of `[1, kv_heads, n_ctx, head_dim]` bound as both the `past_key_values` input and the
+//! `present` output (GroupQueryAttention's shared buffer, which genai calls
+//! `past_present_share_buffer`), so a step writes its new positions in place and nothing grows.
+//! Sliding the window moves rows inside those tensors on the host and re-rotates the moved keys
+//! (the graph caches keys after rotary), as [`crate::backend::cpu`] does.
+
+pub mod model;
+pub mod onnx;
+pub mod runtime;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session};
+use ort::value::Tensor;
+
+use super::{Backend, BackendError, BackendInfo};
+use model::{IoNames, OrtModel, OrtModelError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OrtError {
+    #[error("ONNX Runtime is not available: {0}")]
+    Runtime(String),
+    #[error(transparent)]
+    Model(#[from] OrtModelError),
+    #[error("no execution provider could run the model: {0}")]
+    NoProvider(String),
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl From<ort::Error> for OrtError {
+    fn from(e: ort::Error) -> Self {
+        OrtError::Ort(e.to_string())
+    }
+}
+
+/// Execution providers edgellm can register, by their config names.
+pub const PROVIDERS: [&str; 5] = ["qnn", "cuda", "tensorrt", "xnnpack", "cpu"];
+
+#[derive(Debug, Clone)]
+pub struct OrtOptions {
+    /// `ort.library`; `None`: `ORT_DYLIB_PATH`, then the fetch script's cache.
+    pub library: Option<PathBuf>,
+    /// In order of preference; each that fails is logged and skipped.
+    pub providers: Vec<String>,
+    /// Options handed to each provider as they are (`device_id`, `backend_path`, ...).
+    pub provider_options: BTreeMap<String, BTreeMap<String, String>>,
+    pub threads: usize,
+    pub n_ctx: usize,
+    /// Tokens per forward call: the logits of a chunk are `max_batch × n_vocab` floats.
+    pub max_batch: usize,
+}
+
+impl Default for OrtOptions {
+    fn default() -> Self {
+        OrtOptions {
+            library: None,
+            providers: vec!["cpu".into()],
+            provider_options: BTreeMap::new(),
+            threads: 0,
+            n_ctx: 2048,
+            max_batch: 64,
+        }
+    }
+}
+
+/// How one provider of the chain fared; logged, and shown by `edgellm info`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProviderAttempt {
+    pub provider: String,
+    /// `None`: registered and the session was created with it.
+    pub error: Option<String>,
+}
+
+pub struct OrtBackend {
+    session: Session,
+    binding: IoBinding,
+    model: OrtModel,
+    /// Keys and values of each layer, `[1, kv_heads, n_ctx, head_dim]`: K of layer i at 2i,
+    /// V at 2i + 1.
+    kv: Vec<Tensor<f32>>,
+    /// Logits copied out of the last run: (max_batch, n_vocab).
+    logits: Vec<f32>,
+    n_ctx: usize,
+    max_batch: usize,
+    threads: usize,
+    provider: String,
+    /// Where ORT puts the logits: a fresh output each run, since its shape follows the batch.
+    cpu: MemoryInfo<'static>,
+    pub attempts: Vec<ProviderAttempt>,
+    /// Reused buffers for the per-call inputs.
+    ids: Vec<i64>,
+    mask: Vec<i64>,
+}
+
+impl std::fmt::Debug for OrtBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrtBackend")
+            .field("model", &self.model.dir)
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ort_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Other(format!("ONNX Runtime: {e}"))
+}
+
+impl OrtBackend {
+    /// Loads ONNX Runtime (once per process), reads the model folder and creates a session on
+    /// the first provider of `opts.providers` that takes it.
+    pub fn open(dir: &Path, opts: &OrtOptions) -> Result<OrtBackend, OrtError> {
+        let rt = runtime::init(opts.library.as_deref()).map_err(OrtError::Runtime)?;
+        tracing::debug!(
+            "ONNX Runtime {} from {} (providers built in: {:?})",
+            rt.version,
+            rt.library.display(),
+            rt.providers
+        );
+        let env = runtime::environment()
+            .ok_or_else(|| OrtError::Runtime("environment missing after load".into()))?;
+        let model = OrtModel::open(dir)?;
+        // 0: the model's own window, at most 4096 (as on the CPU engine).
+        let n_ctx = match opts.n_ctx {
+            0 => model.context_length.min(4096),
+            n => n,
+        };
+        if n_ctx < 2 || n_ctx > model.context_length {
+            return Err(OrtError::Config(format!(
+                "model.n_ctx = {n_ctx} is outside 2..={} (the model's context_length)",
+                model.context_length
+            )));
+        }
+        for p in &opts.providers {
+            if !PROVIDERS.contains(&p.as_str()) {
+                return Err(OrtError::Config(format!(
+                    "ort.providers: unknown provider {p:?} (allowed: {})",
+                    PROVIDERS.join(", ")
+                )));
+            }
+        }
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.threads
+        };
+        let mut attempts = Vec::new();
+        let mut chosen = None;
+        for (i, name) in opts.providers.iter().enumerate() {
+            match session_with(env, &model, name, opts, threads) {
+                Ok(s) => {
+                    tracing::info!("ort: execution provider {name} registered");
+                    attempts.push(ProviderAttempt {
+                        provider: name.clone(),
+                        error: None,
+                    });
+                    chosen = Some((name.clone(), s));
+                    for rest in &opts.providers[i + 1..] {
+                        attempts.push(ProviderAttempt {
+                            provider: rest.clone(),
+                            error: Some("not tried: an earlier provider works".into()),
+                        });
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("ort: execution provider {name} failed: {e}");
+                    attempts.push(ProviderAttempt {
+                        provider: name.clone(),
+                        error: Some(e),
+                    });
+                }
+            }
+        }
+        let Some((provider, session)) = chosen else {
+            let why = attempts
+                .iter()
+                .map(|a| format!("{}: {}", a.provider, a.error.as_deref().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(OrtError::NoProvider(if why.is_empty() {
+                "ort.providers is empty".into()
+            } else {
+                why
+            }));
+        };
+        let shape = [1, model.n_kv_head, n_ctx, model.head_dim];
+        let allocator = Allocator::default();
+        let mut kv = Vec::with_capacity(2 * model.n_layer);
+        for _ in 0..2 * model.n_layer {
+            let mut t = Tensor::<f32>::new(&allocator, shape)?;
+            t.extract_tensor_mut().1.fill(0.0);
+            kv.push(t);
+        }
+        let mut binding = session.create_binding()?;
+        for (i, pair) in kv.chunks_exact_mut(2).enumerate() {
+            let n = &model.names;
+            binding.bind_input(IoNames::layer(&n.past_key, i), &pair[0])?;
+            binding.bind_input(IoNames::layer(&n.past_value, i), &pair[1])?;
+            binding.bind_output(IoNames::layer(&n.present_key, i), &mut pair[0])?;
+            binding.bind_output(IoNames::layer(&n.present_value, i), &mut pair[1])?;
+        }
+        let cpu = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
+        let max_batch = opts.max_batch.clamp(1, n_ctx);
+        Ok(OrtBackend {
+            logits: vec![0.0; max_batch * model.n_vocab],
+            session,
+            binding,
+            n_ctx,
+            max_batch,
+            threads,
+            provider,
+            cpu,
+            attempts,
+            ids: Vec::with_capacity(max_batch),
+            mask: Vec::with_capacity(n_ctx),
+            kv,
+            model,
+        })
+    }
+
+    pub fn model(&self) -> &OrtModel {
+        &self.model
+    }
+
+    /// The execution provider the session runs on.
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    fn kv_floats(&self) -> usize {
+        self.model.n_kv_head * self.n_ctx * self.model.head_dim
+    }
+}
+
+/// A session on one provider (plus ORT's CPU provider for what it does not take).
+fn session_with(
+    env: &ort::environment::Environment,
+    model: &OrtModel,
+    name: &str,
+    opts: &OrtOptions,
+    threads: usize,
+) -> Result<Session, String> {
+    use ort::ep;
+    let options = opts.provider_options.get(name);
+    fn with<E: ArbitrarilyConfigurableExecutionProvider>(
+        mut e: E,
+        o: Option<&BTreeMap<String, String>>,
+    ) -> E {
+        for (k, v) in o.into_iter().flatten() {
+            e = e.with_arbitrary_config(k, v);
+        }
+        e
+    }
+    use ort::ep::ArbitrarilyConfigurableExecutionProvider;
+    let dispatch = match name {
+        "qnn" => with(ep::QNN::default(), options).build(),
+        "cuda" => with(ep::CUDA::default(), options).build(),
+        "tensorrt" => with(ep::TensorRT::default(), options).build(),
+        "xnnpack" => with(ep::XNNPACK::default(), options).build(),
+        "cpu" => ep::CPU::default().build(),
+        other => return Err(format!("unknown provider {other:?}")),
+    }
+    .error_on_failure();
+    let mut b = Session::builder(env)
+        .map_err(|e| e.to_string())?
+        .with_intra_threads(threads)
+        .map_err(|e| e.to_string())?
+        .with_inter_threads(1)
+        .map_err(|e| e.to_string())?
+        .with_log_level(ort::logging::LogLevel::Error)
+        .map_err(|e| e.to_string())?;
+    dispatch
+        .register(&mut b)
+        .map_err(|e| format!("registration: {e}"))?;
+    b.commit_from_file(&model.onnx)
+        .map_err(|e| format!("session: {e}"))
+}
+
+impl Backend for OrtBackend {
+    fn info(&self) -> BackendInfo {
+        let kv = (2 * self.model.n_layer * self.kv_floats() * 4) as u64;
+        let weights = std::fs::metadata(&self.model.onnx).map_or(0, |m| m.len())
+            + std::fs::metadata(self.model.onnx.with_extension("onnx.data")).map_or(0, |m| m.len());
+        BackendInfo {
+            backend: "ort".into(),
+            compute: self.provider.clone(),
+            threads: self.threads,
+            n_ctx: self.n_ctx,
+            n_vocab: self.model.n_vocab,
+            max_batch: self.max_batch,
+            tensor_types: vec![],
+            kv_type: "f32".into(),
+            weight_bytes: weights,
+            state_bytes: kv + (self.logits.len() * 4) as u64,
+        }
+    }
+
+    fn n_vocab(&self) -> usize {
+        self.model.n_vocab
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn reset(&mut self) {}
+
+    fn can_shift(&self) -> bool {
+        self.model.rotary.is_some()
+    }
+
+    fn shift(&mut self, keep: usize, discard: usize, len: usize) -> Result<(), BackendError> {
+        let n_ctx = self.n_ctx;
+        if len > n_ctx || keep + discard > len {
+            return Err(BackendError::BadShift {
+                keep,
+                discard,
+                len,
+                n_ctx,
+            });
+        }
+        let Some(rot) = self.model.rotary.clone() else {
+            return Err(BackendError::Other(
+                "this ONNX model's attention has no rotary tables edgellm can read; its window cannot slide".into(),
+            ));
+        };
+        let hd = self.model.head_dim;
+        let heads = self.model.n_kv_head;
+        // cos/sin of −discard for each rotated pair.
+        let rot_by: Vec<(f32, f32)> = rot
+            .inv_freq
+            .iter()
+            .map(|f| {
+                let a = -(discard as f64) * *f as f64;
+                (a.cos() as f32, a.sin() as f32)
+            })
+            .collect();
+        for (i, t) in self.kv.iter_mut().enumerate() {
+            let is_key = i % 2 == 0;
+            let data = t.extract_tensor_mut().1;
+            for h in 0..heads {
+                let base = h * n_ctx * hd;
+                let head = &mut data[base..base + n_ctx * hd];
+                head.copy_within((keep + discard) * hd..len * hd, keep * hd);
+                if is_key {
+                    for p in keep..len - discard {
+                        rotate(&mut head[p * hd..(p + 1) * hd], &rot_by, rot.interleaved);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn saved_bytes(&self, len: usize) -> usize {
+        2 * self.model.n_layer * self.model.n_kv_head * len * self.model.head_dim * 4
+    }
+
+    fn save(&self, len: usize, out: &mut Vec<u8>) -> Result<(), BackendError> {
+        let hd = self.model.head_dim;
+        if len > self.n_ctx {
+            return Err(BackendError::ContextFull {
+                pos: 0,
+                end: len,
+                n_ctx: self.n_ctx,
+            });
+        }
+        out.reserve(self.saved_bytes(len));
+        for t in &self.kv {
+            let data = t.extract_tensor().1;
+            for h in 0..self.model.n_kv_head {
+                let base = h * self.n_ctx * hd;
+                for v in &data[base..base + len * hd] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, len: usize, data: &[u8]) -> Result<(), BackendError> {
+        let want = self.saved_bytes(len);
+        if data.len() != want || len > self.n_ctx {
+            return Err(BackendError::BadState {
+                len,
+                got: data.len(),
+                want,
+            });
+        }
+        let hd = self.model.head_dim;
+        let (heads, n_ctx) = (self.model.n_kv_head, self.n_ctx);
+        let mut src = data.chunks_exact(4);
+        for t in &mut self.kv {
+            let dst = t.extract_tensor_mut().1;
+            for h in 0..heads {
+                let base = h * n_ctx * hd;
+                for (d, s) in dst[base..base + len * hd].iter_mut().zip(&mut src) {
+                    *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        all_logits: bool,
+    ) -> Result<&[f32], BackendError> {
+        let n = tokens.len();
+        if n == 0 || n > self.max_batch {
+            return Err(BackendError::BadBatch {
+                n,
+                max: self.max_batch,
+            });
+        }
+        if pos + n > self.n_ctx {
+            return Err(BackendError::ContextFull {
+                pos,
+                end: pos + n,
+                n_ctx: self.n_ctx,
+            });
+        }
+        let n_vocab = self.model.n_vocab;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(BackendError::BadToken { id, n_vocab });
+        }
+        self.ids.clear();
+        self.ids.extend(tokens.iter().map(|&t| t as i64));
+        self.mask.clear();
+        self.mask.resize(pos + n, 1);
+        let names = &self.model.names;
+        let ids = Tensor::from_array(([1usize, n], self.ids.clone())).map_err(ort_err)?;
+        let mask = Tensor::from_array(([1usize, pos + n], self.mask.clone())).map_err(ort_err)?;
+        self.binding
+            .bind_input(&names.input_ids, &ids)
+            .map_err(ort_err)?;
+        self.binding
+            .bind_input(&names.attention_mask, &mask)
+            .map_err(ort_err)?;
+        if let Some(p) = &names.position_ids {
+            let positions: Vec<i64> = (pos..pos + n).map(|p| p as i64).collect();
+            let t = Tensor::from_array(([1usize, n], positions)).map_err(ort_err)?;
+            self.binding.bind_input(p, &t).map_err(ort_err)?;
+        }
+        self.binding
+            .bind_output_to_device(&names.logits, &self.cpu)
+            .map_err(ort_err)?;
+        let outputs = self.session.run_binding(&self.binding).map_err(ort_err)?;
+        let logits = outputs
+            .get(&names.logits)
+            .ok_or_else(|| BackendError::Other("ONNX Runtime: no logits output".into()))?;
+        let (shape, data) = logits.try_extract_tensor::<f32>().map_err(ort_err)?;
+        if data.len() != n * n_vocab {
+            return Err(BackendError::Other(format!(
+                "ONNX Runtime: logits of shape {shape:?}, expected [1, {n}, {n_vocab}]"
+            )));
+        }
+        if all_logits {
+            self.logits[..n * n_vocab].copy_from_slice(data);
+            Ok(&self.logits[..n * n_vocab])
+        } else {
+            self.logits[..n_vocab].copy_from_slice(&data[(n - 1) * n_vocab..]);
+            Ok(&self.logits[..n_vocab])
+        }
+    }
+}
+
+/// Rotates one cached key by the angles in `by` (cos, sin per pair).
+fn rotate(key: &mut [f32], by: &[(f32, f32)], interleaved: bool) {
+    let half = key.len() / 2;
+    for (i, &(c, s)) in by.iter().enumerate() {
+        let (a, b) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let (x, y) = (key[a], key[b]);
+        key[a] = x * c - y * s;
+        key[b] = x * s + y * c;
+    }
+}
