@@ -106,7 +106,8 @@ fn load(path: &Path) -> Result<RuntimeInfo, String> {
 fn available_providers() -> Vec<&'static str> {
     use ort::ep::{self, ExecutionProvider};
     let mut out = Vec::new();
-    let known: [(&'static str, fn() -> ort::Result<bool>); 5] = [
+    type Probe = fn() -> ort::Result<bool>;
+    let known: [(&'static str, Probe); 5] = [
         ("qnn", ep::QNN::is_available),
         ("cuda", ep::CUDA::is_available),
         ("tensorrt", ep::TensorRT::is_available),
