@@ -26,6 +26,7 @@ pub struct Config {
     pub socket: SocketConfig,
     pub mqtt: MqttConfig,
     pub memory: MemoryConfig,
+    pub ort: OrtConfig,
     pub sessions: SessionsConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
@@ -34,13 +35,35 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
+    pub backend: String,
     pub path: Option<PathBuf>,
+    pub onnx: Option<PathBuf>,
     pub n_ctx: usize,
     pub n_sink: usize,
     pub n_discard: usize,
     pub threads: usize,
     pub kernels: String,
     pub kv_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrtConfig {
+    pub library: Option<PathBuf>,
+    pub providers: Vec<String>,
+    pub max_batch: usize,
+    pub provider_options: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+}
+
+impl Default for OrtConfig {
+    fn default() -> Self {
+        OrtConfig {
+            library: None,
+            providers: vec!["cpu".into()],
+            max_batch: 64,
+            provider_options: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -221,7 +244,9 @@ pub struct LogConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
+            backend: "auto".into(),
             path: None,
+            onnx: None,
             n_ctx: 2048,
             n_sink: 4,
             n_discard: 0,
@@ -312,6 +337,7 @@ const RANGES: &[(&str, u64, u64)] = &[
     ("model.n_sink", 0, 64),
     ("sessions.max_count", 0, 4096),
     ("sessions.max_bytes", 0, 1 << 40),
+    ("ort.max_batch", 1, 4096),
 ];
 
 /// Longest path a `sockaddr_un` holds (108 bytes with the terminating NUL).
@@ -329,8 +355,11 @@ impl Config {
             message,
         })?;
         let base = origin.parent().unwrap_or(Path::new("."));
-        if let Some(p) = &c.model.path {
-            c.model.path = Some(base.join(p));
+        for p in [&mut c.model.path, &mut c.model.onnx, &mut c.ort.library]
+            .into_iter()
+            .flatten()
+        {
+            *p = base.join(&*p);
         }
         c.socket.path = base.join(&c.socket.path);
         for f in [
@@ -375,6 +404,7 @@ impl Config {
             self.model.n_sink as u64,
             self.sessions.max_count as u64,
             self.sessions.max_bytes,
+            self.ort.max_batch as u64,
         ];
         for (&(key, lo, hi), v) in RANGES.iter().zip(values) {
             if !(lo..=hi).contains(&v) {
@@ -403,6 +433,26 @@ impl Config {
         KernelKind::parse(&self.model.kernels)
             .map_err(|e| format!("model.kernels = {:?}: {e}", self.model.kernels))?;
         self.kv_type()?;
+        crate::engine::load::BackendChoice::parse(&self.model.backend)
+            .map_err(|e| format!("model.backend = {e}"))?;
+        if self.model.backend == "ort" && self.model.onnx.is_none() {
+            return Err("model.backend = \"ort\" needs model.onnx, an ONNX model folder".into());
+        }
+        let known = crate::backend::ort::PROVIDERS;
+        for p in self.ort.providers.iter().chain(self.ort.provider_options.keys()) {
+            if !known.contains(&p.as_str()) {
+                return Err(format!(
+                    "ort.providers: {p:?} is not a provider; allowed: {}",
+                    known.join(", ")
+                ));
+            }
+        }
+        if self.ort.providers.is_empty() {
+            return Err(format!(
+                "ort.providers = []: allowed a list of one or more of {}",
+                known.join(", ")
+            ));
+        }
         self.socket_mode()?;
         let len = self.socket.path.as_os_str().len();
         if len == 0 || len > MAX_SOCKET_PATH {

@@ -20,7 +20,7 @@ use edgellm::engine::chat::Message;
 use edgellm::engine::perplexity::{perplexity, perplexity_stream, StreamOpts};
 use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::tokenizer::Tokenizer;
-use edgellm::backend::ort::OrtOptions;
+use edgellm::backend::ort::{OrtBackend, OrtOptions};
 use edgellm::engine::load::{is_onnx_dir, BackendChoice, LoadSpec};
 use edgellm::engine::{Engine, Window};
 use edgellm::frontend::client::{self, ClientError};
@@ -291,6 +291,8 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: ONNX Runtime, if it is loaded later, must not phone home.
+    edgellm::backend::ort::runtime::disable_telemetry();
     let cli = Cli::parse();
     // The daemon logs at the level of its config (set up once the config is read); the tools
     // only warn.
@@ -711,8 +713,10 @@ fn serve(
     if let Some(s) = socket {
         cfg.socket.path = s;
     }
-    if let Some(m) = model {
-        cfg.model.path = Some(m);
+    match model {
+        Some(m) if is_onnx_dir(&m) => cfg.model.onnx = Some(m),
+        Some(m) => cfg.model.path = Some(m),
+        None => {}
     }
     if let Some(u) = mqtt_url {
         cfg.mqtt.enabled = true;
@@ -734,24 +738,58 @@ fn serve(
     } else {
         None
     };
-    let path = model_path(cfg.model.path.as_deref())?;
-    let opts = CpuOptions {
+    let cpu = CpuOptions {
         n_ctx: cfg.model.n_ctx,
         threads: cfg.model.threads,
         kernels: cfg.kernels(),
         kv_type: cfg.kv_type().map_err(UsageError)?,
         ..Default::default()
     };
-    let plan = edgellm::gguf::Gguf::open(&path)
-        .map_err(ModelError::from)
-        .and_then(|g| CpuBackend::plan(&g, &opts))
-        .with_context(|| format!("loading {}", path.display()))?;
+    let choice = BackendChoice::parse(&cfg.model.backend).map_err(UsageError)?;
+    let want_ort = choice == BackendChoice::Ort || (choice == BackendChoice::Auto && cfg.model.onnx.is_some());
+    // The GGUF runs the int4 engine, and is the fallback of ONNX Runtime when it is at hand.
+    let gguf = if want_ort {
+        model_path(cfg.model.path.as_deref()).ok()
+    } else {
+        Some(model_path(cfg.model.path.as_deref())?)
+    };
+    let spec = LoadSpec {
+        choice,
+        gguf: gguf.clone(),
+        onnx: cfg.model.onnx.clone(),
+        cpu,
+        ort: OrtOptions {
+            library: cfg.ort.library.clone(),
+            providers: cfg.ort.providers.clone(),
+            provider_options: cfg.ort.provider_options.clone(),
+            threads: cfg.model.threads,
+            n_ctx: cfg.model.n_ctx,
+            max_batch: cfg.ort.max_batch,
+        },
+    };
+    let cpu_plan = |path: &Path| {
+        edgellm::gguf::Gguf::open(path)
+            .map_err(ModelError::from)
+            .and_then(|g| CpuBackend::plan(&g, &spec.cpu))
+            .with_context(|| format!("loading {}", path.display()))
+    };
+    let ort_plan = match (&spec.onnx, want_ort) {
+        (Some(dir), true) => Some(OrtBackend::plan(dir, &spec.ort)),
+        _ => None,
+    };
+    let plan = match (ort_plan, &gguf) {
+        (Some(Ok(p)), _) => p,
+        // The ONNX model is unreadable: the load below falls back, or says why.
+        (Some(Err(_)), Some(g)) | (None, Some(g)) => cpu_plan(g)?,
+        (Some(Err(e)), None) => return Err(e).context("reading the ONNX model"),
+        (None, None) => bail!(UsageError("no model: set model.path or model.onnx".into())),
+    };
     let sessions = if cfg.sessions.max_count == 0 {
         0
     } else {
         cfg.sessions.max_bytes
     };
-    let budget = Budget::new(&plan, sessions, cfg.memory.max_bytes, own_cgroup_limit());
+    let mut budget = Budget::new(&plan, sessions, cfg.memory.max_bytes, own_cgroup_limit());
     if check {
         println!("{}", serde_json::to_string_pretty(&budget)?);
         eprintln!("{}", budget.summary());
@@ -764,9 +802,17 @@ fn serve(
     if activated.is_none() {
         unix::claim_path(&cfg.socket.path)?;
     }
-    tracing::info!(model = %path.display(), "loading the model");
-    let mut engine =
-        Engine::load_cpu(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+    let shown = spec.onnx.as_ref().filter(|_| want_ort).or(gguf.as_ref()).cloned().unwrap_or_default();
+    tracing::info!(model = %shown.display(), backend = %cfg.model.backend, "loading the model");
+    let (mut engine, fallback_reason) = spec
+        .load()
+        .with_context(|| format!("loading {}", shown.display()))?;
+    if let (Some(_), Some(g)) = (&fallback_reason, &gguf) {
+        // The int4 engine took over: its budget is the one that holds now.
+        budget = Budget::new(&cpu_plan(g)?, sessions, cfg.memory.max_bytes, own_cgroup_limit());
+        budget.check().map_err(anyhow::Error::msg)?;
+        tracing::info!("{}", budget.summary());
+    }
     let n_ctx = engine.backend.n_ctx();
     let window = Window::new(n_ctx, cfg.model.n_sink, cfg.model.n_discard);
     if window.is_none() {
@@ -777,6 +823,16 @@ fn serve(
     }
     engine.set_window(window);
     engine.set_sessions(cfg.sessions.max_count, cfg.sessions.max_bytes);
+    // Should ONNX Runtime fail while running, the int4 engine takes over (when there is a GGUF).
+    let fallback: Option<edgellm::engine::worker::Fallback> =
+        match (engine.backend.info().backend == "ort", gguf.clone()) {
+            (true, Some(g)) => {
+                let opts = spec.cpu.clone();
+                Some(Box::new(move || Engine::load_cpu(&g, &opts)))
+            }
+            _ => None,
+        };
+    let path = if fallback_reason.is_none() { shown.clone() } else { gguf.clone().unwrap_or_default() };
     let listener = match activated {
         Some(socket) => {
             tracing::info!("listening on the socket passed by systemd");
@@ -802,6 +858,8 @@ fn serve(
             .unwrap_or_default(),
         config: cfg,
         engine,
+        fallback_reason,
+        fallback,
         listener,
         notifier: Notifier::from_env(),
         mqtt,

@@ -86,6 +86,10 @@ pub struct Daemon {
     pub mqtt: Option<mqtt::Settings>,
     /// The memory budget checked at start (reported in status).
     pub budget: budget::Budget,
+    /// Why ONNX Runtime is not in use though configured (the int4 engine took over at start).
+    pub fallback_reason: Option<String>,
+    /// Builds the int4 engine should ONNX Runtime fail while running.
+    pub fallback: Option<worker::Fallback>,
 }
 
 impl Daemon {
@@ -116,13 +120,16 @@ impl Daemon {
             model,
             mqtt,
             budget,
+            fallback_reason,
+            fallback,
         } = self;
         let mqtt_state = mqtt.as_ref().map(|_| Arc::new(MqttState::default()));
         let info = engine.backend.info();
         let queue = Arc::new(Queue::new(config.queue.capacity));
         let progress = Arc::new(Progress::default());
-        let worker =
-            worker::spawn(engine, queue.clone(), progress.clone()).map_err(DaemonError::Thread)?;
+        progress.set_backend(worker::BackendLabel::new(&engine, fallback_reason));
+        let worker = worker::spawn(engine, queue.clone(), progress.clone(), fallback)
+            .map_err(DaemonError::Thread)?;
         let started = Instant::now();
         let status = {
             let queue = queue.clone();
@@ -131,12 +138,14 @@ impl Daemon {
             let mqtt_state = mqtt_state.clone();
             move || {
                 let q = queue.status();
+                let b = progress.backend();
                 let mut v = json!({
                     "type": "status",
                     "version": env!("CARGO_PKG_VERSION"),
-                    "backend": info.backend,
-                    "compute": info.compute,
-                    "threads": info.threads,
+                    "backend": b.backend,
+                    "compute": b.compute,
+                    "threads": b.threads,
+                    "fallback": b.fallback,
                     "model": model,
                     "n_ctx": info.n_ctx,
                     "uptime_s": started.elapsed().as_secs(),
@@ -209,10 +218,11 @@ impl Daemon {
             };
             let ready_status = status_line();
             notifier.send(&format!("READY=1\n{ready_status}"));
+            let b = progress.backend();
             tracing::info!(
-                backend = %info.backend,
-                compute = %info.compute,
-                threads = info.threads,
+                backend = %b.backend,
+                compute = %b.compute,
+                threads = b.threads,
                 n_ctx = info.n_ctx,
                 "ready"
             );

@@ -213,6 +213,15 @@ impl Engine {
         })
     }
 
+    /// Takes `other`'s window and session limits (the sessions themselves stay behind: their
+    /// caches belong to the other backend).
+    pub fn adopt_settings(&mut self, other: &Engine) {
+        self.window = other.window.filter(|_| self.backend.can_shift());
+        let st = other.sessions.stats(0);
+        self.sessions = SessionStore::new(st.max_count, st.max_bytes);
+        self.resident = None;
+    }
+
     /// Keeps up to `max_count` sessions in `max_bytes` between their turns (0: sessions off).
     pub fn set_sessions(&mut self, max_count: usize, max_bytes: u64) {
         self.resident = None;

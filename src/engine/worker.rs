@@ -31,7 +31,38 @@ pub struct Progress {
     kv_evicted: AtomicU64,
     /// The engine's sessions, after the latest request.
     sessions: Mutex<SessionStats>,
+    /// The backend in use as status shows it; changes when the int4 engine takes over.
+    backend: Mutex<BackendLabel>,
 }
+
+/// The backend in use: `backend` is "ort", "cpu-int4", or "cpu-int4 (fallback: <reason>)".
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BackendLabel {
+    pub backend: String,
+    /// Kernels or execution provider.
+    pub compute: String,
+    pub threads: usize,
+    /// Why ONNX Runtime is not in use, when it was configured.
+    pub fallback: Option<String>,
+}
+
+impl BackendLabel {
+    pub fn new(engine: &Engine, fallback: Option<String>) -> BackendLabel {
+        let info = engine.backend.info();
+        BackendLabel {
+            backend: match &fallback {
+                Some(why) => format!("{} (fallback: {why})", info.backend),
+                None => info.backend,
+            },
+            compute: info.compute,
+            threads: info.threads,
+            fallback,
+        }
+    }
+}
+
+/// Builds the int4 CPU engine that takes over when ONNX Runtime fails while running.
+pub type Fallback = Box<dyn FnOnce() -> Result<Engine, EngineError> + Send>;
 
 impl Default for Progress {
     fn default() -> Self {
@@ -42,6 +73,7 @@ impl Default for Progress {
             kv_used: AtomicU64::new(0),
             kv_evicted: AtomicU64::new(0),
             sessions: Mutex::new(SessionStats::default()),
+            backend: Mutex::new(BackendLabel::default()),
         }
     }
 }
@@ -77,6 +109,20 @@ impl Progress {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    pub fn backend(&self) -> BackendLabel {
+        self.backend
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn set_backend(&self, b: BackendLabel) {
+        match self.backend.lock() {
+            Ok(mut s) => *s = b,
+            Err(p) => *p.into_inner() = b,
+        }
+    }
+
     fn set_sessions(&self, st: SessionStats) {
         match self.sessions.lock() {
             Ok(mut s) => *s = st,
@@ -86,17 +132,20 @@ impl Progress {
 }
 
 /// Starts the worker thread. It runs until the queue is closed and empty.
+/// `fallback`, when given, replaces the engine if its backend fails while running a request;
+/// that request is then finished on the new engine.
 pub fn spawn(
     engine: Engine,
     queue: Arc<Queue>,
     progress: Arc<Progress>,
+    fallback: Option<Fallback>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("edgellm-engine".into())
-        .spawn(move || run(engine, &queue, &progress))
+        .spawn(move || run(engine, &queue, &progress, fallback))
 }
 
-fn run(mut engine: Engine, queue: &Queue, progress: &Progress) {
+fn run(mut engine: Engine, queue: &Queue, progress: &Progress, mut fallback: Option<Fallback>) {
     progress.set_sessions(engine.session_stats());
     loop {
         progress.beat();
@@ -104,7 +153,12 @@ fn run(mut engine: Engine, queue: &Queue, progress: &Progress) {
             Some(job) => {
                 progress.kv_used.store(0, Ordering::Relaxed);
                 progress.kv_evicted.store(0, Ordering::Relaxed);
-                let outcome = answer(&mut engine, &job, progress);
+                let (mut outcome, partial) = answer(&mut engine, &job, &job.req, progress);
+                if let Event::Error(ErrorCode::Internal, why) = &outcome {
+                    if let Some(f) = fallback.take() {
+                        outcome = take_over(&mut engine, f, why, &job, partial, progress);
+                    }
+                }
                 progress.set_sessions(engine.session_stats());
                 log(&job, &outcome);
                 // Counted before it is sent: a client that asks for status after its reply
@@ -121,16 +175,73 @@ fn run(mut engine: Engine, queue: &Queue, progress: &Progress) {
     }
 }
 
+/// The backend failed while running `job`: the int4 engine replaces it (with the same window
+/// and session settings) and finishes the job, continuing after the text already streamed.
+fn take_over(
+    engine: &mut Engine,
+    fallback: Fallback,
+    why: &str,
+    job: &Job,
+    (sent, tokens): (String, usize),
+    progress: &Progress,
+) -> Event {
+    let failed = Event::Error(ErrorCode::Internal, why.to_string());
+    let mut next = match fallback() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("the int4 CPU engine could not take over from ONNX Runtime: {e}");
+            return failed;
+        }
+    };
+    next.adopt_settings(engine);
+    *engine = next;
+    let reason = format!("error while running: {why}");
+    tracing::warn!(id = &*job.id, "ort backend failed ({why}); the int4 CPU engine takes over");
+    progress.set_backend(BackendLabel::new(engine, Some(reason)));
+    // What the client has seen so far is kept: the rest is generated after it.
+    let mut req = job.req.clone();
+    if !sent.is_empty() || tokens > 0 {
+        let prompt = match engine.prompt_text(&req.prompt) {
+            Ok(p) => p,
+            Err(e) => return Event::Error(ErrorCode::Internal, e.to_string()),
+        };
+        req.prompt = crate::queue::Prompt::Raw(prompt + &sent);
+        req.max_tokens = req.max_tokens.saturating_sub(tokens).max(1);
+    }
+    req.session = None;
+    match answer(engine, job, &req, progress).0 {
+        Event::Done(mut c) => {
+            c.text = sent + &c.text;
+            c.usage.completion_tokens += tokens;
+            Event::Done(c)
+        }
+        other => other,
+    }
+}
+
 /// Runs one job to its terminal event. A panic inside the engine is caught and answered
 /// `internal`: the next request starts from a reset cache, so the worker carries on.
-fn answer(engine: &mut Engine, job: &Job, progress: &Progress) -> Event {
+/// Also returns the text generated and the tokens run before the end (what a take-over
+/// continues from).
+fn answer(
+    engine: &mut Engine,
+    job: &Job,
+    req: &crate::queue::GenerateRequest,
+    progress: &Progress,
+) -> (Event, (String, usize)) {
     if job.cancelled() {
-        return Event::Done(Box::new(Completion::empty(FinishReason::Cancelled)));
+        let e = Event::Done(Box::new(Completion::empty(FinishReason::Cancelled)));
+        return (e, Default::default());
     }
-    let mut sink = JobSink { job, progress };
-    let result =
-        std::panic::catch_unwind(AssertUnwindSafe(|| engine.generate(&job.req, &mut sink)));
-    match result {
+    let mut sink = JobSink {
+        job,
+        progress,
+        text: String::new(),
+        tokens: 0,
+    };
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| engine.generate(req, &mut sink)));
+    let partial = (std::mem::take(&mut sink.text), sink.tokens);
+    let event = match result {
         Ok(Ok(c)) => {
             if c.usage.completion_tokens > 1 {
                 progress
@@ -164,23 +275,29 @@ fn answer(engine: &mut Engine, job: &Job, progress: &Progress) -> Event {
             tracing::error!(id = &*job.id, "engine panicked: {what}");
             Event::Error(ErrorCode::Internal, format!("engine failure: {what}"))
         }
-    }
+    };
+    (event, partial)
 }
 
 /// Streams a job's text to its front-end and stops it on cancel or deadline.
 struct JobSink<'a> {
     job: &'a Job,
     progress: &'a Progress,
+    /// Text produced so far, and tokens (interrupt checks) run.
+    text: String,
+    tokens: usize,
 }
 
 impl Sink for JobSink<'_> {
     fn text(&mut self, text: &str) {
+        self.text.push_str(text);
         if self.job.stream && !text.is_empty() {
             self.job.send(Event::Token(text.to_string()));
         }
     }
 
     fn interrupt(&mut self) -> Option<FinishReason> {
+        self.tokens += 1;
         self.progress.beat();
         if self.job.cancelled() {
             return Some(FinishReason::Cancelled);

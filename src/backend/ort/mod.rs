@@ -23,6 +23,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, Session};
 use ort::value::Tensor;
 
+use super::cpu::MemoryPlan;
 use super::{Backend, BackendError, BackendInfo};
 use model::{IoNames, OrtModel, OrtModelError};
 
@@ -120,6 +121,31 @@ fn ort_err(e: impl std::fmt::Display) -> BackendError {
 }
 
 impl OrtBackend {
+    /// What a session on the model in `dir` will hold, from its config and file sizes alone
+    /// (ONNX Runtime is not loaded): weights (ORT reads them into its own memory), the KV
+    /// tensors for `n_ctx`, and the logits of a chunk (ORT's output and the copy kept here).
+    pub fn plan(dir: &Path, opts: &OrtOptions) -> Result<MemoryPlan, OrtError> {
+        let model = OrtModel::open(dir)?;
+        let n_ctx = match opts.n_ctx {
+            0 => model.context_length.min(4096),
+            n => n,
+        };
+        let per_position = (2 * model.n_layer * model.n_kv_head * model.head_dim * 4) as u64;
+        let max_batch = opts.max_batch.clamp(1, n_ctx.max(1));
+        Ok(MemoryPlan {
+            weights: weight_bytes(&model),
+            kv_cache: per_position * n_ctx as u64,
+            scratch: (2 * max_batch * model.n_vocab * 4) as u64,
+            n_ctx,
+            threads: if opts.threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                opts.threads
+            },
+            bytes_per_position: per_position,
+        })
+    }
+
     /// Loads ONNX Runtime (once per process), reads the model folder and creates a session on
     /// the first provider of `opts.providers` that takes it.
     pub fn open(dir: &Path, opts: &OrtOptions) -> Result<OrtBackend, OrtError> {
@@ -298,8 +324,7 @@ fn session_with(
 impl Backend for OrtBackend {
     fn info(&self) -> BackendInfo {
         let kv = (2 * self.model.n_layer * self.kv_floats() * 4) as u64;
-        let weights = std::fs::metadata(&self.model.onnx).map_or(0, |m| m.len())
-            + std::fs::metadata(self.model.onnx.with_extension("onnx.data")).map_or(0, |m| m.len());
+        let weights = weight_bytes(&self.model);
         BackendInfo {
             backend: "ort".into(),
             compute: self.provider.clone(),
@@ -488,6 +513,14 @@ impl Backend for OrtBackend {
             Ok(&self.logits[..n_vocab])
         }
     }
+}
+
+/// Bytes of the graph and its external data file.
+fn weight_bytes(m: &OrtModel) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let mut data = m.onnx.clone().into_os_string();
+    data.push(".data");
+    size(&m.onnx) + size(Path::new(&data))
 }
 
 /// Rotates one cached key by the angles in `by` (cos, sin per pair).
