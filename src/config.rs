@@ -52,7 +52,8 @@ pub struct OrtConfig {
     pub library: Option<PathBuf>,
     pub providers: Vec<String>,
     pub max_batch: usize,
-    pub provider_options: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    pub provider_options:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 impl Default for OrtConfig {
@@ -439,7 +440,12 @@ impl Config {
             return Err("model.backend = \"ort\" needs model.onnx, an ONNX model folder".into());
         }
         let known = crate::backend::ort::PROVIDERS;
-        for p in self.ort.providers.iter().chain(self.ort.provider_options.keys()) {
+        for p in self
+            .ort
+            .providers
+            .iter()
+            .chain(self.ort.provider_options.keys())
+        {
             if !known.contains(&p.as_str()) {
                 return Err(format!(
                     "ort.providers: {p:?} is not a provider; allowed: {}",

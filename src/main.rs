@@ -11,17 +11,17 @@ use clap::{Args, Parser, Subcommand};
 use edgellm::backend::cpu::kv::KvType;
 use edgellm::backend::cpu::model::ModelError;
 use edgellm::backend::cpu::{CpuBackend, CpuOptions};
+use edgellm::backend::ort::{OrtBackend, OrtOptions};
 use edgellm::backend::Backend;
 use edgellm::config::{Config, ConfigError};
 use edgellm::daemon::budget::{own_cgroup_limit, Budget};
 use edgellm::daemon::notify::Notifier;
 use edgellm::daemon::{Daemon, Listener};
 use edgellm::engine::chat::Message;
+use edgellm::engine::load::{is_onnx_dir, BackendChoice, LoadSpec};
 use edgellm::engine::perplexity::{perplexity, perplexity_stream, StreamOpts};
 use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::tokenizer::Tokenizer;
-use edgellm::backend::ort::{OrtBackend, OrtOptions};
-use edgellm::engine::load::{is_onnx_dir, BackendChoice, LoadSpec};
 use edgellm::engine::{Engine, Window};
 use edgellm::frontend::client::{self, ClientError};
 use edgellm::frontend::{cli, mqtt, unix};
@@ -89,7 +89,11 @@ impl ModelArgs {
             onnx,
             cpu: self.cpu(n_ctx, max_batch)?,
             ort: OrtOptions {
-                providers: self.providers.split(',').map(|s| s.trim().to_string()).collect(),
+                providers: self
+                    .providers
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .collect(),
                 threads: self.threads,
                 n_ctx,
                 ..Default::default()
@@ -448,7 +452,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             let (mut engine, fallback) = m.spec(ctx, CpuOptions::default().max_batch)?.load()?;
             if let Some(why) = fallback {
-                eprintln!("edgellm: ort backend unavailable ({why}); answering on the int4 CPU engine");
+                eprintln!(
+                    "edgellm: ort backend unavailable ({why}); answering on the int4 CPU engine"
+                );
             }
             let n_ctx = engine.backend.n_ctx();
             engine.set_window(Window::new(n_ctx, 4, 0));
@@ -746,7 +752,8 @@ fn serve(
         ..Default::default()
     };
     let choice = BackendChoice::parse(&cfg.model.backend).map_err(UsageError)?;
-    let want_ort = choice == BackendChoice::Ort || (choice == BackendChoice::Auto && cfg.model.onnx.is_some());
+    let want_ort =
+        choice == BackendChoice::Ort || (choice == BackendChoice::Auto && cfg.model.onnx.is_some());
     // The GGUF runs the int4 engine, and is the fallback of ONNX Runtime when it is at hand.
     let gguf = if want_ort {
         model_path(cfg.model.path.as_deref()).ok()
@@ -802,14 +809,25 @@ fn serve(
     if activated.is_none() {
         unix::claim_path(&cfg.socket.path)?;
     }
-    let shown = spec.onnx.as_ref().filter(|_| want_ort).or(gguf.as_ref()).cloned().unwrap_or_default();
+    let shown = spec
+        .onnx
+        .as_ref()
+        .filter(|_| want_ort)
+        .or(gguf.as_ref())
+        .cloned()
+        .unwrap_or_default();
     tracing::info!(model = %shown.display(), backend = %cfg.model.backend, "loading the model");
     let (mut engine, fallback_reason) = spec
         .load()
         .with_context(|| format!("loading {}", shown.display()))?;
     if let (Some(_), Some(g)) = (&fallback_reason, &gguf) {
         // The int4 engine took over: its budget is the one that holds now.
-        budget = Budget::new(&cpu_plan(g)?, sessions, cfg.memory.max_bytes, own_cgroup_limit());
+        budget = Budget::new(
+            &cpu_plan(g)?,
+            sessions,
+            cfg.memory.max_bytes,
+            own_cgroup_limit(),
+        );
         budget.check().map_err(anyhow::Error::msg)?;
         tracing::info!("{}", budget.summary());
     }
@@ -832,7 +850,11 @@ fn serve(
             }
             _ => None,
         };
-    let path = if fallback_reason.is_none() { shown.clone() } else { gguf.clone().unwrap_or_default() };
+    let path = if fallback_reason.is_none() {
+        shown.clone()
+    } else {
+        gguf.clone().unwrap_or_default()
+    };
     let listener = match activated {
         Some(socket) => {
             tracing::info!("listening on the socket passed by systemd");

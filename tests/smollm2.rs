@@ -20,14 +20,14 @@ fn model() -> PathBuf {
     crate::common::default_model()
 }
 
-fn reference(name: &str) -> Json {
+pub(crate) fn reference(name: &str) -> Json {
     let p = reference_path(name);
     let text = std::fs::read_to_string(&p)
         .unwrap_or_else(|e| panic!("reference data {} missing: {e}", p.display()));
     serde_json::from_str(&text).expect("reference JSON")
 }
 
-fn reference_path(name: &str) -> PathBuf {
+pub(crate) fn reference_path(name: &str) -> PathBuf {
     std::env::var_os("EDGELLM_REFERENCE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"))

@@ -5,6 +5,7 @@
 //! - `engine`: a synthetic model through the whole engine (runs under qemu on aarch64 too).
 //! - `daemon`: config, protocol, queue; `edgellm serve` over a real socket, notify, units.
 //! - `mqtt`: the MQTT front-end against real mosquitto brokers.
+//! - `ort`: the ONNX Runtime backend on real ONNX Runtime and onnxruntime-genai's model.
 //! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
 
 mod common;
@@ -13,4 +14,5 @@ mod engine;
 mod gguf_errors;
 mod kernels;
 mod mqtt;
+mod ort;
 mod smollm2;

@@ -25,7 +25,9 @@ impl BackendChoice {
             "cpu" => Ok(BackendChoice::Cpu),
             "ort" => Ok(BackendChoice::Ort),
             "auto" => Ok(BackendChoice::Auto),
-            other => Err(format!("{other:?} is not a backend (allowed: cpu, ort, auto)")),
+            other => Err(format!(
+                "{other:?} is not a backend (allowed: cpu, ort, auto)"
+            )),
         }
     }
 }

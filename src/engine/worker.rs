@@ -196,7 +196,10 @@ fn take_over(
     next.adopt_settings(engine);
     *engine = next;
     let reason = format!("error while running: {why}");
-    tracing::warn!(id = &*job.id, "ort backend failed ({why}); the int4 CPU engine takes over");
+    tracing::warn!(
+        id = &*job.id,
+        "ort backend failed ({why}); the int4 CPU engine takes over"
+    );
     progress.set_backend(BackendLabel::new(engine, Some(reason)));
     // What the client has seen so far is kept: the rest is generated after it.
     let mut req = job.req.clone();

@@ -362,6 +362,8 @@ fn wedged_engine_stops_the_watchdog_pings() {
         model: "synth".into(),
         mqtt: None,
         budget: Budget::new(&plan, 0, 0, None),
+        fallback_reason: None,
+        fallback: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || {

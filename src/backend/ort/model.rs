@@ -93,7 +93,11 @@ impl OrtModel {
         let ids = |v: &Value| -> Vec<u32> {
             match v {
                 Value::Number(n) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-                Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|n| n as u32).collect(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|n| n as u32)
+                    .collect(),
                 _ => vec![],
             }
         };
@@ -101,7 +105,9 @@ impl OrtModel {
         let outputs = &d["outputs"];
         let file = name(d, "filename", "model.onnx");
         if file.contains('/') || file.contains("..") {
-            return Err(bad(format!("decoder.filename {file:?} must name a file in the folder")));
+            return Err(bad(format!(
+                "decoder.filename {file:?} must name a file in the folder"
+            )));
         }
         let onnx_path = dir.join(&file);
         let graph = onnx::read_model(&onnx_path)?;
@@ -189,9 +195,7 @@ fn rotary(
     if c.len() < 2 * half || s.len() < 2 * half {
         return Err(OnnxError::Bad("cos/sin caches are too short".into()).into());
     }
-    let inv_freq = (0..half)
-        .map(|i| s[half + i].atan2(c[half + i]))
-        .collect();
+    let inv_freq = (0..half).map(|i| s[half + i].atan2(c[half + i])).collect();
     Ok(Some(Rotary {
         inv_freq,
         interleaved: gqa.attr_i("rotary_interleaved") == Some(1),

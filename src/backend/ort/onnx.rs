@@ -253,7 +253,10 @@ impl TensorProto {
         if location.contains("..") || location.starts_with('/') {
             return Err(bad("external data outside the model's folder"));
         }
-        let offset: u64 = kv.get("offset").map_or(Ok(0), |s| s.parse()).map_err(|_| bad("bad offset"))?;
+        let offset: u64 = kv
+            .get("offset")
+            .map_or(Ok(0), |s| s.parse())
+            .map_err(|_| bad("bad offset"))?;
         let length: usize = match kv.get("length") {
             Some(s) => s.parse().map_err(|_| bad("bad length"))?,
             None => return Err(bad("external data without a length")),

@@ -1,0 +1,501 @@
+//! The ONNX Runtime backend on real ONNX Runtime (the PyPI wheel's library, fetched by
+//! `scripts/fetch-ort.sh`) and onnxruntime-genai's int4 SmolLM2 in `../shared/reference`:
+//! answers equal to onnxruntime-genai's own, the sliding window, nothing written to HOME or
+//! TMPDIR, and the fallback to the int4 engine for each cause. A missing library fails these
+//! tests. ONNX Runtime can be loaded once per process, so every test that needs another library
+//! or a failing one runs the `edgellm` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value as Json};
+
+use edgellm::backend::ort::onnx::{self, dtype};
+use edgellm::backend::ort::{runtime, OrtOptions};
+use edgellm::backend::Backend;
+use edgellm::engine::chat::Message;
+use edgellm::engine::perplexity::{perplexity, perplexity_stream, StreamOpts};
+use edgellm::engine::sampler::SamplingParams;
+use edgellm::engine::{Engine, Window};
+use edgellm::queue::{FinishReason, GenerateRequest, Prompt};
+
+use crate::common::{default_model, temp_dir};
+use crate::daemon::harness::TestDaemon;
+
+const SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+
+fn genai_dir() -> PathBuf {
+    std::env::var_os("EDGELLM_REFERENCE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"))
+        .join("genai-smollm2-int4")
+}
+
+/// The library the tests load: $ORT_DYLIB_PATH or the fetch script's; it must exist.
+fn library() -> PathBuf {
+    let p = runtime::library_path(None);
+    assert!(
+        p.is_file(),
+        "ONNX Runtime library missing at {}: run scripts/fetch-ort.sh",
+        p.display()
+    );
+    p
+}
+
+/// onnxruntime-genai's own greedy answer, as its README in the reference folder gives it.
+fn genai_answer() -> String {
+    let text = std::fs::read_to_string(genai_dir().join("README.md")).expect("reference README");
+    let start = text
+        .find("48 tokens): \"")
+        .expect("the answer in the README")
+        + 13;
+    let end = start + text[start..].find('"').expect("closing quote");
+    text[start..end]
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn greedy(messages: Vec<Message>, max_tokens: usize) -> GenerateRequest {
+    let mut r = GenerateRequest::new(Prompt::Messages(messages));
+    r.max_tokens = max_tokens;
+    r.sampling = SamplingParams::greedy();
+    r
+}
+
+fn ort_engine(n_ctx: usize) -> Engine {
+    let opts = OrtOptions {
+        library: Some(library()),
+        n_ctx,
+        threads: 2,
+        ..Default::default()
+    };
+    Engine::load_ort(&genai_dir(), &opts).expect("the genai model loads on ONNX Runtime")
+}
+
+fn edgellm(args: &[&str], env: &[(&str, &str)]) -> (String, String, i32) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgellm"));
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run edgellm");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// The genai graph answers the reference chat prompts; on the one onnxruntime-genai answered
+/// itself, the text is the same to the token.
+#[test]
+fn genai_model_answers_as_onnxruntime_genai_does() {
+    let mut engine = ort_engine(512);
+    let info = engine.backend.info();
+    assert_eq!(
+        (info.backend.as_str(), info.compute.as_str()),
+        ("ort", "cpu")
+    );
+    let cases = crate::smollm2::reference("greedy-smollm2.json");
+    let cases = cases["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 3);
+    for case in cases {
+        let mut msgs = vec![Message::new("system", SYSTEM)];
+        msgs.extend(
+            serde_json::from_value::<Vec<Message>>(case["messages"].clone()).expect("messages"),
+        );
+        // With the default system prompt written out, ChatML renders the reference's prompt.
+        let prompt = engine
+            .prompt_text(&Prompt::Messages(msgs.clone()))
+            .expect("render");
+        assert_eq!(prompt, case["prompt"].as_str().expect("prompt"));
+        let max = case["max_tokens"].as_u64().expect("max_tokens") as usize;
+        let mut text = String::new();
+        let c = engine
+            .generate(&greedy(msgs, max), &mut text)
+            .expect("generate");
+        assert!(
+            c.usage.completion_tokens > 0 && !text.trim().is_empty(),
+            "{c:?}"
+        );
+        assert_eq!(c.text, text);
+        if case["messages"][0]["content"] == "What is the capital of France?" {
+            assert_eq!(c.usage.completion_tokens, 48);
+            assert_eq!(text, genai_answer());
+        }
+    }
+}
+
+/// The window slides on ORT too: generation goes on past n_ctx, and the slide keeps the text
+/// as predictable as a fresh window does (re-rotation of the cached keys is right), while
+/// dropping the sinks is far worse.
+#[test]
+fn sliding_window_on_ort() {
+    let w = 128;
+    let mut engine = ort_engine(w);
+    engine.set_window(Window::new(w, 4, 16));
+    let mut req = greedy(vec![Message::new("user", "Tell me a long story.")], 300);
+    req.ignore_eos = true;
+    let mut text = String::new();
+    let c = engine
+        .generate(&req, &mut text)
+        .expect("generate past the window");
+    assert_eq!(c.usage.completion_tokens, 300);
+    assert_eq!(c.finish_reason, FinishReason::Length);
+    assert!(c.usage.evicted_tokens >= 180, "{:?}", c.usage);
+
+    let text =
+        std::fs::read_to_string(crate::smollm2::reference_path("gpl-3.txt")).expect("gpl-3.txt");
+    let mut tokens = engine.tokenizer.encode(&text).expect("tokenize");
+    tokens.truncate(1536);
+    let chunked = perplexity(
+        engine.backend.as_mut(),
+        None,
+        &tokens,
+        w,
+        None,
+        &mut |_, _, _| {},
+    )
+    .expect("chunked perplexity");
+    let stream = |backend: &mut dyn Backend, sinks| {
+        let opts = StreamOpts {
+            window: w,
+            sinks,
+            discard: 16,
+            recompute_every: 0,
+        };
+        perplexity_stream(backend, &tokens, opts, &mut |_, _, _| {})
+            .expect("stream perplexity")
+            .ppl
+    };
+    let four = stream(engine.backend.as_mut(), 4);
+    let zero = stream(engine.backend.as_mut(), 0);
+    eprintln!(
+        "ort ppl: chunked@{w} {:.3}, 4 sinks {four:.3}, 0 sinks {zero:.3}",
+        chunked.ppl
+    );
+    assert!(
+        four <= chunked.ppl * 1.05,
+        "4 sinks {four} vs chunked {}",
+        chunked.ppl
+    );
+    assert!(zero >= four * 1.5, "0 sinks {zero} vs 4 sinks {four}");
+}
+
+/// `ask --backend ort` answers as onnxruntime-genai does, and ONNX Runtime writes nothing to
+/// HOME or TMPDIR (no telemetry, no caches).
+#[test]
+fn ask_backend_ort_writes_nothing_to_home_or_tmp() {
+    let dir = temp_dir("ort-home");
+    let (home, tmp) = (dir.join("home"), dir.join("tmp"));
+    std::fs::create_dir_all(&home).expect("home");
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    let lib = library();
+    let model = genai_dir();
+    let (out, err, code) = edgellm(
+        &[
+            "ask",
+            "--backend",
+            "ort",
+            "--model",
+            &model.display().to_string(),
+            "--system",
+            SYSTEM,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "48",
+            "What is the capital of France?",
+        ],
+        &[
+            ("HOME", &home.display().to_string()),
+            ("TMPDIR", &tmp.display().to_string()),
+            ("ORT_DYLIB_PATH", &lib.display().to_string()),
+            ("EDGELLM_MODEL", &default_model().display().to_string()),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !err.contains("fallback") && !err.contains("unavailable"),
+        "{err}"
+    );
+    assert_eq!(out.trim_end(), genai_answer());
+    for d in [&home, &tmp] {
+        let left: Vec<_> = std::fs::read_dir(d)
+            .expect("read dir")
+            .map(|e| e.map(|e| e.path()))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "ONNX Runtime wrote into {}: {left:?}",
+            d.display()
+        );
+    }
+}
+
+fn ort_daemon(name: &str, onnx: &Path, extra: &str) -> TestDaemon {
+    TestDaemon::start(
+        name,
+        &default_model(),
+        &format!(
+            "[model]\nonnx = {:?}\nbackend = \"ort\"\nn_ctx = 512\n{extra}",
+            onnx.display().to_string()
+        ),
+        &[("ORT_DYLIB_PATH", &library().display().to_string())],
+    )
+}
+
+fn ask_daemon(d: &TestDaemon, id: &str, content: &str, max_tokens: usize) -> Json {
+    let mut c = d.connect();
+    c.send(
+        &json!({"id": id, "messages": [{"role": "system", "content": SYSTEM},
+        {"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0}),
+    );
+    loop {
+        let v = c.recv();
+        if v["id"] == id && (v["type"] == "done" || v["type"] == "error") {
+            return v;
+        }
+    }
+}
+
+/// Through the daemon: the same answer, `ort` on the CPU provider in status and in the
+/// notify STATUS= line; each provider of the chain tried in order.
+#[test]
+fn daemon_serves_the_genai_model_on_ort() {
+    let mut d = ort_daemon(
+        "ort-daemon",
+        &genai_dir(),
+        "[ort]\nproviders = [\"cuda\", \"xnnpack\", \"cpu\"]\n",
+    );
+    let done = ask_daemon(&d, "f1", "What is the capital of France?", 48);
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["text"], genai_answer());
+    let s = d.status();
+    assert_eq!(
+        (s["backend"].as_str(), s["compute"].as_str()),
+        (Some("ort"), Some("cpu")),
+        "{s}"
+    );
+    assert!(s["fallback"].is_null(), "{s}");
+    d.poll_notes();
+    assert!(
+        d.notes.iter().any(|n| n.contains("STATUS=ort (cpu, ")),
+        "{:?}",
+        d.notes
+    );
+    let log = d.log();
+    for p in ["cuda", "xnnpack"] {
+        assert!(
+            log.contains(&format!("execution provider {p} failed")),
+            "{log}"
+        );
+    }
+    assert!(log.contains("execution provider cpu registered"), "{log}");
+}
+
+/// The daemon on an ONNX setup that cannot run: the int4 engine answers, and status says why.
+fn expect_fallback(name: &str, onnx: &Path, extra: &str, env: &[(&str, &str)], why: &str) {
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    let lib = library().display().to_string();
+    if !env.iter().any(|(k, _)| *k == "ORT_DYLIB_PATH") {
+        env.push(("ORT_DYLIB_PATH", &lib));
+    }
+    let d = TestDaemon::start(
+        name,
+        &default_model(),
+        &format!(
+            "[model]\nonnx = {:?}\nbackend = \"ort\"\n{extra}",
+            onnx.display().to_string()
+        ),
+        &env,
+    );
+    let done = ask_daemon(&d, "fb", "What is the capital of France?", 8);
+    assert_eq!(done["type"], "done", "{done}");
+    assert!(!done["text"].as_str().unwrap_or("").is_empty(), "{done}");
+    let s = d.status();
+    let backend = s["backend"].as_str().unwrap_or("");
+    assert!(
+        backend.starts_with("cpu-int4 (fallback: ") && backend.contains(why),
+        "{backend:?} should name {why:?}"
+    );
+    assert!(
+        d.log().contains("falling back") || d.log().contains("takes over"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn fallback_when_the_library_is_missing() {
+    expect_fallback(
+        "ort-fb-missing",
+        &genai_dir(),
+        "[ort]\nlibrary = \"/nonexistent/libonnxruntime.so.1.32.0\"\n",
+        &[],
+        "/nonexistent/libonnxruntime.so.1.32.0 not found",
+    );
+}
+
+/// A library that says it is ONNX Runtime 1.20 (a stand-in built here with `cc`).
+#[test]
+fn fallback_when_the_library_is_of_the_wrong_version() {
+    let dir = temp_dir("ort-fake-lib");
+    let src = dir.join("fake.c");
+    std::fs::write(
+        &src,
+        "typedef struct { const void *(*get_api)(unsigned); const char *(*version)(void); } base_t;\n\
+         static const void *get_api(unsigned v) { (void)v; return 0; }\n\
+         static const char *version(void) { return \"1.20.0\"; }\n\
+         static const base_t base = { get_api, version };\n\
+         const base_t *OrtGetApiBase(void) { return &base; }\n",
+    )
+    .expect("write C");
+    let lib = dir.join("libonnxruntime.so.1.20.0");
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .status()
+        .expect("run cc");
+    assert!(cc.success());
+    let lib = lib.display().to_string();
+    expect_fallback(
+        "ort-fb-version",
+        &genai_dir(),
+        "",
+        &[("ORT_DYLIB_PATH", &lib)],
+        "1.20.0",
+    );
+}
+
+#[test]
+fn fallback_when_every_provider_fails() {
+    expect_fallback(
+        "ort-fb-providers",
+        &genai_dir(),
+        "[ort]\nproviders = [\"cuda\", \"qnn\"]\n",
+        &[],
+        "no execution provider could run the model",
+    );
+}
+
+/// A copy of the genai folder whose graph is not ONNX.
+#[test]
+fn fallback_when_the_model_does_not_load() {
+    let dir = temp_dir("ort-fb-model");
+    for f in ["genai_config.json", "tokenizer.json"] {
+        std::fs::copy(genai_dir().join(f), dir.join(f)).expect("copy");
+    }
+    std::fs::write(
+        dir.join("model.onnx"),
+        b"\x08\x07garbage that is no protobuf model\xff",
+    )
+    .expect("write");
+    expect_fallback("ort-fb-load", &dir, "", &[], "model.onnx");
+}
+
+/// A graph that loads and runs one token at a time but fails on a batch (its logits go
+/// through a Reshape to one position): the daemon's warm-up runs on ORT, the first real prompt
+/// fails in ONNX Runtime, and the int4 engine answers that very request.
+#[test]
+fn fallback_when_ort_fails_while_running() {
+    let dir = temp_dir("ort-fb-run");
+    std::fs::copy(
+        genai_dir().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .expect("copy");
+    let vocab = 49152i64;
+    let cfg = json!({"model": {"bos_token_id": 1, "eos_token_id": 2, "context_length": 2048,
+        "vocab_size": vocab, "type": "llama", "decoder": {"filename": "model.onnx",
+        "head_size": 2, "hidden_size": 2, "num_attention_heads": 1, "num_hidden_layers": 1,
+        "num_key_value_heads": 1}}});
+    std::fs::write(dir.join("genai_config.json"), cfg.to_string()).expect("config");
+    let f = dtype::FLOAT;
+    let weights = onnx::TensorProto {
+        name: "w".into(),
+        dims: vec![1, 1, vocab],
+        data_type: f,
+        float_data: (0..vocab)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect(),
+        ..Default::default()
+    };
+    let one = onnx::TensorProto {
+        name: "shape".into(),
+        dims: vec![3],
+        data_type: dtype::INT64,
+        int64_data: vec![1, 1, 1],
+        ..Default::default()
+    };
+    let graph = onnx::GraphProto {
+        name: "fails-on-batches".into(),
+        node: vec![
+            onnx::node(
+                "Cast",
+                "",
+                "cast",
+                &["input_ids"],
+                &["x"],
+                vec![onnx::attr_int("to", f as i64)],
+            ),
+            onnx::node("Reshape", "", "one", &["x", "shape"], &["y"], vec![]),
+            onnx::node("Mul", "", "mul", &["y", "w"], &["logits"], vec![]),
+            onnx::node(
+                "Identity",
+                "",
+                "k",
+                &["past_key_values.0.key"],
+                &["present.0.key"],
+                vec![],
+            ),
+            onnx::node(
+                "Identity",
+                "",
+                "v",
+                &["past_key_values.0.value"],
+                &["present.0.value"],
+                vec![],
+            ),
+        ],
+        initializer: vec![weights, one],
+        input: vec![
+            onnx::value_info("input_ids", dtype::INT64, &[Ok(1), Err("seq")]),
+            onnx::value_info("attention_mask", dtype::INT64, &[Ok(1), Err("total")]),
+            onnx::value_info(
+                "past_key_values.0.key",
+                f,
+                &[Ok(1), Ok(1), Err("past"), Ok(2)],
+            ),
+            onnx::value_info(
+                "past_key_values.0.value",
+                f,
+                &[Ok(1), Ok(1), Err("past"), Ok(2)],
+            ),
+        ],
+        output: vec![
+            onnx::value_info("logits", f, &[Ok(1), Err("seq"), Ok(vocab)]),
+            onnx::value_info("present.0.key", f, &[Ok(1), Ok(1), Err("past"), Ok(2)]),
+            onnx::value_info("present.0.value", f, &[Ok(1), Ok(1), Err("past"), Ok(2)]),
+        ],
+        ..Default::default()
+    };
+    let model = onnx::ModelProto {
+        ir_version: 10,
+        opset_import: vec![onnx::OperatorSetIdProto {
+            domain: String::new(),
+            version: 21,
+        }],
+        producer_name: "edgellm tests".into(),
+        graph: Some(graph),
+        ..Default::default()
+    };
+    std::fs::write(
+        dir.join("model.onnx"),
+        prost::Message::encode_to_vec(&model),
+    )
+    .expect("write");
+    expect_fallback("ort-fb-running", &dir, "", &[], "error while running");
+}
