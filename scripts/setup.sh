@@ -2,7 +2,8 @@
 # Installs what edgellm's build, run and tests need on a fresh Debian machine, and fetches the
 # default model. Idempotent: what is already there is not installed again.
 #
-#   scripts/setup.sh          model + Python for the fetch script (enough to run edgellm)
+#   scripts/setup.sh          model, the ONNX Runtime library for the ORT backend
+#                             (scripts/fetch-ort.sh), and Python for the fetch scripts
 #   scripts/setup.sh --test   also what the test suite needs: systemd's tools (systemd-analyze,
 #                             systemd-socket-activate), mosquitto and its clients, openssl, and
 #                             the aarch64 cross toolchain and qemu
@@ -39,3 +40,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 bash "$root/models/fetch.sh" >/dev/null
+bash "$root/scripts/fetch-ort.sh" >/dev/null
