@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BackendError};
 use crate::engine::chat::Message;
 use crate::engine::sampler::{Rng, SamplingParams};
@@ -21,6 +20,8 @@ use crate::queue::{GenerateRequest, Prompt, SessionRef};
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub model: String,
+    /// "cpu-int4" or "ort".
+    pub backend: String,
     pub tensor_types: Vec<(String, usize)>,
     pub threads: usize,
     pub kernels: String,
@@ -70,7 +71,7 @@ pub fn rss_bytes() -> u64 {
 }
 
 pub fn run(
-    backend: &mut CpuBackend,
+    backend: &mut dyn Backend,
     name: &str,
     n_prompt: usize,
     n_gen: usize,
@@ -111,6 +112,7 @@ pub fn run(
     let info = backend.info();
     Ok(BenchReport {
         model: name.to_string(),
+        backend: info.backend,
         tensor_types: info.tensor_types,
         threads: info.threads,
         kernels: info.compute,

@@ -686,16 +686,25 @@ fn run(cli: Cli) -> Result<()> {
                     "--n-prompt, --n-gen and --reps must be at least 1".into()
                 ));
             }
-            let path = model_path(m.model.as_deref())?;
             // A window that holds prompt and generation, one batch per prompt.
-            let opts = m.cpu(n_prompt.max(n_gen), n_prompt)?;
-            let mut backend = CpuBackend::open(&path, &opts)
-                .with_context(|| format!("loading {}", path.display()))?;
+            let mut spec = m.spec(n_prompt.max(n_gen), n_prompt)?;
+            spec.ort.max_batch = n_prompt;
+            let (mut engine, fallback) = spec.load()?;
+            if let Some(why) = fallback {
+                eprintln!(
+                    "edgellm: ort backend unavailable ({why}); measuring the int4 CPU engine"
+                );
+            }
+            let path = match engine.backend.info().backend.as_str() {
+                "ort" => spec.onnx.clone(),
+                _ => spec.gguf.clone(),
+            }
+            .unwrap_or_default();
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let r = edgellm::bench::run(&mut backend, &name, n_prompt, n_gen, reps)?;
+            let r = edgellm::bench::run(engine.backend.as_mut(), &name, n_prompt, n_gen, reps)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
