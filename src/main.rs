@@ -190,6 +190,17 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// What this machine and config give the daemon (JSON): the backend and provider in use,
+    /// ONNX Runtime's version and providers, the CPU's features and the int4 kernels chosen,
+    /// and the memory budget. Loads the model as `serve` would.
+    Info {
+        /// Config file (TOML); default: the embedded defaults
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        /// GGUF model file or ONNX model folder (overrides model.path / model.onnx)
+        #[arg(long, short = 'm')]
+        model: Option<PathBuf>,
+    },
     /// Print the running daemon's status (JSON)
     Status {
         #[command(flatten)]
@@ -496,6 +507,7 @@ fn run(cli: Cli) -> Result<()> {
             node,
             check,
         } => serve(config, socket, model, mqtt, node, check),
+        Cmd::Info { config, model } => info(config, model),
         Cmd::Status { d } => {
             let sock = socket_path(&d)?;
             let mut stream = client::connect(&sock)
@@ -711,6 +723,162 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// What the daemon's config asks to load; `true` when ONNX Runtime is wanted.
+fn spec_from_config(cfg: &Config) -> Result<(LoadSpec, bool)> {
+    let cpu = CpuOptions {
+        n_ctx: cfg.model.n_ctx,
+        threads: cfg.model.threads,
+        kernels: cfg.kernels(),
+        kv_type: cfg.kv_type().map_err(UsageError)?,
+        ..Default::default()
+    };
+    let choice = BackendChoice::parse(&cfg.model.backend).map_err(UsageError)?;
+    let want_ort =
+        choice == BackendChoice::Ort || (choice == BackendChoice::Auto && cfg.model.onnx.is_some());
+    // The GGUF runs the int4 engine, and is the fallback of ONNX Runtime when it is at hand.
+    let gguf = if want_ort {
+        model_path(cfg.model.path.as_deref()).ok()
+    } else {
+        Some(model_path(cfg.model.path.as_deref())?)
+    };
+    let spec = LoadSpec {
+        choice,
+        gguf,
+        onnx: cfg.model.onnx.clone(),
+        cpu,
+        ort: OrtOptions {
+            library: cfg.ort.library.clone(),
+            providers: cfg.ort.providers.clone(),
+            provider_options: cfg.ort.provider_options.clone(),
+            threads: cfg.model.threads,
+            n_ctx: cfg.model.n_ctx,
+            max_batch: cfg.ort.max_batch,
+        },
+    };
+    Ok((spec, want_ort))
+}
+
+fn cpu_plan(path: &Path, opts: &CpuOptions) -> Result<edgellm::backend::cpu::MemoryPlan> {
+    edgellm::gguf::Gguf::open(path)
+        .map_err(ModelError::from)
+        .and_then(|g| CpuBackend::plan(&g, opts))
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+/// The memory plan of the backend the spec will start: ONNX Runtime's when wanted and its
+/// model is readable, else the int4 engine's (which a failing ONNX setup falls back to).
+fn plan_for(spec: &LoadSpec, want_ort: bool) -> Result<edgellm::backend::cpu::MemoryPlan> {
+    let ort_plan = match (&spec.onnx, want_ort) {
+        (Some(dir), true) => Some(OrtBackend::plan(dir, &spec.ort)),
+        _ => None,
+    };
+    Ok(match (ort_plan, &spec.gguf) {
+        (Some(Ok(p)), _) => p,
+        (Some(Err(_)), Some(g)) | (None, Some(g)) => cpu_plan(g, &spec.cpu)?,
+        (Some(Err(e)), None) => return Err(e).context("reading the ONNX model"),
+        (None, None) => bail!(UsageError("no model: set model.path or model.onnx".into())),
+    })
+}
+
+/// `edgellm info`.
+fn info(config: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
+    let mut cfg = match &config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    match model {
+        Some(m) if is_onnx_dir(&m) => cfg.model.onnx = Some(m),
+        Some(m) => cfg.model.path = Some(m),
+        None => {}
+    }
+    cfg.validate().map_err(UsageError)?;
+    let (spec, want_ort) = spec_from_config(&cfg)?;
+    let plan = plan_for(&spec, want_ort)?;
+    let sessions = if cfg.sessions.max_count == 0 {
+        0
+    } else {
+        cfg.sessions.max_bytes
+    };
+    let budget = Budget::new(&plan, sessions, cfg.memory.max_bytes, own_cgroup_limit());
+    let (engine, fallback) = spec.load()?;
+    let b = engine.backend.info();
+    let ort = match edgellm::backend::ort::runtime::loaded() {
+        Some(Ok(rt)) => serde_json::json!({
+            "library": rt.library, "version": rt.version, "providers_available": rt.providers,
+        }),
+        Some(Err(e)) => serde_json::json!({ "error": e }),
+        None => {
+            // Not wanted by the config; still say what is there.
+            match edgellm::backend::ort::runtime::init(cfg.ort.library.as_deref()) {
+                Ok(rt) => serde_json::json!({
+                    "library": rt.library, "version": rt.version,
+                    "providers_available": rt.providers,
+                }),
+                Err(e) => serde_json::json!({ "error": e }),
+            }
+        }
+    };
+    let features: Vec<&str> = cpu_features();
+    let kernels = match KernelKind::parse(&cfg.model.kernels)? {
+        Some(k) => k,
+        None => KernelKind::best(),
+    };
+    let out = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": match &fallback {
+            Some(why) => format!("{} (fallback: {why})", b.backend),
+            None => b.backend.clone(),
+        },
+        "compute": b.compute,
+        "threads": b.threads,
+        "n_ctx": b.n_ctx,
+        "ort": ort,
+        "ort_providers_configured": cfg.ort.providers,
+        "cpu": { "arch": std::env::consts::ARCH, "features": features, "kernels": kernels.name() },
+        "memory": budget,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// The CPU features the int4 kernels look for.
+fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut f = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        for (name, on) in [
+            ("sse4.2", is_x86_feature_detected!("sse4.2")),
+            ("avx2", is_x86_feature_detected!("avx2")),
+            ("fma", is_x86_feature_detected!("fma")),
+            ("f16c", is_x86_feature_detected!("f16c")),
+            ("avxvnni", is_x86_feature_detected!("avxvnni")),
+            ("avx512f", is_x86_feature_detected!("avx512f")),
+        ] {
+            if on {
+                f.push(name);
+            }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        for (name, on) in [
+            ("neon", std::arch::is_aarch64_feature_detected!("neon")),
+            (
+                "dotprod",
+                std::arch::is_aarch64_feature_detected!("dotprod"),
+            ),
+            ("i8mm", std::arch::is_aarch64_feature_detected!("i8mm")),
+            ("fp16", std::arch::is_aarch64_feature_detected!("fp16")),
+        ] {
+            if on {
+                f.push(name);
+            }
+        }
+    }
+    f
+}
+
 /// `edgellm serve`: config, then socket (a live daemon refused before the model loads), model,
 /// warm-up, and the daemon until a signal.
 fn serve(
@@ -753,53 +921,9 @@ fn serve(
     } else {
         None
     };
-    let cpu = CpuOptions {
-        n_ctx: cfg.model.n_ctx,
-        threads: cfg.model.threads,
-        kernels: cfg.kernels(),
-        kv_type: cfg.kv_type().map_err(UsageError)?,
-        ..Default::default()
-    };
-    let choice = BackendChoice::parse(&cfg.model.backend).map_err(UsageError)?;
-    let want_ort =
-        choice == BackendChoice::Ort || (choice == BackendChoice::Auto && cfg.model.onnx.is_some());
-    // The GGUF runs the int4 engine, and is the fallback of ONNX Runtime when it is at hand.
-    let gguf = if want_ort {
-        model_path(cfg.model.path.as_deref()).ok()
-    } else {
-        Some(model_path(cfg.model.path.as_deref())?)
-    };
-    let spec = LoadSpec {
-        choice,
-        gguf: gguf.clone(),
-        onnx: cfg.model.onnx.clone(),
-        cpu,
-        ort: OrtOptions {
-            library: cfg.ort.library.clone(),
-            providers: cfg.ort.providers.clone(),
-            provider_options: cfg.ort.provider_options.clone(),
-            threads: cfg.model.threads,
-            n_ctx: cfg.model.n_ctx,
-            max_batch: cfg.ort.max_batch,
-        },
-    };
-    let cpu_plan = |path: &Path| {
-        edgellm::gguf::Gguf::open(path)
-            .map_err(ModelError::from)
-            .and_then(|g| CpuBackend::plan(&g, &spec.cpu))
-            .with_context(|| format!("loading {}", path.display()))
-    };
-    let ort_plan = match (&spec.onnx, want_ort) {
-        (Some(dir), true) => Some(OrtBackend::plan(dir, &spec.ort)),
-        _ => None,
-    };
-    let plan = match (ort_plan, &gguf) {
-        (Some(Ok(p)), _) => p,
-        // The ONNX model is unreadable: the load below falls back, or says why.
-        (Some(Err(_)), Some(g)) | (None, Some(g)) => cpu_plan(g)?,
-        (Some(Err(e)), None) => return Err(e).context("reading the ONNX model"),
-        (None, None) => bail!(UsageError("no model: set model.path or model.onnx".into())),
-    };
+    let (spec, want_ort) = spec_from_config(&cfg)?;
+    let gguf = spec.gguf.clone();
+    let plan = plan_for(&spec, want_ort)?;
     let sessions = if cfg.sessions.max_count == 0 {
         0
     } else {
@@ -832,7 +956,7 @@ fn serve(
     if let (Some(_), Some(g)) = (&fallback_reason, &gguf) {
         // The int4 engine took over: its budget is the one that holds now.
         budget = Budget::new(
-            &cpu_plan(g)?,
+            &cpu_plan(g, &spec.cpu)?,
             sessions,
             cfg.memory.max_bytes,
             own_cgroup_limit(),

@@ -499,3 +499,40 @@ fn fallback_when_ort_fails_while_running() {
     .expect("write");
     expect_fallback("ort-fb-running", &dir, "", &[], "error while running");
 }
+
+/// `edgellm info`: the provider in use, ONNX Runtime's version and providers, the CPU's
+/// features and kernels, the memory budget of the ORT backend (KV sized from n_ctx).
+#[test]
+fn info_names_the_provider_runtime_kernels_and_budget() {
+    let dir = temp_dir("ort-info");
+    let cfg = dir.join("edgellm.toml");
+    std::fs::write(&cfg, "[model]\nn_ctx = 1024\n").expect("config");
+    let (out, err, code) = edgellm(
+        &[
+            "info",
+            "--config",
+            &cfg.display().to_string(),
+            "--model",
+            &genai_dir().display().to_string(),
+        ],
+        &[("ORT_DYLIB_PATH", &library().display().to_string())],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Json = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        (v["backend"].as_str(), v["compute"].as_str()),
+        (Some("ort"), Some("cpu")),
+        "{v}"
+    );
+    assert_eq!(v["ort"]["version"], runtime::TESTED_VERSION, "{v}");
+    assert!(v["ort"]["providers_available"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|x| x == "cpu")));
+    assert!(
+        !v["cpu"]["kernels"].as_str().unwrap_or("").is_empty(),
+        "{v}"
+    );
+    // 30 layers × K and V × 3 KV heads × 64 × f32 per position, for 1,024 positions.
+    assert_eq!(v["memory"]["kv_cache"], 30 * 2 * 3 * 64 * 4 * 1024, "{v}");
+    assert_eq!(v["n_ctx"], 1024);
+}

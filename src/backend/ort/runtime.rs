@@ -90,17 +90,40 @@ fn load(path: &Path) -> Result<RuntimeInfo, String> {
         .build()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let _ = ENV.set(env);
-    let build = ort::info();
-    let version = build
-        .split(',')
-        .find_map(|p| p.trim().strip_prefix("git-branch=rel-"))
-        .unwrap_or("unknown")
-        .to_string();
+    let version = version_string(path).unwrap_or_else(|| "unknown".into());
     Ok(RuntimeInfo {
         library: path.to_path_buf(),
         version,
         providers: available_providers(),
     })
+}
+
+/// The library's own version (`OrtGetApiBase()->GetVersionString()`); the library is already
+/// loaded by `ort`, so this only takes another reference to it.
+fn version_string(path: &Path) -> Option<String> {
+    /// The head of ORT's `OrtApiBase`: two function pointers, in this order, in every version.
+    #[repr(C)]
+    struct ApiBase {
+        get_api: unsafe extern "C" fn(u32) -> *const std::ffi::c_void,
+        get_version_string: unsafe extern "C" fn() -> *const std::ffi::c_char,
+    }
+    // SAFETY: the path was loaded as ONNX Runtime by `ort` a moment ago (its initialisers have
+    // run); `OrtGetApiBase` has this signature in every ONNX Runtime release, returns a pointer
+    // to a static struct, and the version string is a static NUL-terminated string.
+    unsafe {
+        let lib = libloading::Library::new(path).ok()?;
+        let get: libloading::Symbol<unsafe extern "C" fn() -> *const ApiBase> =
+            lib.get(b"OrtGetApiBase").ok()?;
+        let base = get();
+        if base.is_null() {
+            return None;
+        }
+        let v = ((*base).get_version_string)();
+        if v.is_null() {
+            return None;
+        }
+        Some(std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
+    }
 }
 
 fn available_providers() -> Vec<&'static str> {
