@@ -259,6 +259,18 @@ enum Cmd {
         #[arg(long, requires = "stream")]
         tokens: Option<usize>,
     },
+    /// Write an ONNX model folder (onnxruntime-genai's layout) from a GGUF, keeping its int4
+    /// blocks, for the ORT backend
+    ExportOnnx {
+        /// GGUF model file
+        model: PathBuf,
+        /// Output folder (created)
+        out: PathBuf,
+        /// MatMulNBits' accuracy level: 4 quantizes activations to 8 bits (fast, as the int4
+        /// engine's kernels do), 1 computes in f32 (as its reference kernels do)
+        #[arg(long, default_value_t = 4)]
+        accuracy_level: i64,
+    },
     /// Requantize a GGUF model's matrices to another type (as llama-quantize --allow-requantize)
     Quantize {
         input: PathBuf,
@@ -508,6 +520,17 @@ fn run(cli: Cli) -> Result<()> {
             check,
         } => serve(config, socket, model, mqtt, node, check),
         Cmd::Info { config, model } => info(config, model),
+        Cmd::ExportOnnx {
+            model,
+            out,
+            accuracy_level,
+        } => {
+            let path = model;
+            let r = edgellm::backend::ort::export::export(&path, &out, accuracy_level)
+                .with_context(|| format!("exporting {}", path.display()))?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Cmd::Status { d } => {
             let sock = socket_path(&d)?;
             let mut stream = client::connect(&sock)

@@ -536,3 +536,91 @@ fn info_names_the_provider_runtime_kernels_and_budget() {
     assert_eq!(v["memory"]["kv_cache"], 30 * 2 * 3 * 64 * 4 * 1024, "{v}");
     assert_eq!(v["n_ctx"], 1024);
 }
+
+/// `export-onnx` on the default model: the folder loads in ONNX Runtime, answers, and its
+/// logits agree with the int4 engine's on the same weights (top-1 over 1,020 scored positions
+/// of gpl-3.txt at least 99%; the mean KL divergence is printed) — the two backends check each
+/// other. Both compute exactly here (f32 activations: `--accuracy-level 1` and the reference
+/// kernels); with int8 activations each rounds its own way (see the README).
+#[test]
+fn exported_model_agrees_with_the_int4_engine() {
+    let out = temp_dir("ort-export");
+    let (stdout, err, code) = edgellm(
+        &[
+            "export-onnx",
+            &default_model().display().to_string(),
+            &out.display().to_string(),
+            "--accuracy-level",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let report: Json = serde_json::from_str(&stdout).expect("report");
+    // Every layer matrix keeps its Q4_1 codes; the tied Q8_0 head is the 8-bit one.
+    assert_eq!(report["int4_matrices"], json!([["Q4_1", 210]]), "{report}");
+    assert_eq!(report["int8_matrices"], 1);
+    for f in [
+        "genai_config.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+
+    let n_ctx = 512;
+    let opts = OrtOptions {
+        library: Some(library()),
+        n_ctx,
+        max_batch: n_ctx,
+        threads: 2,
+        ..Default::default()
+    };
+    let mut ort = edgellm::backend::ort::OrtBackend::open(&out, &opts).expect("export loads");
+    assert!(ort.model().rotary.as_ref().is_some_and(|r| r.interleaved));
+    let cpu_opts = edgellm::backend::cpu::CpuOptions {
+        n_ctx,
+        max_batch: n_ctx,
+        threads: 2,
+        kernels: Some(edgellm::kernels::KernelKind::Reference),
+        ..Default::default()
+    };
+    let mut cpu =
+        edgellm::backend::cpu::CpuBackend::open(&default_model(), &cpu_opts).expect("GGUF loads");
+    let engine = Engine::load_cpu(&default_model(), &cpu_opts).expect("engine");
+    let text =
+        std::fs::read_to_string(crate::smollm2::reference_path("gpl-3.txt")).expect("gpl-3.txt");
+    let mut tokens = engine.tokenizer.encode(&text).expect("tokenize");
+    tokens.truncate(4 * n_ctx);
+    let r = perplexity(
+        &mut ort,
+        Some(&mut cpu),
+        &tokens,
+        n_ctx,
+        None,
+        &mut |_, _, _| {},
+    )
+    .expect("perplexity on both");
+    let top1 = r.same_top1_pct.expect("top-1");
+    eprintln!(
+        "export vs int4 engine: {} positions, ppl {:.4} (ort) vs {:.4} (int4), mean KL {:.6}, same top-1 {top1:.2}%",
+        r.tokens,
+        r.ppl,
+        r.ppl_exact.unwrap_or(f64::NAN),
+        r.mean_kld.unwrap_or(f64::NAN)
+    );
+    assert!(r.tokens >= 512, "{r:?}");
+    assert!(top1 >= 99.0, "{r:?}");
+
+    // And it answers through the engine, with the GGUF's chat template.
+    let mut engine = Engine::load_ort(&out, &opts).expect("engine on the export");
+    let mut answer = String::new();
+    let q = greedy(
+        vec![Message::new("user", "What is the capital of France?")],
+        16,
+    );
+    engine.generate(&q, &mut answer).expect("answer");
+    assert!(answer.contains("Paris"), "{answer}");
+}

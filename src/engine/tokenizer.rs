@@ -261,6 +261,14 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json` (what `export-onnx` writes beside the
+    /// graph).
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| TokenizerError::Library(e.to_string()))
+    }
+
     pub fn n_vocab(&self) -> usize {
         self.pieces.len()
     }

@@ -4,6 +4,7 @@
 //! - [`runtime`]: loading the library (once per process), telemetry off, what it offers.
 //! - [`model`]: the model folder: `genai_config.json`, the graph's I/O names and rotary layout.
 //! - [`onnx`]: ONNX's protobuf messages (reading graphs, and `export-onnx` writing them).
+//! - [`export`]: `edgellm export-onnx`, a GGUF's int4 weights as such a folder.
 //!
 //! Memory is fixed at load, as on the CPU engine: each layer's keys and values live in one ORT
 //! tensor of `[1, kv_heads, n_ctx, head_dim]` bound as both the `past_key_values` input and the
@@ -12,6 +13,7 @@
 //! Sliding the window moves rows inside those tensors on the host and re-rotates the moved keys
 //! (the graph caches keys after rotary), as [`crate::backend::cpu`] does.
 
+pub mod export;
 pub mod model;
 pub mod onnx;
 pub mod runtime;
