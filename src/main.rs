@@ -579,15 +579,14 @@ fn run(cli: Cli) -> Result<()> {
             recompute_every,
             tokens: limit,
         } => {
-            let path = model_path(m.model.as_deref())?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             if stream {
-                let opts = m.cpu(window, window.min(64))?;
-                let mut model = CpuBackend::open(&path, &opts)
-                    .with_context(|| format!("loading {}", path.display()))?;
-                let tok = Tokenizer::from_gguf(model.gguf(), path.parent())?;
-                let mut tokens = tok.encode(&text)?;
+                let (mut engine, fallback) = m.spec(window, window.min(64))?.load()?;
+                if let Some(why) = fallback {
+                    eprintln!("edgellm: ort backend unavailable ({why}); measuring the int4 CPU engine");
+                }
+                let mut tokens = engine.tokenizer.encode(&text)?;
                 if let Some(n) = limit {
                     tokens.truncate(n);
                 }
@@ -601,7 +600,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 );
                 let r = perplexity_stream(
-                    &mut model,
+                    engine.backend.as_mut(),
                     &tokens,
                     StreamOpts {
                         window,
@@ -615,31 +614,38 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
                 return Ok(());
             }
-            let opts = m.cpu(ctx, ctx.min(128))?;
-            let mut model = CpuBackend::open(&path, &opts)
-                .with_context(|| format!("loading {}", path.display()))?;
-            let tok = Tokenizer::from_gguf(model.gguf(), path.parent())?;
+            let spec = m.spec(ctx, ctx.min(128))?;
+            let (mut engine, fallback) = spec.load()?;
+            if let Some(why) = fallback {
+                eprintln!("edgellm: ort backend unavailable ({why}); measuring the int4 CPU engine");
+            }
+            let tok = &engine.tokenizer;
             let mut tokens = tok.encode(&text)?;
             if let Some(n) = chunks {
                 tokens.truncate(n * ctx);
             }
             let bos = if tok.add_bos { tok.bos } else { None };
-            let mut exact = if compare_exact {
-                Some(CpuBackend::open(
-                    &path,
+            // The exact path: the int4 engine's reference kernels on the GGUF.
+            let mut exact = match (compare_exact, &spec.gguf) {
+                (true, Some(path)) => Some(CpuBackend::open(
+                    path,
                     &CpuOptions {
                         kernels: Some(KernelKind::Reference),
-                        ..opts.clone()
+                        ..spec.cpu.clone()
                     },
-                )?)
-            } else {
-                None
+                )?),
+                (true, None) => bail!(UsageError(
+                    "--compare-exact needs the GGUF model (the default one is missing)".into()
+                )),
+                _ => None,
             };
+            let info = engine.backend.info();
             eprintln!(
-                "perplexity: {} tokens, {} chunks of {ctx}, kernels {}{}",
+                "perplexity: {} tokens, {} chunks of {ctx}, {} ({}){}",
                 tokens.len(),
                 tokens.len() / ctx.max(1),
-                model.kernels().name(),
+                info.backend,
+                info.compute,
                 if compare_exact {
                     ", against reference"
                 } else {
@@ -647,7 +653,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             );
             let r = perplexity(
-                &mut model,
+                engine.backend.as_mut(),
                 exact.as_mut().map(|e| e as &mut dyn Backend),
                 &tokens,
                 ctx,
