@@ -176,9 +176,12 @@ enum Cmd {
         /// Socket path (overrides socket.path)
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// GGUF model file (overrides model.path)
+        /// GGUF model file (overrides model.path), or an ONNX model folder (overrides model.onnx)
         #[arg(long, short = 'm')]
         model: Option<PathBuf>,
+        /// cpu, ort or auto (overrides model.backend)
+        #[arg(long)]
+        backend: Option<String>,
         /// Serve MQTT too: mqtt://[user[:pass]@]host:port or mqtts://… (overrides mqtt.url)
         #[arg(long)]
         mqtt: Option<String>,
@@ -515,10 +518,11 @@ fn run(cli: Cli) -> Result<()> {
             config,
             socket,
             model,
+            backend,
             mqtt,
             node,
             check,
-        } => serve(config, socket, model, mqtt, node, check),
+        } => serve(config, socket, model, backend, mqtt, node, check),
         Cmd::Info { config, model } => info(config, model),
         Cmd::ExportOnnx {
             model,
@@ -584,7 +588,9 @@ fn run(cli: Cli) -> Result<()> {
             if stream {
                 let (mut engine, fallback) = m.spec(window, window.min(64))?.load()?;
                 if let Some(why) = fallback {
-                    eprintln!("edgellm: ort backend unavailable ({why}); measuring the int4 CPU engine");
+                    eprintln!(
+                        "edgellm: ort backend unavailable ({why}); measuring the int4 CPU engine"
+                    );
                 }
                 let mut tokens = engine.tokenizer.encode(&text)?;
                 if let Some(n) = limit {
@@ -617,7 +623,9 @@ fn run(cli: Cli) -> Result<()> {
             let spec = m.spec(ctx, ctx.min(128))?;
             let (mut engine, fallback) = spec.load()?;
             if let Some(why) = fallback {
-                eprintln!("edgellm: ort backend unavailable ({why}); measuring the int4 CPU engine");
+                eprintln!(
+                    "edgellm: ort backend unavailable ({why}); measuring the int4 CPU engine"
+                );
             }
             let tok = &engine.tokenizer;
             let mut tokens = tok.encode(&text)?;
@@ -914,6 +922,7 @@ fn serve(
     config: Option<PathBuf>,
     socket: Option<PathBuf>,
     model: Option<PathBuf>,
+    backend: Option<String>,
     mqtt_url: Option<String>,
     node: Option<String>,
     check: bool,
@@ -929,6 +938,9 @@ fn serve(
         Some(m) if is_onnx_dir(&m) => cfg.model.onnx = Some(m),
         Some(m) => cfg.model.path = Some(m),
         None => {}
+    }
+    if let Some(b) = backend {
+        cfg.model.backend = b;
     }
     if let Some(u) = mqtt_url {
         cfg.mqtt.enabled = true;

@@ -624,3 +624,127 @@ fn exported_model_agrees_with_the_int4_engine() {
     engine.generate(&q, &mut answer).expect("answer");
     assert!(answer.contains("Paris"), "{answer}");
 }
+
+/// Optimum-style graphs take `position_ids`: the backend feeds each token's position. The
+/// graph here makes logits = (position + 1) × w, so the positions can be read back.
+#[test]
+fn position_ids_are_fed_when_the_graph_takes_them() {
+    let dir = temp_dir("ort-position-ids");
+    std::fs::copy(
+        genai_dir().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .expect("copy");
+    let vocab = 49152i64;
+    let cfg = json!({"model": {"bos_token_id": 1, "eos_token_id": 2, "context_length": 64,
+        "vocab_size": vocab, "type": "llama", "decoder": {"filename": "model.onnx",
+        "head_size": 2, "hidden_size": 2, "num_attention_heads": 1, "num_hidden_layers": 1,
+        "num_key_value_heads": 1, "inputs": {"position_ids": "position_ids"}}}});
+    std::fs::write(dir.join("genai_config.json"), cfg.to_string()).expect("config");
+    let f = dtype::FLOAT;
+    let w: Vec<f32> = (0..vocab).map(|i| (i % 7) as f32).collect();
+    let tensor = |name: &str, dims: Vec<i64>, data_type: i32| onnx::TensorProto {
+        name: name.into(),
+        dims,
+        data_type,
+        ..Default::default()
+    };
+    let graph = onnx::GraphProto {
+        name: "positions".into(),
+        node: vec![
+            onnx::node(
+                "Cast",
+                "",
+                "cast",
+                &["position_ids"],
+                &["p"],
+                vec![onnx::attr_int("to", f as i64)],
+            ),
+            onnx::node("Add", "", "add", &["p", "one"], &["p1"], vec![]),
+            onnx::node("Unsqueeze", "", "unsq", &["p1", "axis"], &["p2"], vec![]),
+            onnx::node("Mul", "", "mul", &["p2", "w"], &["logits"], vec![]),
+            onnx::node(
+                "Identity",
+                "",
+                "k",
+                &["past_key_values.0.key"],
+                &["present.0.key"],
+                vec![],
+            ),
+            onnx::node(
+                "Identity",
+                "",
+                "v",
+                &["past_key_values.0.value"],
+                &["present.0.value"],
+                vec![],
+            ),
+        ],
+        initializer: vec![
+            onnx::TensorProto {
+                float_data: w.clone(),
+                ..tensor("w", vec![1, 1, vocab], f)
+            },
+            onnx::TensorProto {
+                float_data: vec![1.0],
+                ..tensor("one", vec![], f)
+            },
+            onnx::TensorProto {
+                int64_data: vec![-1],
+                ..tensor("axis", vec![1], dtype::INT64)
+            },
+        ],
+        input: vec![
+            onnx::value_info("input_ids", dtype::INT64, &[Ok(1), Err("seq")]),
+            onnx::value_info("attention_mask", dtype::INT64, &[Ok(1), Err("total")]),
+            onnx::value_info("position_ids", dtype::INT64, &[Ok(1), Err("seq")]),
+            onnx::value_info(
+                "past_key_values.0.key",
+                f,
+                &[Ok(1), Ok(1), Err("past"), Ok(2)],
+            ),
+            onnx::value_info(
+                "past_key_values.0.value",
+                f,
+                &[Ok(1), Ok(1), Err("past"), Ok(2)],
+            ),
+        ],
+        output: vec![
+            onnx::value_info("logits", f, &[Ok(1), Err("seq"), Ok(vocab)]),
+            onnx::value_info("present.0.key", f, &[Ok(1), Ok(1), Err("past"), Ok(2)]),
+            onnx::value_info("present.0.value", f, &[Ok(1), Ok(1), Err("past"), Ok(2)]),
+        ],
+        ..Default::default()
+    };
+    let model = onnx::ModelProto {
+        ir_version: 10,
+        opset_import: vec![onnx::OperatorSetIdProto {
+            domain: String::new(),
+            version: 21,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    std::fs::write(
+        dir.join("model.onnx"),
+        prost::Message::encode_to_vec(&model),
+    )
+    .expect("write");
+    let opts = OrtOptions {
+        library: Some(library()),
+        n_ctx: 16,
+        ..Default::default()
+    };
+    let mut b = edgellm::backend::ort::OrtBackend::open(&dir, &opts).expect("loads");
+    assert_eq!(
+        b.model().names.position_ids.as_deref(),
+        Some("position_ids")
+    );
+    // No rotary tables: the window cannot slide.
+    assert!(!b.can_shift());
+    let logits = b.forward(&[5, 6, 7], 4, true).expect("forward").to_vec();
+    for (i, row) in logits.chunks_exact(vocab as usize).enumerate() {
+        let pos = 4 + i;
+        assert_eq!(row[3], (pos + 1) as f32 * w[3], "position of token {i}");
+    }
+}
