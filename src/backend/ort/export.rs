@@ -15,6 +15,7 @@
 //! - Q8_0 (the tied embedding of SmolLM2): MatMulNBits with bits 8 (codes + 128, zero point 128)
 //!   for the LM head, and `GatherBlockQuantized` (bits 8) reading the same bytes for the
 //!   embedding lookup.
+//!
 //! Other types (F32/F16 norms) are written as f32.
 //!
 //! Graph, per layer: SimplifiedLayerNormalization → q, k, v MatMulNBits → GroupQueryAttention
@@ -140,7 +141,7 @@ struct NBits {
 fn nbits(g: &Gguf, t: &TensorInfo) -> Result<NBits, ExportError> {
     let data = g.tensor_data(t);
     let k = t.dims[0] as usize;
-    if k % 32 != 0 {
+    if !k.is_multiple_of(32) {
         return Err(ExportError::Unsupported(format!(
             "{}: rows of {k} values are not whole blocks of 32",
             t.name
