@@ -396,12 +396,15 @@ fn fallback_when_the_model_does_not_load() {
     expect_fallback("ort-fb-load", &dir, "", &[], "model.onnx");
 }
 
-/// A graph that loads and runs one token at a time but fails on a batch (its logits go
-/// through a Reshape to one position): the daemon's warm-up runs on ORT, the first real prompt
-/// fails in ONNX Runtime, and the int4 engine answers that very request.
-#[test]
-fn fallback_when_ort_fails_while_running() {
-    let dir = temp_dir("ort-fb-run");
+/// A one-layer genai-style folder in `dir` whose logits come from `nodes` (reading `x`, the
+/// token ids as floats [1, seq, 1], and `w` [1, 1, vocab], one-hot at `hot`; writing
+/// `logits`), with the KV passed through; the tokenizer is SmolLM2's.
+fn synthetic_genai(
+    dir: &Path,
+    hot: u32,
+    nodes: Vec<onnx::NodeProto>,
+    inits: Vec<onnx::TensorProto>,
+) {
     std::fs::copy(
         genai_dir().join("tokenizer.json"),
         dir.join("tokenizer.json"),
@@ -414,53 +417,62 @@ fn fallback_when_ort_fails_while_running() {
         "num_key_value_heads": 1}}});
     std::fs::write(dir.join("genai_config.json"), cfg.to_string()).expect("config");
     let f = dtype::FLOAT;
-    let weights = onnx::TensorProto {
-        name: "w".into(),
-        dims: vec![1, 1, vocab],
-        data_type: f,
-        float_data: (0..vocab)
-            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
-            .collect(),
-        ..Default::default()
-    };
-    let one = onnx::TensorProto {
-        name: "shape".into(),
-        dims: vec![3],
-        data_type: dtype::INT64,
-        int64_data: vec![1, 1, 1],
-        ..Default::default()
-    };
+    let mut initializer = vec![
+        onnx::TensorProto {
+            name: "w".into(),
+            dims: vec![1, 1, vocab],
+            data_type: f,
+            float_data: (0..vocab).map(|i| f32::from(i == i64::from(hot))).collect(),
+            ..Default::default()
+        },
+        onnx::TensorProto {
+            name: "last_axis".into(),
+            dims: vec![1],
+            data_type: dtype::INT64,
+            int64_data: vec![-1],
+            ..Default::default()
+        },
+    ];
+    initializer.extend(inits);
+    let mut node = vec![
+        onnx::node(
+            "Cast",
+            "",
+            "cast",
+            &["input_ids"],
+            &["ids_f"],
+            vec![onnx::attr_int("to", f as i64)],
+        ),
+        onnx::node(
+            "Unsqueeze",
+            "",
+            "unsq",
+            &["ids_f", "last_axis"],
+            &["x"],
+            vec![],
+        ),
+        onnx::node(
+            "Identity",
+            "",
+            "k",
+            &["past_key_values.0.key"],
+            &["present.0.key"],
+            vec![],
+        ),
+        onnx::node(
+            "Identity",
+            "",
+            "v",
+            &["past_key_values.0.value"],
+            &["present.0.value"],
+            vec![],
+        ),
+    ];
+    node.extend(nodes);
     let graph = onnx::GraphProto {
-        name: "fails-on-batches".into(),
-        node: vec![
-            onnx::node(
-                "Cast",
-                "",
-                "cast",
-                &["input_ids"],
-                &["x"],
-                vec![onnx::attr_int("to", f as i64)],
-            ),
-            onnx::node("Reshape", "", "one", &["x", "shape"], &["y"], vec![]),
-            onnx::node("Mul", "", "mul", &["y", "w"], &["logits"], vec![]),
-            onnx::node(
-                "Identity",
-                "",
-                "k",
-                &["past_key_values.0.key"],
-                &["present.0.key"],
-                vec![],
-            ),
-            onnx::node(
-                "Identity",
-                "",
-                "v",
-                &["past_key_values.0.value"],
-                &["present.0.value"],
-                vec![],
-            ),
-        ],
-        initializer: vec![weights, one],
+        name: "synthetic".into(),
+        node,
+        initializer,
         input: vec![
             onnx::value_info("input_ids", dtype::INT64, &[Ok(1), Err("seq")]),
             onnx::value_info("attention_mask", dtype::INT64, &[Ok(1), Err("total")]),
@@ -497,7 +509,141 @@ fn fallback_when_ort_fails_while_running() {
         prost::Message::encode_to_vec(&model),
     )
     .expect("write");
+}
+
+fn int64s(name: &str, v: &[i64]) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: name.into(),
+        dims: vec![v.len() as i64],
+        data_type: dtype::INT64,
+        int64_data: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A graph that runs one token at a time but fails on a batch (its logits go through a
+/// Reshape to one position): the daemon's warm-up runs on ORT, the first real prompt fails in
+/// ONNX Runtime, and the int4 engine answers that very request.
+#[test]
+fn fallback_when_ort_fails_while_running() {
+    let dir = temp_dir("ort-fb-run");
+    synthetic_genai(
+        &dir,
+        1000,
+        vec![
+            onnx::node("Reshape", "", "one", &["x", "one_pos"], &["y"], vec![]),
+            onnx::node("Mul", "", "mul", &["y", "w"], &["logits"], vec![]),
+        ],
+        vec![int64s("one_pos", &[1, 1, 1])],
+    );
     expect_fallback("ort-fb-running", &dir, "", &[], "error while running");
+}
+
+/// A graph that fails once the context passes 8 positions (a lookup in a table of 8 at the
+/// last position): the request streams its first tokens from ONNX Runtime, which then fails; the int4
+/// engine finishes the request after the text already sent, and the client sees one stream.
+#[test]
+fn ort_failing_mid_generation_is_finished_by_the_int4_engine() {
+    let dir = temp_dir("ort-fb-mid");
+    let cpu = Engine::load_cpu(&default_model(), &Default::default()).expect("engine");
+    let hot = cpu.tokenizer.encode(" tick").expect("tokenize");
+    assert_eq!(hot.len(), 1);
+    synthetic_genai(
+        &dir,
+        hot[0],
+        vec![
+            // table[total − 1] for a table of 8: out of bounds once the context passes 8.
+            onnx::node(
+                "Shape",
+                "",
+                "shape",
+                &["attention_mask"],
+                &["shape"],
+                vec![],
+            ),
+            onnx::node(
+                "Gather",
+                "",
+                "total",
+                &["shape", "one"],
+                &["total"],
+                vec![onnx::attr_int("axis", 0)],
+            ),
+            onnx::node("Sub", "", "last", &["total", "one"], &["last"], vec![]),
+            onnx::node(
+                "Gather",
+                "",
+                "lookup",
+                &["table", "last"],
+                &["zero"],
+                vec![onnx::attr_int("axis", 0)],
+            ),
+            onnx::node("Mul", "", "mul", &["x", "w"], &["xw"], vec![]),
+            onnx::node("Add", "", "add", &["xw", "zero"], &["logits"], vec![]),
+        ],
+        vec![
+            onnx::TensorProto {
+                name: "one".into(),
+                data_type: dtype::INT64,
+                int64_data: vec![1],
+                ..Default::default()
+            },
+            onnx::TensorProto {
+                name: "table".into(),
+                dims: vec![8],
+                data_type: dtype::FLOAT,
+                float_data: vec![0.0; 8],
+                ..Default::default()
+            },
+        ],
+    );
+    let d = TestDaemon::start(
+        "ort-fb-mid-daemon",
+        &default_model(),
+        &format!(
+            "[model]\nonnx = {:?}\nbackend = \"ort\"\n",
+            dir.display().to_string()
+        ),
+        &[("ORT_DYLIB_PATH", &library().display().to_string())],
+    );
+    let mut c = d.connect();
+    // A repeat penalty keeps the int4 engine from echoing " tick"; the synthetic graph's
+    // one-hot logits stay on it regardless.
+    c.send(
+        &json!({"id": "m", "prompt": "Hello there", "max_tokens": 24, "temperature": 0,
+        "repeat_penalty": 1.5, "ignore_eos": true, "stream": true}),
+    );
+    let mut streamed = String::new();
+    let done = loop {
+        let v = c.recv();
+        match v["type"].as_str() {
+            Some("token") => streamed.push_str(v["text"].as_str().unwrap_or("")),
+            _ => break v,
+        }
+    };
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(
+        done["text"].as_str(),
+        Some(streamed.as_str()),
+        "one stream: {done}"
+    );
+    assert_eq!(done["usage"]["completion_tokens"], 24, "{done}");
+    let s = d.status();
+    assert!(
+        s["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("cpu-int4 (fallback: error while running")),
+        "{s}"
+    );
+    let log = d.log();
+    assert!(log.contains("takes over"), "{log}");
+    // The first tokens came from ONNX Runtime (the synthetic graph repeats " tick"), the rest
+    // from the int4 engine, which does not.
+    assert!(streamed.starts_with(" tick tick tick tick"), "{streamed:?}");
+    assert!(
+        !streamed.ends_with(" tick tick tick tick"),
+        "the int4 engine went on: {streamed:?}"
+    );
 }
 
 /// `edgellm info`: the provider in use, ONNX Runtime's version and providers, the CPU's

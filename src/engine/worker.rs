@@ -153,10 +153,10 @@ fn run(mut engine: Engine, queue: &Queue, progress: &Progress, mut fallback: Opt
             Some(job) => {
                 progress.kv_used.store(0, Ordering::Relaxed);
                 progress.kv_evicted.store(0, Ordering::Relaxed);
-                let (mut outcome, partial) = answer(&mut engine, &job, &job.req, progress);
+                let (mut outcome, sent) = answer(&mut engine, &job, &job.req, progress);
                 if let Event::Error(ErrorCode::Internal, why) = &outcome {
                     if let Some(f) = fallback.take() {
-                        outcome = take_over(&mut engine, f, why, &job, partial, progress);
+                        outcome = take_over(&mut engine, f, why, &job, sent, progress);
                     }
                 }
                 progress.set_sessions(engine.session_stats());
@@ -182,7 +182,7 @@ fn take_over(
     fallback: Fallback,
     why: &str,
     job: &Job,
-    (sent, tokens): (String, usize),
+    sent: String,
     progress: &Progress,
 ) -> Event {
     let failed = Event::Error(ErrorCode::Internal, why.to_string());
@@ -203,11 +203,13 @@ fn take_over(
     progress.set_backend(BackendLabel::new(engine, Some(reason)));
     // What the client has seen so far is kept: the rest is generated after it.
     let mut req = job.req.clone();
-    if !sent.is_empty() || tokens > 0 {
+    let mut tokens = 0;
+    if !sent.is_empty() {
         let prompt = match engine.prompt_text(&req.prompt) {
             Ok(p) => p,
             Err(e) => return Event::Error(ErrorCode::Internal, e.to_string()),
         };
+        tokens = engine.tokenizer.encode(&sent).map_or(0, |t| t.len());
         req.prompt = crate::queue::Prompt::Raw(prompt + &sent);
         req.max_tokens = req.max_tokens.saturating_sub(tokens).max(1);
     }
@@ -224,14 +226,13 @@ fn take_over(
 
 /// Runs one job to its terminal event. A panic inside the engine is caught and answered
 /// `internal`: the next request starts from a reset cache, so the worker carries on.
-/// Also returns the text generated and the tokens run before the end (what a take-over
-/// continues from).
+/// Also returns the text generated before the end (what a take-over continues from).
 fn answer(
     engine: &mut Engine,
     job: &Job,
     req: &crate::queue::GenerateRequest,
     progress: &Progress,
-) -> (Event, (String, usize)) {
+) -> (Event, String) {
     if job.cancelled() {
         let e = Event::Done(Box::new(Completion::empty(FinishReason::Cancelled)));
         return (e, Default::default());
@@ -240,10 +241,9 @@ fn answer(
         job,
         progress,
         text: String::new(),
-        tokens: 0,
     };
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| engine.generate(req, &mut sink)));
-    let partial = (std::mem::take(&mut sink.text), sink.tokens);
+    let partial = std::mem::take(&mut sink.text);
     let event = match result {
         Ok(Ok(c)) => {
             if c.usage.completion_tokens > 1 {
@@ -286,9 +286,8 @@ fn answer(
 struct JobSink<'a> {
     job: &'a Job,
     progress: &'a Progress,
-    /// Text produced so far, and tokens (interrupt checks) run.
+    /// Text produced so far.
     text: String,
-    tokens: usize,
 }
 
 impl Sink for JobSink<'_> {
@@ -300,7 +299,6 @@ impl Sink for JobSink<'_> {
     }
 
     fn interrupt(&mut self) -> Option<FinishReason> {
-        self.tokens += 1;
         self.progress.beat();
         if self.job.cancelled() {
             return Some(FinishReason::Cancelled);
