@@ -74,17 +74,7 @@ fn ort_engine(n_ctx: usize) -> Engine {
 }
 
 fn edgellm(args: &[&str], env: &[(&str, &str)]) -> (String, String, i32) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgellm"));
-    cmd.args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run edgellm");
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.code().unwrap_or(-1),
-    )
+    crate::common::edgellm_with_env(args, env)
 }
 
 /// The genai graph answers the reference chat prompts; on the one onnxruntime-genai answered
@@ -405,6 +395,17 @@ fn synthetic_genai(
     nodes: Vec<onnx::NodeProto>,
     inits: Vec<onnx::TensorProto>,
 ) {
+    synthetic_genai_with(dir, hot, nodes, inits, false)
+}
+
+/// [`synthetic_genai`], with a `position_ids` input (Optimum's naming) when asked.
+fn synthetic_genai_with(
+    dir: &Path,
+    hot: u32,
+    nodes: Vec<onnx::NodeProto>,
+    inits: Vec<onnx::TensorProto>,
+    position_ids: bool,
+) {
     std::fs::copy(
         genai_dir().join("tokenizer.json"),
         dir.join("tokenizer.json"),
@@ -501,7 +502,17 @@ fn synthetic_genai(
             version: 21,
         }],
         producer_name: "edgellm tests".into(),
-        graph: Some(graph),
+        graph: Some(if position_ids {
+            let mut g = graph;
+            g.input.push(onnx::value_info(
+                "position_ids",
+                dtype::INT64,
+                &[Ok(1), Err("seq")],
+            ));
+            g
+        } else {
+            graph
+        }),
         ..Default::default()
     };
     std::fs::write(
@@ -776,106 +787,38 @@ fn exported_model_agrees_with_the_int4_engine() {
 #[test]
 fn position_ids_are_fed_when_the_graph_takes_them() {
     let dir = temp_dir("ort-position-ids");
-    std::fs::copy(
-        genai_dir().join("tokenizer.json"),
-        dir.join("tokenizer.json"),
-    )
-    .expect("copy");
-    let vocab = 49152i64;
-    let cfg = json!({"model": {"bos_token_id": 1, "eos_token_id": 2, "context_length": 64,
-        "vocab_size": vocab, "type": "llama", "decoder": {"filename": "model.onnx",
-        "head_size": 2, "hidden_size": 2, "num_attention_heads": 1, "num_hidden_layers": 1,
-        "num_key_value_heads": 1, "inputs": {"position_ids": "position_ids"}}}});
-    std::fs::write(dir.join("genai_config.json"), cfg.to_string()).expect("config");
-    let f = dtype::FLOAT;
-    let w: Vec<f32> = (0..vocab).map(|i| (i % 7) as f32).collect();
-    let tensor = |name: &str, dims: Vec<i64>, data_type: i32| onnx::TensorProto {
-        name: name.into(),
-        dims,
-        data_type,
-        ..Default::default()
-    };
-    let graph = onnx::GraphProto {
-        name: "positions".into(),
-        node: vec![
+    let hot = 3;
+    synthetic_genai_with(
+        &dir,
+        hot,
+        vec![
             onnx::node(
                 "Cast",
                 "",
-                "cast",
+                "cast_p",
                 &["position_ids"],
                 &["p"],
-                vec![onnx::attr_int("to", f as i64)],
+                vec![onnx::attr_int("to", dtype::FLOAT as i64)],
             ),
-            onnx::node("Add", "", "add", &["p", "one"], &["p1"], vec![]),
-            onnx::node("Unsqueeze", "", "unsq", &["p1", "axis"], &["p2"], vec![]),
+            onnx::node("Add", "", "add", &["p", "one_f"], &["p1"], vec![]),
+            onnx::node(
+                "Unsqueeze",
+                "",
+                "unsq_p",
+                &["p1", "last_axis"],
+                &["p2"],
+                vec![],
+            ),
             onnx::node("Mul", "", "mul", &["p2", "w"], &["logits"], vec![]),
-            onnx::node(
-                "Identity",
-                "",
-                "k",
-                &["past_key_values.0.key"],
-                &["present.0.key"],
-                vec![],
-            ),
-            onnx::node(
-                "Identity",
-                "",
-                "v",
-                &["past_key_values.0.value"],
-                &["present.0.value"],
-                vec![],
-            ),
         ],
-        initializer: vec![
-            onnx::TensorProto {
-                float_data: w.clone(),
-                ..tensor("w", vec![1, 1, vocab], f)
-            },
-            onnx::TensorProto {
-                float_data: vec![1.0],
-                ..tensor("one", vec![], f)
-            },
-            onnx::TensorProto {
-                int64_data: vec![-1],
-                ..tensor("axis", vec![1], dtype::INT64)
-            },
-        ],
-        input: vec![
-            onnx::value_info("input_ids", dtype::INT64, &[Ok(1), Err("seq")]),
-            onnx::value_info("attention_mask", dtype::INT64, &[Ok(1), Err("total")]),
-            onnx::value_info("position_ids", dtype::INT64, &[Ok(1), Err("seq")]),
-            onnx::value_info(
-                "past_key_values.0.key",
-                f,
-                &[Ok(1), Ok(1), Err("past"), Ok(2)],
-            ),
-            onnx::value_info(
-                "past_key_values.0.value",
-                f,
-                &[Ok(1), Ok(1), Err("past"), Ok(2)],
-            ),
-        ],
-        output: vec![
-            onnx::value_info("logits", f, &[Ok(1), Err("seq"), Ok(vocab)]),
-            onnx::value_info("present.0.key", f, &[Ok(1), Ok(1), Err("past"), Ok(2)]),
-            onnx::value_info("present.0.value", f, &[Ok(1), Ok(1), Err("past"), Ok(2)]),
-        ],
-        ..Default::default()
-    };
-    let model = onnx::ModelProto {
-        ir_version: 10,
-        opset_import: vec![onnx::OperatorSetIdProto {
-            domain: String::new(),
-            version: 21,
+        vec![onnx::TensorProto {
+            name: "one_f".into(),
+            data_type: dtype::FLOAT,
+            float_data: vec![1.0],
+            ..Default::default()
         }],
-        graph: Some(graph),
-        ..Default::default()
-    };
-    std::fs::write(
-        dir.join("model.onnx"),
-        prost::Message::encode_to_vec(&model),
-    )
-    .expect("write");
+        true,
+    );
     let opts = OrtOptions {
         library: Some(library()),
         n_ctx: 16,
@@ -888,9 +831,14 @@ fn position_ids_are_fed_when_the_graph_takes_them() {
     );
     // No rotary tables: the window cannot slide.
     assert!(!b.can_shift());
+    let n_vocab = b.n_vocab();
     let logits = b.forward(&[5, 6, 7], 4, true).expect("forward").to_vec();
-    for (i, row) in logits.chunks_exact(vocab as usize).enumerate() {
-        let pos = 4 + i;
-        assert_eq!(row[3], (pos + 1) as f32 * w[3], "position of token {i}");
+    for (i, row) in logits.chunks_exact(n_vocab).enumerate() {
+        assert_eq!(
+            row[hot as usize],
+            (4 + i + 1) as f32,
+            "position of token {i}"
+        );
+        assert_eq!(row[hot as usize + 1], 0.0);
     }
 }

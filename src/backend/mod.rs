@@ -54,6 +54,32 @@ pub enum BackendError {
     Other(String),
 }
 
+/// The checks every backend's `forward` makes of its arguments: a batch of 1..=`max_batch`
+/// tokens that fits the window at `pos`, every id inside the vocabulary.
+pub fn check_forward(
+    tokens: &[u32],
+    pos: usize,
+    max_batch: usize,
+    n_ctx: usize,
+    n_vocab: usize,
+) -> Result<(), BackendError> {
+    let n = tokens.len();
+    if n == 0 || n > max_batch {
+        return Err(BackendError::BadBatch { n, max: max_batch });
+    }
+    if pos + n > n_ctx {
+        return Err(BackendError::ContextFull {
+            pos,
+            end: pos + n,
+            n_ctx,
+        });
+    }
+    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+        return Err(BackendError::BadToken { id, n_vocab });
+    }
+    Ok(())
+}
+
 /// A model runner. One owner at a time (the engine worker), hence `&mut self` everywhere.
 pub trait Backend: Send {
     fn info(&self) -> BackendInfo;

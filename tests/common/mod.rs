@@ -64,3 +64,18 @@ pub fn default_model() -> PathBuf {
     );
     p
 }
+
+/// Runs the `edgellm` binary with `args` and extra environment: stdout, stderr, exit code.
+pub fn edgellm_with_env(args: &[&str], env: &[(&str, &str)]) -> (String, String, i32) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgellm"));
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run edgellm");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}

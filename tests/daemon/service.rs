@@ -14,17 +14,7 @@ use super::harness::{chat, synth_file, Client, TestDaemon};
 use crate::common::{default_model, temp_dir};
 
 fn edgellm(args: &[&str], env: &[(&str, &str)]) -> (String, String, i32) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgellm"));
-    cmd.args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run edgellm");
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.code().unwrap_or(-1),
-    )
+    crate::common::edgellm_with_env(args, env)
 }
 
 /// A long generation on the real model: it runs until cancelled or past its deadline.

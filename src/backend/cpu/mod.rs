@@ -373,24 +373,9 @@ impl Backend for CpuBackend {
         pos: usize,
         all_logits: bool,
     ) -> Result<&[f32], BackendError> {
-        let n = tokens.len();
-        if n == 0 || n > self.max_batch {
-            return Err(BackendError::BadBatch {
-                n,
-                max: self.max_batch,
-            });
-        }
-        if pos + n > self.n_ctx {
-            return Err(BackendError::ContextFull {
-                pos,
-                end: pos + n,
-                n_ctx: self.n_ctx,
-            });
-        }
         let vocab = self.cfg.vocab;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(BackendError::BadToken { id, n_vocab: vocab });
-        }
+        super::check_forward(tokens, pos, self.max_batch, self.n_ctx, vocab)?;
+        let n = tokens.len();
         self.run(tokens, pos, all_logits);
         let out = if all_logits {
             &self.s.logits[..n * vocab]

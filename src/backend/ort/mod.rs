@@ -458,24 +458,9 @@ impl Backend for OrtBackend {
         pos: usize,
         all_logits: bool,
     ) -> Result<&[f32], BackendError> {
-        let n = tokens.len();
-        if n == 0 || n > self.max_batch {
-            return Err(BackendError::BadBatch {
-                n,
-                max: self.max_batch,
-            });
-        }
-        if pos + n > self.n_ctx {
-            return Err(BackendError::ContextFull {
-                pos,
-                end: pos + n,
-                n_ctx: self.n_ctx,
-            });
-        }
         let n_vocab = self.model.n_vocab;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(BackendError::BadToken { id, n_vocab });
-        }
+        super::check_forward(tokens, pos, self.max_batch, self.n_ctx, n_vocab)?;
+        let n = tokens.len();
         self.ids.clear();
         self.ids.extend(tokens.iter().map(|&t| t as i64));
         self.mask.clear();
