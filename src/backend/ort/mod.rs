@@ -104,9 +104,6 @@ pub struct OrtBackend {
     /// Where ORT puts the logits: a fresh output each run, since its shape follows the batch.
     cpu: MemoryInfo<'static>,
     pub attempts: Vec<ProviderAttempt>,
-    /// Reused buffers for the per-call inputs.
-    ids: Vec<i64>,
-    mask: Vec<i64>,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -258,8 +255,6 @@ impl OrtBackend {
             provider,
             cpu,
             attempts,
-            ids: Vec::with_capacity(max_batch),
-            mask: Vec::with_capacity(n_ctx),
             kv,
             model,
         })
@@ -461,13 +456,12 @@ impl Backend for OrtBackend {
         let n_vocab = self.model.n_vocab;
         super::check_forward(tokens, pos, self.max_batch, self.n_ctx, n_vocab)?;
         let n = tokens.len();
-        self.ids.clear();
-        self.ids.extend(tokens.iter().map(|&t| t as i64));
-        self.mask.clear();
-        self.mask.resize(pos + n, 1);
+        // ORT takes these two small tensors over (a few bytes a position); the KV tensors and
+        // the logits buffer are the ones kept.
         let names = &self.model.names;
-        let ids = Tensor::from_array(([1usize, n], self.ids.clone())).map_err(ort_err)?;
-        let mask = Tensor::from_array(([1usize, pos + n], self.mask.clone())).map_err(ort_err)?;
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::from_array(([1usize, n], ids)).map_err(ort_err)?;
+        let mask = Tensor::from_array(([1usize, pos + n], vec![1i64; pos + n])).map_err(ort_err)?;
         self.binding
             .bind_input(&names.input_ids, &ids)
             .map_err(ort_err)?;
