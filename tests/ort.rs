@@ -691,6 +691,16 @@ fn info_names_the_provider_runtime_kernels_and_budget() {
     );
     // 30 layers × K and V × 3 KV heads × 64 × f32 per position, for 1,024 positions.
     assert_eq!(v["memory"]["kv_cache"], 30 * 2 * 3 * 64 * 4 * 1024, "{v}");
+    // Weights twice: the initializers ORT read and MatMulNBits' prepacked copies.
+    let files: u64 = ["model.onnx", "model.onnx.data"]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(genai_dir().join(f))
+                .expect("model file")
+                .len()
+        })
+        .sum();
+    assert_eq!(v["memory"]["weights"], 2 * files, "{v}");
     assert_eq!(v["n_ctx"], 1024);
 }
 
