@@ -817,43 +817,46 @@ fn plan_for(spec: &LoadSpec, want_ort: bool) -> Result<edgellm::backend::cpu::Me
     })
 }
 
+/// `--model` on `serve` and `info`: a folder is the ONNX model, a file the GGUF.
+fn set_model(cfg: &mut Config, model: Option<PathBuf>) {
+    match model {
+        Some(m) if is_onnx_dir(&m) => cfg.model.onnx = Some(m),
+        Some(m) => cfg.model.path = Some(m),
+        None => {}
+    }
+}
+
+/// Bytes the session store may take, as the memory budget counts them (0 when sessions are off).
+fn session_bytes(cfg: &Config) -> u64 {
+    if cfg.sessions.max_count == 0 {
+        0
+    } else {
+        cfg.sessions.max_bytes
+    }
+}
+
 /// `edgellm info`.
 fn info(config: Option<PathBuf>, model: Option<PathBuf>) -> Result<()> {
     let mut cfg = match &config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    match model {
-        Some(m) if is_onnx_dir(&m) => cfg.model.onnx = Some(m),
-        Some(m) => cfg.model.path = Some(m),
-        None => {}
-    }
+    set_model(&mut cfg, model);
     cfg.validate().map_err(UsageError)?;
     let (spec, want_ort) = spec_from_config(&cfg)?;
     let plan = plan_for(&spec, want_ort)?;
-    let sessions = if cfg.sessions.max_count == 0 {
-        0
-    } else {
-        cfg.sessions.max_bytes
-    };
+    let sessions = session_bytes(&cfg);
     let budget = Budget::new(&plan, sessions, cfg.memory.max_bytes, own_cgroup_limit());
     let (engine, fallback) = spec.load()?;
     let b = engine.backend.info();
-    let ort = match edgellm::backend::ort::runtime::loaded() {
-        Some(Ok(rt)) => serde_json::json!({
+    // Loaded by the model above, or (a config without ONNX) loaded now to say what is there.
+    let rt = edgellm::backend::ort::runtime::loaded()
+        .unwrap_or_else(|| edgellm::backend::ort::runtime::init(cfg.ort.library.as_deref()));
+    let ort = match rt {
+        Ok(rt) => serde_json::json!({
             "library": rt.library, "version": rt.version, "providers_available": rt.providers,
         }),
-        Some(Err(e)) => serde_json::json!({ "error": e }),
-        None => {
-            // Not wanted by the config; still say what is there.
-            match edgellm::backend::ort::runtime::init(cfg.ort.library.as_deref()) {
-                Ok(rt) => serde_json::json!({
-                    "library": rt.library, "version": rt.version,
-                    "providers_available": rt.providers,
-                }),
-                Err(e) => serde_json::json!({ "error": e }),
-            }
-        }
+        Err(e) => serde_json::json!({ "error": e }),
     };
     let features: Vec<&str> = cpu_features();
     let kernels = match KernelKind::parse(&cfg.model.kernels)? {
@@ -934,11 +937,7 @@ fn serve(
     if let Some(s) = socket {
         cfg.socket.path = s;
     }
-    match model {
-        Some(m) if is_onnx_dir(&m) => cfg.model.onnx = Some(m),
-        Some(m) => cfg.model.path = Some(m),
-        None => {}
-    }
+    set_model(&mut cfg, model);
     if let Some(b) = backend {
         cfg.model.backend = b;
     }
@@ -965,11 +964,7 @@ fn serve(
     let (spec, want_ort) = spec_from_config(&cfg)?;
     let gguf = spec.gguf.clone();
     let plan = plan_for(&spec, want_ort)?;
-    let sessions = if cfg.sessions.max_count == 0 {
-        0
-    } else {
-        cfg.sessions.max_bytes
-    };
+    let sessions = session_bytes(&cfg);
     let mut budget = Budget::new(&plan, sessions, cfg.memory.max_bytes, own_cgroup_limit());
     if check {
         println!("{}", serde_json::to_string_pretty(&budget)?);

@@ -80,6 +80,22 @@ impl Default for OrtOptions {
     }
 }
 
+impl OrtOptions {
+    /// The window and thread count for `model`: `n_ctx` 0 is the model's own window, at most
+    /// 4096 (as on the CPU engine); `threads` 0 is one per core.
+    fn resolve(&self, model: &OrtModel) -> (usize, usize) {
+        let n_ctx = match self.n_ctx {
+            0 => model.context_length.min(4096),
+            n => n,
+        };
+        let threads = match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        (n_ctx, threads)
+    }
+}
+
 /// How one provider of the chain fared; logged, and shown by `edgellm info`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProviderAttempt {
@@ -128,10 +144,7 @@ impl OrtBackend {
     /// 324.6 MiB = 2 × 82.5 weights + 90 KV + 24 logits + 46 for the runtime.
     pub fn plan(dir: &Path, opts: &OrtOptions) -> Result<MemoryPlan, OrtError> {
         let model = OrtModel::open(dir)?;
-        let n_ctx = match opts.n_ctx {
-            0 => model.context_length.min(4096),
-            n => n,
-        };
+        let (n_ctx, threads) = opts.resolve(&model);
         let per_position = (2 * model.n_layer * model.n_kv_head * model.head_dim * 4) as u64;
         let max_batch = opts.max_batch.clamp(1, n_ctx.max(1));
         Ok(MemoryPlan {
@@ -139,11 +152,7 @@ impl OrtBackend {
             kv_cache: per_position * n_ctx as u64,
             scratch: (2 * max_batch * model.n_vocab * 4) as u64,
             n_ctx,
-            threads: if opts.threads == 0 {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            } else {
-                opts.threads
-            },
+            threads,
             bytes_per_position: per_position,
         })
     }
@@ -161,11 +170,7 @@ impl OrtBackend {
         let env = runtime::environment()
             .ok_or_else(|| OrtError::Runtime("environment missing after load".into()))?;
         let model = OrtModel::open(dir)?;
-        // 0: the model's own window, at most 4096 (as on the CPU engine).
-        let n_ctx = match opts.n_ctx {
-            0 => model.context_length.min(4096),
-            n => n,
-        };
+        let (n_ctx, threads) = opts.resolve(&model);
         if n_ctx < 2 || n_ctx > model.context_length {
             return Err(OrtError::Config(format!(
                 "model.n_ctx = {n_ctx} is outside 2..={} (the model's context_length)",
@@ -180,11 +185,6 @@ impl OrtBackend {
                 )));
             }
         }
-        let threads = if opts.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            opts.threads
-        };
         let mut attempts = Vec::new();
         let mut chosen = None;
         for (i, name) in opts.providers.iter().enumerate() {
