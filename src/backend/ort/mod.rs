@@ -96,14 +96,6 @@ impl OrtOptions {
     }
 }
 
-/// How one provider of the chain fared; logged, and shown by `edgellm info`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ProviderAttempt {
-    pub provider: String,
-    /// `None`: registered and the session was created with it.
-    pub error: Option<String>,
-}
-
 pub struct OrtBackend {
     session: Session,
     binding: IoBinding,
@@ -119,7 +111,6 @@ pub struct OrtBackend {
     provider: String,
     /// Where ORT puts the logits: a fresh output each run, since its shape follows the batch.
     cpu: MemoryInfo<'static>,
-    pub attempts: Vec<ProviderAttempt>,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -185,44 +176,27 @@ impl OrtBackend {
                 )));
             }
         }
-        let mut attempts = Vec::new();
+        // Each provider that fails says why, in the log and, if none works, in the error.
+        let mut failures = Vec::new();
         let mut chosen = None;
-        for (i, name) in opts.providers.iter().enumerate() {
+        for name in &opts.providers {
             match session_with(env, &model, name, opts, threads) {
                 Ok(s) => {
                     tracing::info!("ort: execution provider {name} registered");
-                    attempts.push(ProviderAttempt {
-                        provider: name.clone(),
-                        error: None,
-                    });
                     chosen = Some((name.clone(), s));
-                    for rest in &opts.providers[i + 1..] {
-                        attempts.push(ProviderAttempt {
-                            provider: rest.clone(),
-                            error: Some("not tried: an earlier provider works".into()),
-                        });
-                    }
                     break;
                 }
                 Err(e) => {
                     tracing::warn!("ort: execution provider {name} failed: {e}");
-                    attempts.push(ProviderAttempt {
-                        provider: name.clone(),
-                        error: Some(e),
-                    });
+                    failures.push(format!("{name}: {e}"));
                 }
             }
         }
         let Some((provider, session)) = chosen else {
-            let why = attempts
-                .iter()
-                .map(|a| format!("{}: {}", a.provider, a.error.as_deref().unwrap_or("?")))
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(OrtError::NoProvider(if why.is_empty() {
+            return Err(OrtError::NoProvider(if failures.is_empty() {
                 "ort.providers is empty".into()
             } else {
-                why
+                failures.join("; ")
             }));
         };
         let shape = [1, model.n_kv_head, n_ctx, model.head_dim];
@@ -257,7 +231,6 @@ impl OrtBackend {
             threads,
             provider,
             cpu,
-            attempts,
             kv,
             model,
         })

@@ -14,15 +14,12 @@ pub mod dtype {
     pub const UINT8: i32 = 2;
     pub const INT32: i32 = 6;
     pub const INT64: i32 = 7;
-    pub const FLOAT16: i32 = 10;
 }
 
 /// `AttributeProto.AttributeType`.
 pub mod attr_type {
     pub const FLOAT: i32 = 1;
     pub const INT: i32 = 2;
-    pub const STRING: i32 = 3;
-    pub const INTS: i32 = 7;
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -290,15 +287,6 @@ pub fn attr_float(name: &str, f: f32) -> AttributeProto {
         name: name.into(),
         r#type: attr_type::FLOAT,
         f,
-        ..Default::default()
-    }
-}
-
-pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: attr_type::INTS,
-        ints: ints.to_vec(),
         ..Default::default()
     }
 }
