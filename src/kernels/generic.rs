@@ -106,3 +106,50 @@ pub fn tile_q4_1(w: &[&[BlockQ4_1]], x: &[&[BlockQ8]], out: &mut [f32]) {
 pub fn tile_q8_0(w: &[&[BlockQ8_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
     tile(dot_q8_0, w, x, out)
 }
+
+// Attention kernels. `k`/`v` hold cached rows `stride` elements (or blocks) apart; row `j` of a
+// head starts at `j * stride`.
+
+/// Scores of one query head against `out.len()` cached key rows: `out[j] = q · k[j]`.
+pub fn scores_f32(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = q.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_f32(q, &k[j * stride..j * stride + hd]);
+    }
+}
+
+/// `s[j] = exp(s[j] − max)`, returning their sum.
+pub fn exp_sum(s: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for v in s.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    sum
+}
+
+/// `out += Σ_j p[j] · v[j]` over `p.len()` cached value rows of `out.len()` elements.
+pub fn acc_f32(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    for (j, &pj) in p.iter().enumerate() {
+        for (o, &x) in out.iter_mut().zip(&v[j * stride..j * stride + hd]) {
+            *o += pj * x;
+        }
+    }
+}
+
+/// [`acc_f32`] over q8_0 value rows (`stride` in blocks; `out.len()` a multiple of 32).
+pub fn acc_q8_0(p: &[f32], v: &[BlockQ8_0], stride: usize, out: &mut [f32]) {
+    let nb = out.len() / QK;
+    for (j, &pj) in p.iter().enumerate() {
+        for (ob, b) in out
+            .chunks_exact_mut(QK)
+            .zip(&v[j * stride..j * stride + nb])
+        {
+            let f = pj * f16_to_f32(b.d);
+            for (o, &q) in ob.iter_mut().zip(&b.qs) {
+                *o += f * q as f32;
+            }
+        }
+    }
+}

@@ -130,6 +130,12 @@ pub struct Kernels {
     pub dot_q5_0: fn(&[BlockQ5_0], &[BlockQ8]) -> f32,
     pub dot_q8_0: fn(&[BlockQ8_0], &[BlockQ8]) -> f32,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    /// Attention: scores of a query head against key rows, `exp(s − max)` with its sum, and
+    /// the probability-weighted sum of value rows (f32 or q8_0 cache). See `generic`.
+    pub scores_f32: fn(&[f32], &[f32], usize, &mut [f32]),
+    pub exp_sum: fn(&mut [f32], f32) -> f32,
+    pub acc_f32: fn(&[f32], &[f32], usize, &mut [f32]),
+    pub acc_q8_0: fn(&[f32], &[BlockQ8_0], usize, &mut [f32]),
     /// Tiles of R rows × C tokens: `out[r * C + c] = dot(w[r], x[c])`.
     pub tile_q4_0: Tile<BlockQ4_0>,
     pub tile_q4_1: Tile<BlockQ4_1>,
@@ -158,6 +164,10 @@ impl Kernels {
             dot_q5_0: generic::dot_q5_0,
             dot_q8_0: generic::dot_q8_0,
             dot_f32: generic::dot_f32,
+            scores_f32: generic::scores_f32,
+            exp_sum: generic::exp_sum,
+            acc_f32: generic::acc_f32,
+            acc_q8_0: generic::acc_q8_0,
             tile_q4_0: generic::tile_q4_0,
             tile_q4_1: generic::tile_q4_1,
             tile_q8_0: generic::tile_q8_0,
@@ -180,6 +190,10 @@ impl Kernels {
                 dot_q5_0: avx2::dot_q5_0,
                 dot_q8_0: avx2::dot_q8_0,
                 dot_f32: avx2::dot_f32,
+                scores_f32: avx2::scores_f32,
+                exp_sum: avx2::exp_sum,
+                acc_f32: avx2::acc_f32,
+                acc_q8_0: avx2::acc_q8_0,
                 tile_q4_0: avx2::tile_q4_0,
                 tile_q4_1: avx2::tile_q4_1,
                 tile_q8_0: avx2::tile_q8_0,
@@ -202,6 +216,10 @@ impl Kernels {
                 dot_q5_0: neon::dot_q5_0,
                 dot_q8_0: neon::dot_q8_0,
                 dot_f32: neon::dot_f32,
+                scores_f32: neon::scores_f32,
+                exp_sum: neon::exp_sum,
+                acc_f32: neon::acc_f32,
+                acc_q8_0: neon::acc_q8_0,
                 tile_q4_0: neon::tile_q4_0,
                 tile_q4_1: neon::tile_q4_1,
                 tile_q8_0: neon::tile_q8_0,
@@ -215,6 +233,10 @@ impl Kernels {
                 dot_q5_0: neon::dot_q5_0_dotprod,
                 dot_q8_0: neon::dot_q8_0_dotprod,
                 dot_f32: neon::dot_f32,
+                scores_f32: neon::scores_f32,
+                exp_sum: neon::exp_sum,
+                acc_f32: neon::acc_f32,
+                acc_q8_0: neon::acc_q8_0,
                 tile_q4_0: neon::tile_q4_0_dotprod,
                 tile_q4_1: neon::tile_q4_1_dotprod,
                 tile_q8_0: neon::tile_q8_0_dotprod,
@@ -233,4 +255,14 @@ impl Kernels {
     pub fn exact(&self) -> bool {
         self.kind == KernelKind::Reference
     }
+}
+
+/// Panics unless rows `0..rows` of `len` elements, `stride` apart, lie inside `have`: the raw
+/// pointer loops of the SIMD attention kernels rely on it.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn check_rows(rows: usize, stride: usize, len: usize, have: usize) {
+    assert!(
+        rows == 0 || (rows - 1) * stride + len <= have,
+        "attention rows out of bounds"
+    );
 }

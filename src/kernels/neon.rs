@@ -212,6 +212,158 @@ unsafe fn quantize_q8_imp(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
+/// Scores against `out.len()` key rows `stride` apart. Caller: `(out.len() − 1) · stride +
+/// q.len() ≤ k.len()`.
+#[target_feature(enable = "neon")]
+unsafe fn scores_f32_imp(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = q.len();
+    let pk = k.as_ptr();
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_f32_imp(q, std::slice::from_raw_parts(pk.add(j * stride), hd));
+    }
+}
+
+/// e^x for x ≤ 0 lanes, as the AVX2 kernel: Cody–Waite reduction, Cephes' `expf` polynomial,
+/// times 2^n. Relative error about 2e-7.
+#[inline(always)]
+unsafe fn exp_ps(x: float32x4_t) -> float32x4_t {
+    let x = vmaxq_f32(x, vdupq_n_f32(-87.336_54));
+    let ni = vcvtnq_s32_f32(vmulq_n_f32(x, std::f32::consts::LOG2_E));
+    let n = vcvtq_f32_s32(ni);
+    let r = vfmsq_f32(x, n, vdupq_n_f32(0.693_359_4));
+    let r = vfmsq_f32(r, n, vdupq_n_f32(-2.121_944_4e-4));
+    let mut y = vdupq_n_f32(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = vfmaq_f32(vdupq_n_f32(c), y, r);
+    }
+    let y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0)), y, vmulq_f32(r, r));
+    let e = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(ni, vdupq_n_s32(127))));
+    vmulq_f32(y, e)
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn exp_sum_imp(s: &mut [f32], max: f32) -> f32 {
+    let n = s.len();
+    let p = s.as_mut_ptr();
+    let m = vdupq_n_f32(max);
+    let mut acc = vdupq_n_f32(0.0);
+    let mut i = 0;
+    while i + 4 <= n {
+        let e = exp_ps(vsubq_f32(vld1q_f32(p.add(i)), m));
+        vst1q_f32(p.add(i), e);
+        acc = vaddq_f32(acc, e);
+        i += 4;
+    }
+    let mut sum = vaddvq_f32(acc);
+    for v in &mut s[i..] {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    sum
+}
+
+/// `out[o..o + 4·A] += Σ_j p[j] · v[j][o..]`, A registers of accumulators.
+#[inline(always)]
+unsafe fn acc_f32_seg<const A: usize>(p: &[f32], v: *const f32, stride: usize, out: *mut f32) {
+    let mut acc = [vdupq_n_f32(0.0); A];
+    for (a, acc) in acc.iter_mut().enumerate() {
+        *acc = vld1q_f32(out.add(4 * a));
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        let row = v.add(j * stride);
+        for (a, acc) in acc.iter_mut().enumerate() {
+            *acc = vfmaq_n_f32(*acc, vld1q_f32(row.add(4 * a)), pj);
+        }
+    }
+    for (a, acc) in acc.iter().enumerate() {
+        vst1q_f32(out.add(4 * a), *acc);
+    }
+}
+
+/// Caller: `(p.len() − 1) · stride + out.len() ≤ v.len()`.
+#[target_feature(enable = "neon")]
+unsafe fn acc_f32_imp(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    let (pv, po) = (v.as_ptr(), out.as_mut_ptr());
+    let mut o = 0;
+    while o + 64 <= hd {
+        acc_f32_seg::<16>(p, pv.add(o), stride, po.add(o));
+        o += 64;
+    }
+    while o + 4 <= hd {
+        acc_f32_seg::<1>(p, pv.add(o), stride, po.add(o));
+        o += 4;
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        for i in o..hd {
+            *po.add(i) += pj * *pv.add(j * stride + i);
+        }
+    }
+}
+
+/// `out[32·b0..32·(b0 + B)] += Σ_j p[j] · dequant(v[j][b0..b0 + B])`.
+#[inline(always)]
+unsafe fn acc_q8_0_seg<const B: usize>(
+    p: &[f32],
+    v: *const BlockQ8_0,
+    stride: usize,
+    out: *mut f32,
+) {
+    let mut acc = [[vdupq_n_f32(0.0); 8]; B];
+    for (b, acc) in acc.iter_mut().enumerate() {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = vld1q_f32(out.add(QK * b + 4 * i));
+        }
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        let row = v.add(j * stride);
+        for (b, acc) in acc.iter_mut().enumerate() {
+            let blk = &*row.add(b);
+            let f = pj * f16_to_f32(blk.d);
+            let q = blk.qs.as_ptr();
+            for h in 0..2 {
+                let x = vld1q_s8(q.add(16 * h));
+                for (k, w) in [vmovl_s8(vget_low_s8(x)), vmovl_s8(vget_high_s8(x))]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(w)));
+                    let hi = vcvtq_f32_s32(vmovl_s16(vget_high_s16(w)));
+                    let i = 4 * h + 2 * k;
+                    acc[i] = vfmaq_n_f32(acc[i], lo, f);
+                    acc[i + 1] = vfmaq_n_f32(acc[i + 1], hi, f);
+                }
+            }
+        }
+    }
+    for (b, acc) in acc.iter().enumerate() {
+        for (i, a) in acc.iter().enumerate() {
+            vst1q_f32(out.add(QK * b + 4 * i), *a);
+        }
+    }
+}
+
+/// Caller: `out.len()` a multiple of 32, `(p.len() − 1) · stride + out.len() / 32 ≤ v.len()`.
+#[target_feature(enable = "neon")]
+unsafe fn acc_q8_0_imp(p: &[f32], v: &[BlockQ8_0], stride: usize, out: &mut [f32]) {
+    let nb = out.len() / QK;
+    let (pv, po) = (v.as_ptr(), out.as_mut_ptr());
+    let mut b = 0;
+    while b + 2 <= nb {
+        acc_q8_0_seg::<2>(p, pv.add(b), stride, po.add(QK * b));
+        b += 2;
+    }
+    if b < nb {
+        acc_q8_0_seg::<1>(p, pv.add(b), stride, po.add(QK * b));
+    }
+}
+
 // Safe wrappers, installed only after detection (see `Kernels::neon*`).
 
 pub(super) fn dot_q4_0(w: &[BlockQ4_0], x: &[BlockQ8]) -> f32 {
@@ -273,3 +425,24 @@ neon_tiles!(
     tile_q4_1_dotprod: BlockQ4_1 => dot_q4_1_dotprod,
     tile_q8_0_dotprod: BlockQ8_0 => dot_q8_0_dotprod
 );
+
+pub(super) fn scores_f32(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+    super::check_rows(out.len(), stride, q.len(), k.len());
+    // SAFETY: rows checked; NEON is part of the aarch64 baseline.
+    unsafe { scores_f32_imp(q, k, stride, out) }
+}
+pub(super) fn exp_sum(s: &mut [f32], max: f32) -> f32 {
+    // SAFETY: as above.
+    unsafe { exp_sum_imp(s, max) }
+}
+pub(super) fn acc_f32(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    super::check_rows(p.len(), stride, out.len(), v.len());
+    // SAFETY: as above.
+    unsafe { acc_f32_imp(p, v, stride, out) }
+}
+pub(super) fn acc_q8_0(p: &[f32], v: &[BlockQ8_0], stride: usize, out: &mut [f32]) {
+    assert!(out.len().is_multiple_of(QK), "q8_0 rows are whole blocks");
+    super::check_rows(p.len(), stride, out.len() / QK, v.len());
+    // SAFETY: as above.
+    unsafe { acc_q8_0_imp(p, v, stride, out) }
+}

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::pool::{Pool, Shards};
 use crate::kernels::quant::{block_bytes, dequant_q8_0, quantize_q8_0_into, BlockQ8_0, QK};
 
 /// Element type of the KV cache.
@@ -160,47 +161,86 @@ impl KvCache {
         }
     }
 
-    /// Moves rows `from..from + n` of every layer to `to..to + n` and passes each moved key row
-    /// to `rekey` (n × kv_dim f32 per call of one row; q8_0 rows are dequantized for it and
-    /// quantized again after). `row` is a scratch row of at least kv_dim floats.
+    /// Moves rows `from..from + n` of every layer to `to..to + n` (`to < from`) and passes each
+    /// moved key row to `rekey` (one row of kv_dim f32 a call; q8_0 rows are dequantized for it
+    /// and quantized again after). The layers' keys and values are shared out over the pool;
+    /// `scratch` holds a row of at least kv_dim floats for each of its threads.
     pub fn move_rows(
         &mut self,
+        pool: &mut Pool,
         from: usize,
         to: usize,
         n: usize,
-        row: &mut [f32],
-        rekey: &mut dyn FnMut(&mut [f32]),
+        scratch: &mut [f32],
+        rekey: &(dyn Fn(&mut [f32]) + Sync),
     ) {
         let kvd = self.kv_dim;
         let (n_layer, n_ctx) = (self.n_layer, self.n_ctx);
-        match &mut self.store {
-            Store::F32 { k, v } => {
-                for layer in 0..n_layer {
-                    let base = layer * n_ctx * kvd;
-                    let src = base + from * kvd..base + (from + n) * kvd;
-                    let dst = base + to * kvd;
-                    k.copy_within(src.clone(), dst);
-                    v.copy_within(src, dst);
-                    for r in k[dst..dst + n * kvd].chunks_exact_mut(kvd) {
-                        rekey(r);
+        let per_thread = scratch.len() / pool.n_threads();
+        assert!(to < from && from + n <= n_ctx && per_thread >= kvd);
+        let scratch = Shards::new(scratch);
+        // One unit: the keys (units 0..n_layer) or the values (the rest) of one layer, taken in
+        // turn by the threads, so each has its share of the keys, the costlier half. Keys move
+        // row by row, each re-keyed while it is in cache; values move in one copy.
+        #[allow(clippy::too_many_arguments)]
+        fn run<T: Copy + Send>(
+            pool: &mut Pool,
+            k: &mut [T],
+            v: &mut [T],
+            n_layer: usize,
+            layer_len: usize,
+            row: usize,
+            (from, to, n): (usize, usize, usize),
+            rekey_row: &(dyn Fn(&mut [T], usize) + Sync),
+        ) {
+            let (ks, vs) = (Shards::new(k), Shards::new(v));
+            pool.run(&|tid, nt| {
+                for unit in (tid..2 * n_layer).step_by(nt) {
+                    let (layer, keys) = (unit % n_layer, unit < n_layer);
+                    let store = if keys { ks } else { vs };
+                    // SAFETY: unit `unit` alone touches this layer's keys (or values).
+                    let span = unsafe { store.part(layer * layer_len, layer_len) };
+                    if keys {
+                        for i in 0..n {
+                            let (src, dst) = ((from + i) * row, (to + i) * row);
+                            span.copy_within(src..src + row, dst);
+                            rekey_row(&mut span[dst..dst + row], tid);
+                        }
+                    } else {
+                        span.copy_within(from * row..(from + n) * row, to * row);
                     }
                 }
-            }
+            });
+        }
+        match &mut self.store {
+            Store::F32 { k, v } => run(
+                pool,
+                k,
+                v,
+                n_layer,
+                n_ctx * kvd,
+                kvd,
+                (from, to, n),
+                &|r, _| rekey(r),
+            ),
             Store::Q8 { k, v } => {
                 let per = kvd / QK;
-                let row = &mut row[..kvd];
-                for layer in 0..n_layer {
-                    let base = layer * n_ctx * per;
-                    let src = base + from * per..base + (from + n) * per;
-                    let dst = base + to * per;
-                    k.copy_within(src.clone(), dst);
-                    v.copy_within(src, dst);
-                    for r in k[dst..dst + n * per].chunks_exact_mut(per) {
+                run(
+                    pool,
+                    k,
+                    v,
+                    n_layer,
+                    n_ctx * per,
+                    per,
+                    (from, to, n),
+                    &|r, tid| {
+                        // SAFETY: thread `tid` alone uses scratch row `tid`.
+                        let row = unsafe { scratch.part(tid * per_thread, kvd) };
                         dequant_q8_0(r, row);
                         rekey(row);
                         quantize_q8_0_into(row, r);
-                    }
-                }
+                    },
+                )
             }
         }
     }

@@ -66,8 +66,12 @@ struct State {
     hb2: Vec<f32>,
     /// 8-bit activations of the current matmul input. (max_batch, max_cols / 32)
     xq: Vec<BlockQ8>,
-    /// Attention scores, one row per thread. (threads, n_ctx)
+    /// Attention scores and the scaled query head, one row per thread. (threads, n_ctx + head_dim)
     att: Vec<f32>,
+    /// Partial attention results of each piece of work: per query head of its group, the
+    /// running max, the sum of exponentials, and the unnormalized output.
+    /// (max_pieces(batch, threads), group, head_dim + 2)
+    parts: Vec<f32>,
     /// Dequantized weight rows, one per thread. (threads, max_cols)
     scratch: Vec<f32>,
     /// RoPE cos/sin for each token of the batch. (max_batch, head_dim / 2, 2)
@@ -79,7 +83,7 @@ struct State {
 /// Element counts of the [`State`] buffers: computed once, for the allocation and for the
 /// memory budget that is checked before it.
 struct Shapes {
-    f32s: [usize; 12],
+    f32s: [usize; 13],
     xq: usize,
 }
 
@@ -98,7 +102,8 @@ impl Shapes {
                 b * kvd,
                 b * cfg.ffn,
                 b * cfg.ffn,
-                threads * n_ctx,
+                threads * (n_ctx + cfg.head_dim),
+                max_pieces(cfg, b, threads) * cfg.n_head / cfg.n_kv_head * (cfg.head_dim + 2),
                 threads * max_cols,
                 b * cfg.head_dim,
                 b * cfg.vocab,
@@ -124,9 +129,10 @@ impl Shapes {
             hb2: v(7),
             xq: vec![BlockQ8::default(); self.xq],
             att: v(8),
-            scratch: v(9),
-            rope: v(10),
-            logits: v(11),
+            parts: v(9),
+            scratch: v(10),
+            rope: v(11),
+            logits: v(12),
         }
     }
 }
@@ -325,11 +331,12 @@ impl Backend for CpuBackend {
         let _ = rest;
         let style = c.rope_style;
         self.kv.move_rows(
+            &mut self.pool,
             keep + discard,
             keep,
             len - keep - discard,
             &mut self.s.scratch,
-            &mut |row| {
+            &|row| {
                 for head in row.chunks_exact_mut(hd) {
                     apply_rope(style, head, cs);
                 }
@@ -463,6 +470,7 @@ impl CpuBackend {
                 &s.q,
                 kv.layer(li),
                 &mut s.att,
+                &mut s.parts,
                 n_ctx,
                 &mut s.xb,
             );
@@ -598,23 +606,187 @@ fn rope_row(c: &Config, p: f32, out: &mut [f32]) {
 
 fn apply_rope(style: RopeStyle, h: &mut [f32], cs: &[f32]) {
     let half = h.len() / 2;
-    for i in 0..half {
-        let (cos, sin) = (cs[2 * i], cs[2 * i + 1]);
-        let (a, b) = match style {
-            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-            RopeStyle::Halves => (i, i + half),
-        };
-        let (x0, x1) = (h[a], h[b]);
-        h[a] = x0 * cos - x1 * sin;
-        h[b] = x0 * sin + x1 * cos;
+    let cs = &cs[..2 * half];
+    match style {
+        RopeStyle::Interleaved => {
+            for (p, c) in h.chunks_exact_mut(2).zip(cs.chunks_exact(2)) {
+                let (x0, x1) = (p[0], p[1]);
+                p[0] = x0 * c[0] - x1 * c[1];
+                p[1] = x0 * c[1] + x1 * c[0];
+            }
+        }
+        RopeStyle::Halves => {
+            let (a, b) = h.split_at_mut(half);
+            for ((x0, x1), c) in a.iter_mut().zip(b.iter_mut()).zip(cs.chunks_exact(2)) {
+                let (v0, v1) = (*x0, *x1);
+                *x0 = v0 * c[0] - v1 * c[1];
+                *x1 = v0 * c[1] + v1 * c[0];
+            }
+        }
     }
 }
 
 /// Causal grouped-query attention of `n` tokens at positions `pos..` over the cached keys and
-/// values, split over the pool by (token, head). Output: `out` (n, q_dim). With a q8_0 cache the
-/// query head is quantized to 8 bits too and scored with the integer dot product of the weights.
+/// values. Output: `out` (n, q_dim).
+///
+/// Exact mode computes each (token, head) in one pass, as ggml does without flash attention.
+/// Otherwise the positions each token attends to are cut into pieces (more pieces when there
+/// are few tokens, so that a single decoded token still keeps every thread busy): each piece
+/// scores its keys, takes `exp(s − max)` and its sum, and accumulates its values, on the
+/// vector kernels; the pieces of a head are then merged, rescaling each by `exp(max − M)`. The
+/// work per token depends only on how many positions it attends to, evenly split over threads.
 #[allow(clippy::too_many_arguments)]
 fn attention(
+    pool: &mut Pool,
+    k: &Kernels,
+    c: &Config,
+    pos: usize,
+    n: usize,
+    q: &[f32],
+    cache: LayerKv<'_>,
+    att: &mut [f32],
+    parts: &mut [f32],
+    n_ctx: usize,
+    out: &mut [f32],
+) {
+    if k.exact() {
+        return attention_exact(pool, k, c, pos, n, q, cache, att, n_ctx, out);
+    }
+    let (hd, qd, kvd) = (c.head_dim, c.q_dim(), c.kv_dim());
+    let (n_kv, group) = (c.n_kv_head, c.n_head / c.n_kv_head);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let nt = pool.n_threads();
+    let per = pieces_per_token(n, n_kv, nt);
+    // Pieces of token t: never more than it has positions / MIN_PIECE (and at least one).
+    let pieces = |t: usize| per.min((pos + t + 1).div_ceil(MIN_PIECE));
+    let total: usize = if per == 1 {
+        n
+    } else {
+        (0..n).map(pieces).sum()
+    };
+    let width = group * (hd + 2);
+    let parts_sh = Shards::new(&mut parts[..total * n_kv * width]);
+    let att = Shards::new(att);
+    let (kb, hb) = (kvd / QK, hd / QK);
+    pool.run(&|tid, nt| {
+        // SAFETY: thread `tid` alone uses row `tid` of the scratch.
+        let row = unsafe { att.part(tid * (n_ctx + hd), n_ctx + hd) };
+        let (scores, qs) = row.split_at_mut(n_ctx);
+        let mut qq = [BlockQ8::default(); 16];
+        for item in (tid..total * n_kv).step_by(nt) {
+            let g = item % n_kv;
+            // The token and piece of this item (one piece per token when `per` is 1).
+            let (mut t, mut piece) = (0, item / n_kv);
+            if per == 1 {
+                (t, piece) = (piece, 0);
+            } else {
+                while piece >= pieces(t) {
+                    piece -= pieces(t);
+                    t += 1;
+                }
+            }
+            let len = pos + t + 1;
+            let np = pieces(t);
+            let (j0, j1) = (piece * len / np, (piece + 1) * len / np);
+            let sc = &mut scores[..j1 - j0];
+            // SAFETY: piece `item` owns its slot of `parts`.
+            let slot = unsafe { parts_sh.part(item * width, width) };
+            for (r, res) in slot.chunks_exact_mut(hd + 2).enumerate() {
+                let h = g * group + r;
+                for (d, &x) in qs
+                    .iter_mut()
+                    .zip(&q[t * qd + h * hd..t * qd + (h + 1) * hd])
+                {
+                    *d = x * scale;
+                }
+                match cache {
+                    LayerKv::F32 { k: kc, .. } => {
+                        (k.scores_f32)(&qs[..hd], &kc[j0 * kvd + g * hd..], kvd, sc);
+                    }
+                    LayerKv::Q8 { k: kc, .. } => {
+                        let qq = &mut qq[..hb];
+                        (k.quantize_q8)(&qs[..hd], qq);
+                        for (j, s) in sc.iter_mut().enumerate() {
+                            let at = (j0 + j) * kb + g * hb;
+                            *s = (k.dot_q8_0)(&kc[at..at + hb], qq);
+                        }
+                    }
+                }
+                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum = (k.exp_sum)(sc, max);
+                let (head, o) = res.split_at_mut(2);
+                head[0] = max;
+                head[1] = sum;
+                o.fill(0.0);
+                match cache {
+                    LayerKv::F32 { v: vc, .. } => {
+                        (k.acc_f32)(sc, &vc[j0 * kvd + g * hd..], kvd, o);
+                    }
+                    LayerKv::Q8 { v: vc, .. } => {
+                        (k.acc_q8_0)(sc, &vc[j0 * kb + g * hb..], kb, o);
+                    }
+                }
+            }
+        }
+    });
+    // Merge the pieces of every (token, head).
+    let mut first = 0;
+    for t in 0..n {
+        let np = if per == 1 { 1 } else { pieces(t) };
+        for g in 0..n_kv {
+            for r in 0..group {
+                let h = g * group + r;
+                let at = |i: usize| ((first + i) * n_kv + g) * width + r * (hd + 2);
+                let m = (0..np)
+                    .map(|i| parts[at(i)])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let o = &mut out[t * qd + h * hd..t * qd + (h + 1) * hd];
+                o.fill(0.0);
+                let mut sum = 0f32;
+                for i in 0..np {
+                    let p = &parts[at(i)..at(i) + hd + 2];
+                    let w = (p[0] - m).exp();
+                    sum += w * p[1];
+                    for (oi, &x) in o.iter_mut().zip(&p[2..]) {
+                        *oi += w * x;
+                    }
+                }
+                let inv = 1.0 / sum;
+                for oi in o.iter_mut() {
+                    *oi *= inv;
+                }
+            }
+        }
+        first += np;
+    }
+}
+
+/// The fewest positions a piece of attention work covers.
+const MIN_PIECE: usize = 64;
+
+/// How many pieces each token's attention is cut into: enough for 8 per thread in all, one
+/// when the tokens alone give that many.
+fn pieces_per_token(n: usize, n_kv: usize, threads: usize) -> usize {
+    let want = 8 * threads;
+    let have = (n * n_kv).max(1);
+    if have >= want {
+        1
+    } else {
+        want.div_ceil(have)
+    }
+}
+
+/// The most pieces (times kv heads) one attention call makes: with one piece per token,
+/// `batch · n_kv`; otherwise fewer than `8 · threads + batch · n_kv`, which is below
+/// `16 · threads`.
+fn max_pieces(c: &Config, batch: usize, threads: usize) -> usize {
+    (batch * c.n_kv_head).max(16 * threads)
+}
+
+/// Exact mode's attention: one pass per (token, head), the scores normalized before the values
+/// are summed, scalar arithmetic in ggml's order.
+#[allow(clippy::too_many_arguments)]
+fn attention_exact(
     pool: &mut Pool,
     k: &Kernels,
     c: &Config,
