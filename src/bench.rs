@@ -151,27 +151,40 @@ pub struct LongReport {
     pub max_ms: f64,
     /// p99 / median: at most 1.5 means no per-slide spikes in the tail.
     pub p99_over_p50: f64,
+    /// Median latency of the tokens whose step slid the window (the slide's cost is in it),
+    /// and its ratio to the median token: what a slide adds, apart from any other noise.
+    pub slide_p50_ms: f64,
+    pub slide_over_p50: f64,
+    /// p99 / median of the tokens without a slide: the tail that is not the slides'.
+    pub p99_over_p50_without_slides: f64,
     pub peak_rss_mib: f64,
 }
 
-/// Records when each token's forward finished.
+/// Records when each token's forward finished, and whether its step slid the window.
 struct Clock {
     last: Option<Instant>,
     full: bool,
     n_ctx: usize,
+    evicted: usize,
     lat: Vec<f64>,
+    slide: Vec<f64>,
 }
 
 impl crate::engine::Sink for Clock {
     fn text(&mut self, _: &str) {}
-    fn kv(&mut self, used: usize, _evicted: usize) {
+    fn kv(&mut self, used: usize, evicted: usize) {
         let now = Instant::now();
         if self.full {
             if let Some(l) = self.last {
-                self.lat.push((now - l).as_secs_f64() * 1e3);
+                let ms = (now - l).as_secs_f64() * 1e3;
+                self.lat.push(ms);
+                if evicted > self.evicted {
+                    self.slide.push(ms);
+                }
             }
         }
         self.full |= used >= self.n_ctx;
+        self.evicted = evicted;
         self.last = Some(now);
     }
 }
@@ -205,15 +218,29 @@ pub fn run_long(
         last: None,
         full: false,
         n_ctx,
+        evicted: 0,
         lat: Vec::with_capacity(req.max_tokens),
+        slide: Vec::new(),
     };
     let t0 = Instant::now();
     let c = engine.generate(&req, &mut clock)?;
     let secs = t0.elapsed().as_secs_f64();
     let mut lat = clock.lat;
-    lat.sort_by(|a, b| a.total_cmp(b));
+    // The tokens without a slide: all but the slide steps' latencies (each removed once).
+    let mut rest = lat.clone();
+    let mut slide = clock.slide;
+    for s in &slide {
+        if let Some(i) = rest.iter().position(|x| x == s) {
+            rest.swap_remove(i);
+        }
+    }
+    for v in [&mut lat, &mut rest, &mut slide] {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
     let p50 = percentile(&lat, 0.5);
     let p99 = percentile(&lat, 0.99);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let slide_p50 = percentile(&slide, 0.5);
     Ok(LongReport {
         model: name.into(),
         kernels: info.compute,
@@ -232,7 +259,10 @@ pub fn run_long(
         p99_ms: p99,
         p999_ms: percentile(&lat, 0.999),
         max_ms: lat.last().copied().unwrap_or(0.0),
-        p99_over_p50: if p50 > 0.0 { p99 / p50 } else { 0.0 },
+        p99_over_p50: ratio(p99, p50),
+        slide_p50_ms: slide_p50,
+        slide_over_p50: ratio(slide_p50, p50),
+        p99_over_p50_without_slides: ratio(percentile(&rest, 0.99), percentile(&rest, 0.5)),
         peak_rss_mib: peak_rss_mib(),
     })
 }

@@ -203,6 +203,48 @@ fn bench_prints_one_json_object() {
     assert!(v["peak_rss_mib"].as_f64().expect("rss") < 180.0, "{out}");
 }
 
+/// `bench --long` generates `windows` × n_ctx tokens in one request through the sliding window
+/// and times every token after the window first filled, the slide steps apart as well (the
+/// report's figures, not a speed, are what is checked here).
+#[test]
+fn bench_long_reports_latency_after_the_window_fills() {
+    let m = model();
+    let (out, err, code) = edgellm(&[
+        "bench",
+        "--long",
+        "--model",
+        m.to_str().expect("utf-8"),
+        "-t",
+        "1",
+        "--ctx",
+        "128",
+        "--windows",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).expect("one JSON object");
+    let int = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}: {out}"));
+    let num = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k}: {out}"));
+    assert_eq!(int("tokens"), 3 * 128, "{out}");
+    assert_eq!(int("n_sink"), 4, "{out}");
+    // The first window (prompt and generated tokens) is not timed; everything after it is.
+    let timed = int("timed");
+    assert!(
+        (3 * 128 - 128 - 8..=3 * 128 - 128 + 8).contains(&timed),
+        "{out}"
+    );
+    // --discard 0: a quarter of the positions that are neither sinks nor the next token's.
+    let discard = int("n_discard");
+    assert_eq!(discard, (128 - 4 - 1) / 4, "{out}");
+    assert_eq!(int("slides"), int("evicted") / discard, "{out}");
+    assert!(int("slides") >= 8, "{out}");
+    for k in ["p50_ms", "p99_ms", "slide_p50_ms"] {
+        assert!(num(k) > 0.0, "{k}: {out}");
+    }
+    assert!(num("p99_ms") >= num("p50_ms"), "{out}");
+    assert!(num("p99_over_p50_without_slides") >= 1.0, "{out}");
+}
+
 /// llama-perplexity's measure on gpl-3.txt with 512-token chunks: the exact path within 0.2% of
 /// llama.cpp's f32 result, the fast path within 1% of llama.cpp's Q4_1 result, and the fast
 /// path's KL divergence and top-1 agreement against the exact path within llama.cpp's own.
