@@ -4,6 +4,8 @@
 //! bits; the other types (F32, F16, Q4_K, Q6_K), and every type in exact mode, dequantize each
 //! weight row once into a per-thread scratch row and dot it in f32 with every token of the batch.
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
 use super::pool::{split, Pool, Shards};
 use super::quant::{as_blocks, dequantize_row, Block, BlockQ5_0, BlockQ8, GgmlType, QK};
 use super::{Kernels, Tile};
@@ -217,11 +219,20 @@ pub fn matmul(
         }
     }
     let scratch = Shards::new(scratch);
-    pool.run(&|tid, nt| {
+    // Each product is cut into 4 pieces a thread, which the threads claim in turn as they
+    // finish: a thread that the system stalls (a busy VM, a little core beside big ones)
+    // delays the step by one piece, not by its whole share.
+    let pieces = if nt == 1 { 1 } else { 2 * nt };
+    let next = AtomicUsize::new(0);
+    pool.run(&|tid, _| {
         // SAFETY: thread `tid` alone uses scratch row `tid`.
         let s = unsafe { scratch.part(tid * cols, cols) };
-        for (w, out) in shards.iter() {
-            let rows = split(w.rows, tid, nt, 8);
+        loop {
+            let i = next.fetch_add(1, Relaxed);
+            let Some((w, out)) = shards.get(i / pieces) else {
+                break;
+            };
+            let rows = split(w.rows, i % pieces, pieces, 8);
             matmul_rows(k, w, x, rows, out, s);
         }
     });

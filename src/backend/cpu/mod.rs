@@ -9,6 +9,7 @@ pub mod kv;
 pub mod model;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use crate::backend::{Backend, BackendError, BackendInfo};
 use crate::gguf::Gguf;
@@ -634,7 +635,7 @@ fn apply_rope(style: RopeStyle, h: &mut [f32], cs: &[f32]) {
 /// are few tokens, so that a single decoded token still keeps every thread busy): each piece
 /// scores its keys, takes `exp(s − max)` and its sum, and accumulates its values, on the
 /// vector kernels; the pieces of a head are then merged, rescaling each by `exp(max − M)`. The
-/// work per token depends only on how many positions it attends to, evenly split over threads.
+/// threads claim pieces in turn as they finish them.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     pool: &mut Pool,
@@ -668,12 +669,18 @@ fn attention(
     let parts_sh = Shards::new(&mut parts[..total * n_kv * width]);
     let att = Shards::new(att);
     let (kb, hb) = (kvd / QK, hd / QK);
-    pool.run(&|tid, nt| {
+    // Pieces are claimed in turn as threads finish (as the matmuls' are).
+    let next = AtomicUsize::new(0);
+    pool.run(&|tid, _| {
         // SAFETY: thread `tid` alone uses row `tid` of the scratch.
         let row = unsafe { att.part(tid * (n_ctx + hd), n_ctx + hd) };
         let (scores, qs) = row.split_at_mut(n_ctx);
         let mut qq = [BlockQ8::default(); 16];
-        for item in (tid..total * n_kv).step_by(nt) {
+        loop {
+            let item = next.fetch_add(1, Relaxed);
+            if item >= total * n_kv {
+                break;
+            }
             let g = item % n_kv;
             // The token and piece of this item (one piece per token when `per` is 1).
             let (mut t, mut piece) = (0, item / n_kv);
