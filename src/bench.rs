@@ -160,13 +160,14 @@ pub struct LongReport {
     pub peak_rss_mib: f64,
 }
 
-/// Records when each token's forward finished, and whether its step slid the window.
+/// Records when each token's forward finished: the latencies of steps that slid the window
+/// apart from the others.
 struct Clock {
     last: Option<Instant>,
     full: bool,
     n_ctx: usize,
     evicted: usize,
-    lat: Vec<f64>,
+    rest: Vec<f64>,
     slide: Vec<f64>,
 }
 
@@ -177,9 +178,10 @@ impl crate::engine::Sink for Clock {
         if self.full {
             if let Some(l) = self.last {
                 let ms = (now - l).as_secs_f64() * 1e3;
-                self.lat.push(ms);
                 if evicted > self.evicted {
                     self.slide.push(ms);
+                } else {
+                    self.rest.push(ms);
                 }
             }
         }
@@ -219,21 +221,14 @@ pub fn run_long(
         full: false,
         n_ctx,
         evicted: 0,
-        lat: Vec::with_capacity(req.max_tokens),
+        rest: Vec::with_capacity(req.max_tokens),
         slide: Vec::new(),
     };
     let t0 = Instant::now();
     let c = engine.generate(&req, &mut clock)?;
     let secs = t0.elapsed().as_secs_f64();
-    let mut lat = clock.lat;
-    // The tokens without a slide: all but the slide steps' latencies (each removed once).
-    let mut rest = lat.clone();
-    let mut slide = clock.slide;
-    for s in &slide {
-        if let Some(i) = rest.iter().position(|x| x == s) {
-            rest.swap_remove(i);
-        }
-    }
+    let (mut rest, mut slide) = (clock.rest, clock.slide);
+    let mut lat = [rest.as_slice(), slide.as_slice()].concat();
     for v in [&mut lat, &mut rest, &mut slide] {
         v.sort_by(|a, b| a.total_cmp(b));
     }

@@ -219,7 +219,7 @@ pub fn matmul(
         }
     }
     let scratch = Shards::new(scratch);
-    // Each product is cut into 4 pieces a thread, which the threads claim in turn as they
+    // Each product is cut into 2 pieces a thread, which the threads claim in turn as they
     // finish: a thread that the system stalls (a busy VM, a little core beside big ones)
     // delays the step by one piece, not by its whole share.
     let pieces = if nt == 1 { 1 } else { 2 * nt };

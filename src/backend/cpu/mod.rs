@@ -660,11 +660,7 @@ fn attention(
     let per = pieces_per_token(n, n_kv, nt);
     // Pieces of token t: never more than it has positions / MIN_PIECE (and at least one).
     let pieces = |t: usize| per.min((pos + t + 1).div_ceil(MIN_PIECE));
-    let total: usize = if per == 1 {
-        n
-    } else {
-        (0..n).map(pieces).sum()
-    };
+    let total: usize = (0..n).map(pieces).sum();
     let width = group * (hd + 2);
     let parts_sh = Shards::new(&mut parts[..total * n_kv * width]);
     let att = Shards::new(att);
@@ -682,7 +678,8 @@ fn attention(
                 break;
             }
             let g = item % n_kv;
-            // The token and piece of this item (one piece per token when `per` is 1).
+            // The token and piece of this item (one piece per token when `per` is 1, so no
+            // search).
             let (mut t, mut piece) = (0, item / n_kv);
             if per == 1 {
                 (t, piece) = (piece, 0);
@@ -739,7 +736,7 @@ fn attention(
     // Merge the pieces of every (token, head).
     let mut first = 0;
     for t in 0..n {
-        let np = if per == 1 { 1 } else { pieces(t) };
+        let np = pieces(t);
         for g in 0..n_kv {
             for r in 0..group {
                 let h = g * group + r;
