@@ -237,6 +237,10 @@ enum Cmd {
         /// Also run the exact f32 path and report mean KL divergence and top-1 agreement
         #[arg(long)]
         compare_exact: bool,
+        /// Also run the int4 engine on the GGUF with its own (fast) kernels and report the
+        /// same: how the ORT backend and the int4 engine agree as each runs by default
+        #[arg(long, conflicts_with = "compare_exact")]
+        compare_int4: bool,
         /// Score only the first N chunks
         #[arg(long)]
         chunks: Option<usize>,
@@ -574,6 +578,7 @@ fn run(cli: Cli) -> Result<()> {
             file,
             ctx,
             compare_exact,
+            compare_int4,
             chunks,
             stream,
             window,
@@ -633,18 +638,29 @@ fn run(cli: Cli) -> Result<()> {
                 tokens.truncate(n * ctx);
             }
             let bos = if tok.add_bos { tok.bos } else { None };
-            // The exact path: the int4 engine's reference kernels on the GGUF.
-            let mut exact = match (compare_exact, &spec.gguf) {
+            // The path compared against: the int4 engine on the GGUF, with its reference
+            // kernels (--compare-exact) or the ones it chose (--compare-int4).
+            let compare = compare_exact || compare_int4;
+            let mut exact = match (compare, &spec.gguf) {
                 (true, Some(path)) => Some(CpuBackend::open(
                     path,
                     &CpuOptions {
-                        kernels: Some(KernelKind::Reference),
+                        kernels: if compare_exact {
+                            Some(KernelKind::Reference)
+                        } else {
+                            spec.cpu.kernels
+                        },
                         ..spec.cpu.clone()
                     },
                 )?),
-                (true, None) => bail!(UsageError(
-                    "--compare-exact needs the GGUF model (the default one is missing)".into()
-                )),
+                (true, None) => bail!(UsageError(format!(
+                    "{} needs the GGUF model (the default one is missing)",
+                    if compare_exact {
+                        "--compare-exact"
+                    } else {
+                        "--compare-int4"
+                    }
+                ))),
                 _ => None,
             };
             let info = engine.backend.info();
@@ -656,6 +672,8 @@ fn run(cli: Cli) -> Result<()> {
                 info.compute,
                 if compare_exact {
                     ", against reference"
+                } else if compare_int4 {
+                    ", against the int4 engine"
                 } else {
                     ""
                 }

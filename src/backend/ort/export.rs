@@ -7,9 +7,9 @@
 //! keeps the GGUF's 4-bit codes and scales as they are — only the nibbles move, since ggml packs
 //! element j with j + 16 in a byte and MatMulNBits packs 2j with 2j + 1:
 //! - Q4_0 (`d × (q − 8)`): scale d, the default zero point 8.
-//! - Q4_1 (`d × q + m`): scale d, zero point 0, and the offsets m added back exactly:
+//! - Q4_1 (`d × q + m`): scale d, the default zero point 8, and the rest added back exactly:
 //!   `x · (d q + m)ᵀ = MatMulNBits(x) + BlockSums(x) · Mᵀ`, where BlockSums sums x over each
-//!   block of 32 (Reshape + ReduceSum) and M holds each block's m. (ORT also takes float zero
+//!   block of 32 (Reshape + ReduceSum) and M holds each block's `m + 8d`. (ORT also takes float zero
 //!   points, `(q − (−m/d)) × d`, but only on a slow dequantizing path: 8.6 tokens/s instead of
 //!   ~100 on SmolLM2.)
 //! - Q8_0 (the tied embedding of SmolLM2): MatMulNBits with bits 8 (codes + 128, zero point 128)
@@ -235,16 +235,6 @@ impl Builder<'_> {
             self.data
                 .add(&format!("{name}.zeros"), dtype::UINT8, &[n * blocks], &zp)?;
             inputs.push(format!("{name}.zeros"));
-        } else if q.offsets.is_some() {
-            // Q4_1's codes count up from 0: zero point 0 (two 4-bit zero points a byte).
-            let zp = vec![0u8; n as usize * blocks_u.div_ceil(2)];
-            self.data.add(
-                &format!("{name}.zeros"),
-                dtype::UINT8,
-                &[n * blocks_u.div_ceil(2) as i64],
-                &zp,
-            )?;
-            inputs.push(format!("{name}.zeros"));
         }
         let product = if q.offsets.is_some() {
             format!("{y}.dq")
@@ -252,12 +242,15 @@ impl Builder<'_> {
             y.to_string()
         };
         if let Some(m) = &q.offsets {
-            // d·q + m summed against x: x·(d·q)ᵀ from MatMulNBits, plus Σ_blocks m·(Σ x in the
-            // block), an f32 MatMul of x's block sums [.., K/32] with the offsets [K/32, N].
+            // d·q + m = d·(q − 8) + (m + 8d): MatMulNBits with its default zero point 8 gives
+            // x·(d·(q − 8))ᵀ, and Σ_blocks (m + 8d)·(Σ x in the block) — an f32 MatMul of x's
+            // block sums [.., K/32] with the offsets [K/32, N] — adds the rest. Centred codes
+            // matter at accuracy level 4: the int8 rounding error of x meets weights around 0,
+            // as in the int4 engine, not codes 0..15 all of one sign.
             let mut mt = vec![0f32; m.len()];
             for (row, r) in m.chunks_exact(blocks_u).enumerate() {
                 for (blk, v) in r.iter().enumerate() {
-                    mt[blk * n as usize + row] = *v;
+                    mt[blk * n as usize + row] = *v + 8.0 * q.scales[row * blocks_u + blk];
                 }
             }
             self.data
