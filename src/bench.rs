@@ -35,6 +35,8 @@ pub struct BenchReport {
     /// Time to the first token's logits for an `n_prompt`-token prompt.
     pub ttft_ms: f64,
     pub peak_rss_mib: f64,
+    /// Resident set size after the last run: what the process holds once loading is over.
+    pub rss_mib: f64,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -123,6 +125,7 @@ pub fn run(
         tg_tps: n_gen as f64 / tg_s,
         ttft_ms: pp_s * 1e3,
         peak_rss_mib: peak_rss_mib(),
+        rss_mib: rss_bytes() as f64 / (1u64 << 20) as f64,
     })
 }
 

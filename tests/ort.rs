@@ -792,6 +792,52 @@ fn exported_model_agrees_with_the_int4_engine() {
     assert!(answer.contains("Paris"), "{answer}");
 }
 
+/// The genai graph is loaded with its LM head cut to the positions asked for: generation gets
+/// the last position's logits alone, and they equal the last row of the full logits that
+/// perplexity asks for. (The synthetic graphs of the other tests, whose "head" is no matrix
+/// product, load as they are.)
+#[test]
+fn the_head_computes_only_the_positions_asked_for() {
+    let opts = OrtOptions {
+        library: Some(library()),
+        n_ctx: 64,
+        max_batch: 32,
+        threads: 2,
+        ..Default::default()
+    };
+    let mut b = edgellm::backend::ort::OrtBackend::open(&genai_dir(), &opts).expect("loads");
+    assert!(b.head_cut(), "the genai graph's head was not cut");
+    let n_vocab = b.n_vocab();
+    let tokens: Vec<u32> = (0..24).map(|i| 1000 + 37 * i).collect();
+    let all = b.forward(&tokens, 0, true).expect("all logits").to_vec();
+    assert_eq!(all.len(), tokens.len() * n_vocab);
+    let full_last = &all[(tokens.len() - 1) * n_vocab..];
+    let last = b.forward(&tokens, 0, false).expect("last logits").to_vec();
+    assert_eq!(last.len(), n_vocab);
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    assert_eq!(argmax(&last), argmax(full_last));
+    let scale = full_last.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = last
+        .iter()
+        .zip(full_last)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-3 * scale,
+        "max |Δ| {diff} against max |logit| {scale}"
+    );
+    // And a row other than the last differs from it: the two calls did not both return
+    // the same row by accident.
+    assert!(all[..n_vocab]
+        .iter()
+        .zip(&last)
+        .any(|(a, b)| (a - b).abs() > 1e-2));
+}
+
 /// Optimum-style graphs take `position_ids`: the backend feeds each token's position. The
 /// graph here makes logits = (position + 1) × w, so the positions can be read back.
 #[test]

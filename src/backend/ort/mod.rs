@@ -14,6 +14,7 @@
 //! (the graph caches keys after rotary), as [`crate::backend::cpu`] does.
 
 pub mod export;
+pub mod graph;
 pub mod model;
 pub mod onnx;
 pub mod runtime;
@@ -111,6 +112,12 @@ pub struct OrtBackend {
     provider: String,
     /// Where ORT puts the logits: a fresh output each run, since its shape follows the batch.
     cpu: MemoryInfo<'static>,
+    /// The graph was loaded with [`graph::LOGITS_FROM`]: its head computes only the positions
+    /// asked for.
+    last_logits: bool,
+    /// The external data files the session reads from memory: declared after `session` and
+    /// `binding`, so dropped after them.
+    _external: Vec<memmap2::Mmap>,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -176,14 +183,23 @@ impl OrtBackend {
                 )));
             }
         }
+        let edited = edited_graph(&model);
         // Each provider that fails says why, in the log and, if none works, in the error.
         let mut failures = Vec::new();
         let mut chosen = None;
         for name in &opts.providers {
-            match session_with(env, &model, name, opts, threads) {
-                Ok(s) => {
+            let mut attempt = session_with(env, &model, name, opts, threads, edited.as_ref());
+            if let (Err(SessionError::Load(e)), Some(_)) = (&attempt, &edited) {
+                tracing::warn!(
+                    "ort: the graph with its head cut to the wanted positions did not load on {name} ({e}); loading {} as it is",
+                    model.onnx.display()
+                );
+                attempt = session_with(env, &model, name, opts, threads, None);
+            }
+            match attempt {
+                Ok((s, last_logits)) => {
                     tracing::info!("ort: execution provider {name} registered");
-                    chosen = Some((name.clone(), s));
+                    chosen = Some((name.clone(), s, last_logits));
                     break;
                 }
                 Err(e) => {
@@ -192,7 +208,7 @@ impl OrtBackend {
                 }
             }
         }
-        let Some((provider, session)) = chosen else {
+        let Some((provider, session, last_logits)) = chosen else {
             return Err(OrtError::NoProvider(if failures.is_empty() {
                 "ort.providers is empty".into()
             } else {
@@ -222,7 +238,20 @@ impl OrtBackend {
             MemoryType::Default,
         )?;
         let max_batch = opts.max_batch.clamp(1, n_ctx);
+        if last_logits {
+            tracing::info!("ort: the LM head computes only the positions asked for");
+        } else {
+            tracing::info!(
+                "ort: {} keeps its head as it is: every position's logits are computed",
+                model.onnx.display()
+            );
+        }
         Ok(OrtBackend {
+            _external: match (last_logits, edited) {
+                (true, Some(g)) => g.files.into_iter().map(|(_, m)| release(m)).collect(),
+                _ => Vec::new(),
+            },
+            last_logits,
             logits: vec![0.0; max_batch * model.n_vocab],
             session,
             binding,
@@ -240,6 +269,12 @@ impl OrtBackend {
         &self.model
     }
 
+    /// Whether the session runs the graph with its head cut to the positions asked for
+    /// ([`graph::last_logits`]); `false` when the graph was loaded as it is.
+    pub fn head_cut(&self) -> bool {
+        self.last_logits
+    }
+
     /// The execution provider the session runs on.
     pub fn provider(&self) -> &str {
         &self.provider
@@ -250,14 +285,124 @@ impl OrtBackend {
     }
 }
 
-/// A session on one provider (plus ORT's CPU provider for what it does not take).
+/// The model's graph with its head cut to the positions asked for ([`graph::last_logits`]) and
+/// its external data files mapped, ready to load from memory; `None` (and the file is loaded as
+/// it is) when the edit does not apply or a file cannot be mapped.
+struct EditedGraph {
+    bytes: Vec<u8>,
+    /// Each file by the name the graph gives it. Mapped read-only, as ORT maps them itself when
+    /// it loads from a path: pages of the file, not a second copy of the weights.
+    files: Vec<(std::ffi::CString, memmap2::Mmap)>,
+}
+
+fn edited_graph(model: &OrtModel) -> Option<EditedGraph> {
+    let original = std::fs::read(&model.onnx).ok()?;
+    let bytes = graph::last_logits(&original, &model.names.logits)?;
+    let dir = model.onnx.parent()?;
+    let mut files = Vec::new();
+    for name in graph::external_files(&original)? {
+        let path = dir.join(&name);
+        let map = std::fs::File::open(&path).and_then(|f| {
+            // SAFETY: read-only map of a model file; nothing in this process writes it, and a
+            // model folder replaced under a running daemon is outside what it can defend.
+            unsafe { memmap2::Mmap::map(&f) }
+        });
+        match (map, std::ffi::CString::new(name)) {
+            (Ok(m), Ok(n)) => files.push((n, m)),
+            (Err(e), _) => {
+                tracing::warn!("ort: mapping {}: {e}", path.display());
+                return None;
+            }
+            (_, Err(_)) => return None,
+        }
+    }
+    Some(EditedGraph { bytes, files })
+}
+
+/// Gives back the resident pages of a mapped data file once the session is built: what ORT
+/// prepacked it never reads again, and what it does read (norms, the embedding rows of each
+/// step) comes back from the page cache on demand. Without this the whole file stays counted in
+/// the process's memory beside ORT's prepacked copy of it.
+fn release(m: memmap2::Mmap) -> memmap2::Mmap {
+    // SAFETY: a read-only file mapping: dropping its pages loses nothing, later reads fault them
+    // in again from the file.
+    if let Err(e) = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
+        tracing::debug!("ort: madvise(DONTNEED) on a data file: {e}");
+    }
+    m
+}
+
+/// Hands the mapped external data files to the session options by name
+/// (`AddExternalInitializersFromMemory`); the maps must outlive the session, which
+/// [`OrtBackend`] sees to by dropping its session first.
+fn add_external_files(
+    b: &mut ort::session::builder::SessionBuilder,
+    g: &EditedGraph,
+) -> Result<(), String> {
+    use ort::AsPointer;
+    if g.files.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<*const std::ffi::c_char> = g.files.iter().map(|(n, _)| n.as_ptr()).collect();
+    let data: Vec<*mut std::ffi::c_char> = g
+        .files
+        .iter()
+        .map(|(_, m)| m.as_ptr().cast::<std::ffi::c_char>().cast_mut())
+        .collect();
+    let lens: Vec<usize> = g.files.iter().map(|(_, m)| m.len()).collect();
+    let api = ort::api();
+    // SAFETY: the arrays hold `files.len()` valid entries and live through the call; ORT reads
+    // the buffers (never writes them) for as long as the session exists, and the maps outlive it.
+    let status = unsafe {
+        (api.AddExternalInitializersFromMemory)(
+            b.ptr_mut(),
+            names.as_ptr(),
+            data.as_ptr(),
+            lens.as_ptr(),
+            names.len(),
+        )
+    };
+    if status.0.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null status from ORT, read then released once.
+    let msg = unsafe {
+        let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+            .to_string_lossy()
+            .into_owned();
+        (api.ReleaseStatus)(status.0);
+        m
+    };
+    Err(msg)
+}
+
+#[derive(Debug)]
+enum SessionError {
+    /// The provider could not be set up (before any graph was read).
+    Provider(String),
+    /// The session did not build on the graph.
+    Load(String),
+}
+
+impl std::fmt::Display for SessionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionError::Provider(e) => write!(f, "registration: {e}"),
+            SessionError::Load(e) => write!(f, "session: {e}"),
+        }
+    }
+}
+
+/// A session on one provider (plus ORT's CPU provider for what it does not take), on the edited
+/// graph when one is given; also says whether it was.
 fn session_with(
     env: &ort::environment::Environment,
     model: &OrtModel,
     name: &str,
     opts: &OrtOptions,
     threads: usize,
-) -> Result<Session, String> {
+    edited: Option<&EditedGraph>,
+) -> Result<(Session, bool), SessionError> {
     use ort::ep;
     let options = opts.provider_options.get(name);
     fn with<E: ArbitrarilyConfigurableExecutionProvider>(
@@ -276,22 +421,33 @@ fn session_with(
         "tensorrt" => with(ep::TensorRT::default(), options).build(),
         "xnnpack" => with(ep::XNNPACK::default(), options).build(),
         "cpu" => ep::CPU::default().build(),
-        other => return Err(format!("unknown provider {other:?}")),
+        other => {
+            return Err(SessionError::Provider(format!(
+                "unknown provider {other:?}"
+            )))
+        }
     }
     .error_on_failure();
+    let setup = |e: ort::Error| SessionError::Provider(e.to_string());
     let mut b = Session::builder(env)
-        .map_err(|e| e.to_string())?
+        .map_err(setup)?
         .with_intra_threads(threads)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| setup(e.into()))?
         .with_inter_threads(1)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| setup(e.into()))?
         .with_log_level(ort::logging::LogLevel::Error)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| setup(e.into()))?;
     dispatch
         .register(&mut b)
-        .map_err(|e| format!("registration: {e}"))?;
-    b.commit_from_file(&model.onnx)
-        .map_err(|e| format!("session: {e}"))
+        .map_err(|e| SessionError::Provider(e.to_string()))?;
+    let load = |e: ort::Error| SessionError::Load(e.to_string());
+    match edited {
+        Some(g) => {
+            add_external_files(&mut b, g).map_err(SessionError::Load)?;
+            Ok((b.commit_from_memory(&g.bytes).map_err(load)?, true))
+        }
+        None => Ok((b.commit_from_file(&model.onnx).map_err(load)?, false)),
+    }
 }
 
 impl Backend for OrtBackend {
@@ -449,6 +605,18 @@ impl Backend for OrtBackend {
             let t = Tensor::from_array(([1usize, n], positions)).map_err(ort_err)?;
             self.binding.bind_input(p, &t).map_err(ort_err)?;
         }
+        // Logits of the last position only, unless all are asked for (and the graph can say).
+        let from = if self.last_logits && !all_logits {
+            n - 1
+        } else {
+            0
+        };
+        if self.last_logits {
+            let t = Tensor::from_array(([1usize], vec![from as i64])).map_err(ort_err)?;
+            self.binding
+                .bind_input(graph::LOGITS_FROM, &t)
+                .map_err(ort_err)?;
+        }
         self.binding
             .bind_output_to_device(&names.logits, &self.cpu)
             .map_err(ort_err)?;
@@ -457,16 +625,17 @@ impl Backend for OrtBackend {
             .get(&names.logits)
             .ok_or_else(|| BackendError::Other("ONNX Runtime: no logits output".into()))?;
         let (shape, data) = logits.try_extract_tensor::<f32>().map_err(ort_err)?;
-        if data.len() != n * n_vocab {
+        let rows = n - from;
+        if data.len() != rows * n_vocab {
             return Err(BackendError::Other(format!(
-                "ONNX Runtime: logits of shape {shape:?}, expected [1, {n}, {n_vocab}]"
+                "ONNX Runtime: logits of shape {shape:?}, expected [1, {rows}, {n_vocab}]"
             )));
         }
         if all_logits {
             self.logits[..n * n_vocab].copy_from_slice(data);
             Ok(&self.logits[..n * n_vocab])
         } else {
-            self.logits[..n_vocab].copy_from_slice(&data[(n - 1) * n_vocab..]);
+            self.logits[..n_vocab].copy_from_slice(&data[(rows - 1) * n_vocab..]);
             Ok(&self.logits[..n_vocab])
         }
     }
