@@ -173,6 +173,64 @@ fn sliding_window_on_ort() {
     assert!(zero >= four * 1.5, "0 sinks {zero} vs 4 sinks {four}");
 }
 
+/// The genai folder again, its config saying `past_present_share_buffer: false`: the same
+/// GroupQueryAttention graph then takes a past of the positions so far and returns a present
+/// one step longer, as Optimum's graphs do. Run that way — two caches taking turns — it gives
+/// onnxruntime-genai's answer, and past the window (slides packing the cache to the shorter
+/// stride) the same text as the shared buffer.
+#[test]
+fn the_genai_graph_with_a_growing_present_answers_the_same() {
+    let dir = temp_dir("ort-genai-concat");
+    for f in [
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(genai_dir().join(f), dir.join(f)).expect("copy the genai folder");
+    }
+    let mut cfg: Json = serde_json::from_str(
+        &std::fs::read_to_string(genai_dir().join("genai_config.json")).expect("config"),
+    )
+    .expect("json");
+    cfg["search"]["past_present_share_buffer"] = json!(false);
+    std::fs::write(dir.join("genai_config.json"), cfg.to_string()).expect("write config");
+    let load = |dir: &Path, n_ctx| {
+        let opts = OrtOptions {
+            library: Some(library()),
+            n_ctx,
+            threads: 2,
+            ..Default::default()
+        };
+        Engine::load_ort(dir, &opts).expect("loads")
+    };
+
+    let mut engine = load(&dir, 512);
+    let france = vec![
+        Message::new("system", SYSTEM),
+        Message::new("user", "What is the capital of France?"),
+    ];
+    let mut text = String::new();
+    engine
+        .generate(&greedy(france, 48), &mut text)
+        .expect("generate");
+    assert_eq!(text, genai_answer());
+
+    let w = 128;
+    let long = |engine: &mut Engine| {
+        engine.set_window(Window::new(w, 4, 16));
+        let mut req = greedy(vec![Message::new("user", "Tell me a long story.")], 300);
+        req.ignore_eos = true;
+        let mut text = String::new();
+        let c = engine.generate(&req, &mut text).expect("past the window");
+        assert!(c.usage.evicted_tokens >= 180, "{:?}", c.usage);
+        text
+    };
+    let concat = long(&mut load(&dir, w));
+    let shared = long(&mut load(&genai_dir(), w));
+    assert_eq!(concat, shared);
+}
+
 /// `ask --backend ort` answers as onnxruntime-genai does, and ONNX Runtime writes nothing to
 /// HOME or TMPDIR (no telemetry, no caches).
 #[test]
@@ -406,6 +464,20 @@ fn synthetic_genai_with(
     inits: Vec<onnx::TensorProto>,
     position_ids: bool,
 ) {
+    synthetic_genai_kv(dir, hot, nodes, inits, position_ids, true)
+}
+
+/// [`synthetic_genai_with`]; `share_buffer` false leaves `present` to `nodes` and says so in
+/// the config (`search.past_present_share_buffer`), as for graphs whose present is past plus the
+/// new positions.
+fn synthetic_genai_kv(
+    dir: &Path,
+    hot: u32,
+    nodes: Vec<onnx::NodeProto>,
+    inits: Vec<onnx::TensorProto>,
+    position_ids: bool,
+    share_buffer: bool,
+) {
     std::fs::copy(
         genai_dir().join("tokenizer.json"),
         dir.join("tokenizer.json"),
@@ -415,7 +487,7 @@ fn synthetic_genai_with(
     let cfg = json!({"model": {"bos_token_id": 1, "eos_token_id": 2, "context_length": 2048,
         "vocab_size": vocab, "type": "llama", "decoder": {"filename": "model.onnx",
         "head_size": 2, "hidden_size": 2, "num_attention_heads": 1, "num_hidden_layers": 1,
-        "num_key_value_heads": 1}}});
+        "num_key_value_heads": 1}}, "search": {"past_present_share_buffer": share_buffer}});
     std::fs::write(dir.join("genai_config.json"), cfg.to_string()).expect("config");
     let f = dtype::FLOAT;
     let mut initializer = vec![
@@ -469,6 +541,9 @@ fn synthetic_genai_with(
             vec![],
         ),
     ];
+    if !share_buffer {
+        node.truncate(2);
+    }
     node.extend(nodes);
     let graph = onnx::GraphProto {
         name: "synthetic".into(),
@@ -836,6 +911,136 @@ fn the_head_computes_only_the_positions_asked_for() {
         .iter()
         .zip(&last)
         .any(|(a, b)| (a - b).abs() > 1e-2));
+}
+
+/// A graph whose present is past plus the new positions (`past_present_share_buffer: false`,
+/// as Optimum's exports): the cache runs in two buffers that take turns, views of this run's
+/// shapes bound each run. The graph's logits give back the sums of the present keys (token ids,
+/// twice each: head_dim 2) and values (twice that), so what the cache holds can be read.
+#[test]
+fn graphs_whose_present_grows_keep_their_cache_in_two_buffers() {
+    let dir = temp_dir("ort-concat");
+    let hot = 3u32;
+    let vocab = 49152usize;
+    let scalar = |name: &str, v: f32| onnx::TensorProto {
+        name: name.into(),
+        data_type: dtype::FLOAT,
+        float_data: vec![v],
+        ..Default::default()
+    };
+    synthetic_genai_kv(
+        &dir,
+        hot,
+        vec![
+            onnx::node("Unsqueeze", "", "x4", &["x", "axis1"], &["x4"], vec![]),
+            onnx::node(
+                "Expand",
+                "",
+                "k_new",
+                &["x4", "k_shape"],
+                &["k_new"],
+                vec![],
+            ),
+            onnx::node("Mul", "", "v_new", &["k_new", "two"], &["v_new"], vec![]),
+            onnx::node(
+                "Concat",
+                "",
+                "cat_k",
+                &["past_key_values.0.key", "k_new"],
+                &["present.0.key"],
+                vec![onnx::attr_int("axis", 2)],
+            ),
+            onnx::node(
+                "Concat",
+                "",
+                "cat_v",
+                &["past_key_values.0.value", "v_new"],
+                &["present.0.value"],
+                vec![onnx::attr_int("axis", 2)],
+            ),
+            onnx::node(
+                "ReduceSum",
+                "",
+                "sum_k",
+                &["present.0.key"],
+                &["sk"],
+                vec![onnx::attr_int("keepdims", 0)],
+            ),
+            onnx::node(
+                "ReduceSum",
+                "",
+                "sum_v",
+                &["present.0.value"],
+                &["sv"],
+                vec![onnx::attr_int("keepdims", 0)],
+            ),
+            onnx::node("Mul", "", "zx", &["x", "zero"], &["zx"], vec![]),
+            onnx::node("Add", "", "tk", &["zx", "sk"], &["tk"], vec![]),
+            onnx::node("Add", "", "tv", &["zx", "sv"], &["tv"], vec![]),
+            onnx::node("Mul", "", "lk", &["tk", "w"], &["lk"], vec![]),
+            onnx::node("Mul", "", "lv", &["tv", "w_next"], &["lv"], vec![]),
+            onnx::node("Add", "", "logits", &["lk", "lv"], &["logits"], vec![]),
+        ],
+        vec![
+            int64s("axis1", &[1]),
+            int64s("k_shape", &[1, 1, 1, 2]),
+            scalar("two", 2.0),
+            scalar("zero", 0.0),
+            onnx::TensorProto {
+                name: "w_next".into(),
+                dims: vec![1, 1, vocab as i64],
+                data_type: dtype::FLOAT,
+                float_data: (0..vocab)
+                    .map(|i| f32::from(i == hot as usize + 1))
+                    .collect(),
+                ..Default::default()
+            },
+        ],
+        true,
+        false,
+    );
+    let opts = OrtOptions {
+        library: Some(library()),
+        n_ctx: 8,
+        ..Default::default()
+    };
+    let plan = edgellm::backend::ort::OrtBackend::plan(&dir, &opts).expect("plan");
+    // Two caches of n_ctx positions: 2 buffers × (K + V) × 1 head × 2 floats × 4 bytes.
+    assert_eq!(plan.kv_cache, 2 * 2 * 2 * 4 * 8);
+    let mut b = edgellm::backend::ort::OrtBackend::open(&dir, &opts).expect("loads");
+    assert!(!b.model().share_buffer);
+    // The cache's sums, as the logits give them back: (Σ keys, Σ values).
+    let sums = |l: &[f32]| (l[hot as usize], l[hot as usize + 1]);
+    let k = |ids: &[u32]| 2.0 * ids.iter().sum::<u32>() as f32;
+
+    let all = b.forward(&[5, 6, 7], 0, true).expect("prompt").to_vec();
+    for row in all.chunks_exact(vocab) {
+        assert_eq!(sums(row), (k(&[5, 6, 7]), 2.0 * k(&[5, 6, 7])));
+    }
+    let l = b.forward(&[8], 3, false).expect("step").to_vec();
+    assert_eq!(sums(&l), (k(&[5, 6, 7, 8]), 2.0 * k(&[5, 6, 7, 8])));
+    // A request that keeps only the first two positions: the rest is dropped.
+    let l = b.forward(&[9], 2, false).expect("rewind").to_vec();
+    assert_eq!(sums(&l), (k(&[5, 6, 9]), 2.0 * k(&[5, 6, 9])));
+    // Saved and loaded at the cache's own stride.
+    let mut saved = Vec::new();
+    b.save(3, &mut saved).expect("save");
+    assert_eq!(saved.len(), b.saved_bytes(3));
+    b.forward(&[1, 1, 1], 0, false).expect("other prompt");
+    b.load(3, &saved).expect("load");
+    let l = b.forward(&[4], 3, false).expect("after load").to_vec();
+    assert_eq!(sums(&l), (k(&[5, 6, 9, 4]), 2.0 * k(&[5, 6, 9, 4])));
+    // Up to the last position of the window, and no further.
+    let l = b
+        .forward(&[1, 2, 3, 4], 4, false)
+        .expect("to the end")
+        .to_vec();
+    assert_eq!(sums(&l).0, k(&[5, 6, 9, 4, 1, 2, 3, 4]));
+    assert!(b.forward(&[1], 8, false).is_err());
+    // A position never computed is refused, not read from stale memory.
+    b.forward(&[1], 0, false).expect("restart");
+    let err = b.forward(&[1], 3, false).expect_err("gap");
+    assert!(err.to_string().contains("never computed"), "{err}");
 }
 
 /// Optimum-style graphs take `position_ids`: the backend feeds each token's position. The

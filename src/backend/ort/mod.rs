@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session};
-use ort::value::Tensor;
+use ort::value::{Shape, Tensor, TensorRefMut};
 
 use super::cpu::MemoryPlan;
 use super::{Backend, BackendError, BackendInfo};
@@ -101,9 +101,13 @@ pub struct OrtBackend {
     session: Session,
     binding: IoBinding,
     model: OrtModel,
-    /// Keys and values of each layer, `[1, kv_heads, n_ctx, head_dim]`: K of layer i at 2i,
-    /// V at 2i + 1.
+    /// Keys and values of each layer, room for `[1, kv_heads, n_ctx, head_dim]`: K of layer i
+    /// at 2i, V at 2i + 1. How they are laid out and bound depends on `concat`.
     kv: Vec<Tensor<f32>>,
+    /// `None`: GroupQueryAttention's shared buffer, each `kv` tensor bound once as both past
+    /// and present, positions at a stride of n_ctx. `Some`: the graph's `present` is `past`
+    /// plus the new positions ([`OrtModel::share_buffer`] false); see [`Concat`].
+    concat: Option<Concat>,
     /// Logits copied out of the last run: (max_batch, n_vocab).
     logits: Vec<f32>,
     n_ctx: usize,
@@ -118,6 +122,20 @@ pub struct OrtBackend {
     /// The external data files the session reads from memory: declared after `session` and
     /// `binding`, so dropped after them.
     _external: Vec<memmap2::Mmap>,
+}
+
+/// The cache of a graph whose `present` outputs are `past` plus the new positions: `kv` holds
+/// the `len` positions of the past packed as `[1, kv_heads, len, head_dim]`, `spare` as much
+/// room again. A run reads views of `kv` and writes the present straight into views of
+/// `spare`, then the two change places: nothing is copied and nothing grows past 2 × n_ctx
+/// positions.
+struct Concat {
+    spare: Vec<Tensor<f32>>,
+    len: usize,
+    /// This run's past views, bound through ORT's C API (the `ort` crate's `bind_input` copies
+    /// a borrowed tensor first, which is the copy this mode exists to avoid): kept here until
+    /// the next run replaces them, as the binding refers to them.
+    past: Vec<TensorRefMut<'static, f32>>,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -145,9 +163,11 @@ impl OrtBackend {
         let (n_ctx, threads) = opts.resolve(&model);
         let per_position = (2 * model.n_layer * model.n_kv_head * model.head_dim * 4) as u64;
         let max_batch = opts.max_batch.clamp(1, n_ctx.max(1));
+        // A graph whose present is past plus the new positions keeps two caches that take turns.
+        let caches = if model.share_buffer { 1 } else { 2 };
         Ok(MemoryPlan {
             weights: 2 * weight_bytes(&model),
-            kv_cache: per_position * n_ctx as u64,
+            kv_cache: caches * per_position * n_ctx as u64,
             scratch: (2 * max_batch * model.n_vocab * 4) as u64,
             n_ctx,
             threads,
@@ -217,20 +237,37 @@ impl OrtBackend {
         };
         let shape = [1, model.n_kv_head, n_ctx, model.head_dim];
         let allocator = Allocator::default();
-        let mut kv = Vec::with_capacity(2 * model.n_layer);
-        for _ in 0..2 * model.n_layer {
-            let mut t = Tensor::<f32>::new(&allocator, shape)?;
-            t.extract_tensor_mut().1.fill(0.0);
-            kv.push(t);
-        }
+        let tensors = || -> Result<Vec<Tensor<f32>>, OrtError> {
+            let mut kv = Vec::with_capacity(2 * model.n_layer);
+            for _ in 0..2 * model.n_layer {
+                let mut t = Tensor::<f32>::new(&allocator, shape)?;
+                t.extract_tensor_mut().1.fill(0.0);
+                kv.push(t);
+            }
+            Ok(kv)
+        };
+        let mut kv = tensors()?;
         let mut binding = session.create_binding()?;
-        for (i, pair) in kv.chunks_exact_mut(2).enumerate() {
-            let n = &model.names;
-            binding.bind_input(IoNames::layer(&n.past_key, i), &pair[0])?;
-            binding.bind_input(IoNames::layer(&n.past_value, i), &pair[1])?;
-            binding.bind_output(IoNames::layer(&n.present_key, i), &mut pair[0])?;
-            binding.bind_output(IoNames::layer(&n.present_value, i), &mut pair[1])?;
-        }
+        let concat = if model.share_buffer {
+            for (i, pair) in kv.chunks_exact_mut(2).enumerate() {
+                let n = &model.names;
+                binding.bind_input(IoNames::layer(&n.past_key, i), &pair[0])?;
+                binding.bind_input(IoNames::layer(&n.past_value, i), &pair[1])?;
+                binding.bind_output(IoNames::layer(&n.present_key, i), &mut pair[0])?;
+                binding.bind_output(IoNames::layer(&n.present_value, i), &mut pair[1])?;
+            }
+            None
+        } else {
+            // Bound at each run, with the shapes of that run.
+            tracing::info!(
+                "ort: the graph's present is past plus the new positions: two caches of n_ctx, taking turns"
+            );
+            Some(Concat {
+                spare: tensors()?,
+                len: 0,
+                past: Vec::with_capacity(2 * model.n_layer),
+            })
+        };
         let cpu = MemoryInfo::new(
             AllocationDevice::CPU,
             0,
@@ -261,6 +298,7 @@ impl OrtBackend {
             provider,
             cpu,
             kv,
+            concat,
             model,
         })
     }
@@ -282,6 +320,70 @@ impl OrtBackend {
 
     fn kv_floats(&self) -> usize {
         self.model.n_kv_head * self.n_ctx * self.model.head_dim
+    }
+
+    /// Positions between one head's rows and the next in each `kv` tensor.
+    fn stride(&self) -> usize {
+        self.concat.as_ref().map_or(self.n_ctx, |c| c.len)
+    }
+
+    /// Concat graphs: packs the cache to its first `pos` positions (a request that reuses
+    /// part of the last one's prompt), then binds views of this run's shapes: past
+    /// `[1, heads, pos, hd]` over `kv`, present `[1, heads, pos + n, hd]` over `spare`.
+    fn bind_concat(&mut self, pos: usize, n: usize) -> Result<(), BackendError> {
+        let (heads, hd) = (self.model.n_kv_head, self.model.head_dim);
+        let Some(c) = self.concat.as_mut() else {
+            return Ok(());
+        };
+        if pos > c.len {
+            return Err(BackendError::Other(format!(
+                "ONNX Runtime: position {pos} asked of a cache holding {} (positions in between were never computed)",
+                c.len
+            )));
+        }
+        if pos < c.len {
+            for t in &mut self.kv {
+                let data = t.extract_tensor_mut().1;
+                repack(data, heads, hd, c.len, pos, pos, c.len - pos, c.len, None);
+            }
+            c.len = pos;
+        }
+        let names = &self.model.names;
+        let mut views = Vec::with_capacity(self.kv.len());
+        for (j, (past, present)) in self.kv.iter_mut().zip(&mut c.spare).enumerate() {
+            let (layer, key) = (j / 2, j % 2 == 0);
+            let (pn, qn) = if key {
+                (&names.past_key, &names.present_key)
+            } else {
+                (&names.past_value, &names.present_value)
+            };
+            // SAFETY: both views lie inside tensors of n_ctx positions (pos + n ≤ n_ctx was
+            // checked) that this backend owns and keeps, unmoved, for as long as the binding
+            // that holds the views; ORT reads the one and writes the other during `run`.
+            let (p, q) = unsafe {
+                (
+                    TensorRefMut::<f32>::from_raw(
+                        self.cpu.clone(),
+                        past.data_ptr_mut(),
+                        Shape::new([1, heads as i64, pos as i64, hd as i64]),
+                    ),
+                    TensorRefMut::<f32>::from_raw(
+                        self.cpu.clone(),
+                        present.data_ptr_mut(),
+                        Shape::new([1, heads as i64, (pos + n) as i64, hd as i64]),
+                    ),
+                )
+            };
+            let (p, q) = (p.map_err(ort_err)?, q.map_err(ort_err)?);
+            bind_input_raw(&mut self.binding, &IoNames::layer(pn, layer), &p)?;
+            views.push(p);
+            self.binding
+                .bind_output(IoNames::layer(qn, layer), q)
+                .map_err(ort_err)?;
+        }
+        // The views the binding now refers to replace the last run's.
+        c.past = views;
+        Ok(())
     }
 }
 
@@ -362,18 +464,7 @@ fn add_external_files(
             names.len(),
         )
     };
-    if status.0.is_null() {
-        return Ok(());
-    }
-    // SAFETY: a non-null status from ORT, read then released once.
-    let msg = unsafe {
-        let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
-            .to_string_lossy()
-            .into_owned();
-        (api.ReleaseStatus)(status.0);
-        m
-    };
-    Err(msg)
+    status_result(status)
 }
 
 #[derive(Debug)]
@@ -452,7 +543,8 @@ fn session_with(
 
 impl Backend for OrtBackend {
     fn info(&self) -> BackendInfo {
-        let kv = (2 * self.model.n_layer * self.kv_floats() * 4) as u64;
+        let caches = if self.concat.is_some() { 2 } else { 1 };
+        let kv = (caches * 2 * self.model.n_layer * self.kv_floats() * 4) as u64;
         let weights = weight_bytes(&self.model);
         BackendInfo {
             backend: "ort".into(),
@@ -512,19 +604,32 @@ impl Backend for OrtBackend {
                 (a.cos() as f32, a.sin() as f32)
             })
             .collect();
-        for (i, t) in self.kv.iter_mut().enumerate() {
-            let is_key = i % 2 == 0;
-            let data = t.extract_tensor_mut().1;
-            for h in 0..heads {
-                let base = h * n_ctx * hd;
-                let head = &mut data[base..base + n_ctx * hd];
-                head.copy_within((keep + discard) * hd..len * hd, keep * hd);
-                if is_key {
-                    for p in keep..len - discard {
-                        rotate(&mut head[p * hd..(p + 1) * hd], &rot_by, rot.interleaved);
-                    }
-                }
+        // Concat graphs hold `c.len` positions packed at that stride; the engine's `len` is
+        // never more (it counts what was computed), and what lies past it goes as well.
+        // `from`: the stride now; `past`: positions beyond `len` to drop first (concat only).
+        let (from, to, past) = match &self.concat {
+            None => (n_ctx, n_ctx, false),
+            Some(c) if c.len >= len => (c.len, len - discard, c.len > len),
+            Some(c) => {
+                return Err(BackendError::Other(format!(
+                    "ONNX Runtime: window slide over {len} positions of a cache holding {}",
+                    c.len
+                )))
             }
+        };
+        for (i, t) in self.kv.iter_mut().enumerate() {
+            let data = t.extract_tensor_mut().1;
+            let rot = (i % 2 == 0).then_some((rot_by.as_slice(), rot.interleaved));
+            if past {
+                // Positions past `len` first (packed to a stride of `len`), then the slide.
+                repack(data, heads, hd, from, len, len, from - len, from, None);
+                repack(data, heads, hd, len, to, keep, discard, len, rot);
+            } else {
+                repack(data, heads, hd, from, to, keep, discard, len, rot);
+            }
+        }
+        if let Some(c) = self.concat.as_mut() {
+            c.len = len - discard;
         }
         Ok(())
     }
@@ -542,11 +647,17 @@ impl Backend for OrtBackend {
                 n_ctx: self.n_ctx,
             });
         }
+        let stride = self.stride();
+        if len > stride {
+            return Err(BackendError::Other(format!(
+                "ONNX Runtime: saving {len} positions of a cache holding {stride}"
+            )));
+        }
         out.reserve(self.saved_bytes(len));
         for t in &self.kv {
             let data = t.extract_tensor().1;
             for h in 0..self.model.n_kv_head {
-                let base = h * self.n_ctx * hd;
+                let base = h * stride * hd;
                 for v in &data[base..base + len * hd] {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
@@ -565,12 +676,17 @@ impl Backend for OrtBackend {
             });
         }
         let hd = self.model.head_dim;
-        let (heads, n_ctx) = (self.model.n_kv_head, self.n_ctx);
+        let heads = self.model.n_kv_head;
+        // Concat graphs: the loaded positions are the cache, packed at their own stride.
+        if let Some(c) = self.concat.as_mut() {
+            c.len = len;
+        }
+        let stride = self.stride();
         let mut src = data.chunks_exact(4);
         for t in &mut self.kv {
             let dst = t.extract_tensor_mut().1;
             for h in 0..heads {
-                let base = h * n_ctx * hd;
+                let base = h * stride * hd;
                 for (d, s) in dst[base..base + len * hd].iter_mut().zip(&mut src) {
                     *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
                 }
@@ -588,6 +704,7 @@ impl Backend for OrtBackend {
         let n_vocab = self.model.n_vocab;
         super::check_forward(tokens, pos, self.max_batch, self.n_ctx, n_vocab)?;
         let n = tokens.len();
+        self.bind_concat(pos, n)?;
         // ORT takes these two small tensors over (a few bytes a position); the KV tensors and
         // the logits buffer are the ones kept.
         let names = &self.model.names;
@@ -621,6 +738,11 @@ impl Backend for OrtBackend {
             .bind_output_to_device(&names.logits, &self.cpu)
             .map_err(ort_err)?;
         let outputs = self.session.run_binding(&self.binding).map_err(ort_err)?;
+        if let Some(c) = self.concat.as_mut() {
+            // The present just written is the next run's past.
+            std::mem::swap(&mut self.kv, &mut c.spare);
+            c.len = pos + n;
+        }
         let logits = outputs
             .get(&names.logits)
             .ok_or_else(|| BackendError::Other("ONNX Runtime: no logits output".into()))?;
@@ -647,6 +769,71 @@ fn weight_bytes(m: &OrtModel) -> u64 {
     let mut data = m.onnx.clone().into_os_string();
     data.push(".data");
     size(&m.onnx) + size(Path::new(&data))
+}
+
+/// Binds `value` to input `name` as it is (ORT's `BindInput` keeps a reference to the value,
+/// no copy of the data); the caller keeps `value` alive while the binding refers to it.
+fn bind_input_raw(
+    binding: &mut IoBinding,
+    name: &str,
+    value: &TensorRefMut<'static, f32>,
+) -> Result<(), BackendError> {
+    use ort::AsPointer;
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| BackendError::Other(format!("input name {name:?} holds a NUL")))?;
+    // SAFETY: pointers of live objects: the binding, a NUL-terminated name, and a value the
+    // caller keeps alive for as long as the binding uses it.
+    let status = unsafe { (ort::api().BindInput)(binding.ptr_mut(), name.as_ptr(), value.ptr()) };
+    status_result(status).map_err(|e| BackendError::Other(format!("ONNX Runtime: {e}")))
+}
+
+/// An `OrtStatus` from a C API call as a result, its message read and the status released.
+fn status_result(status: ort::sys::OrtStatusPtr) -> Result<(), String> {
+    if status.0.is_null() {
+        return Ok(());
+    }
+    let api = ort::api();
+    // SAFETY: a non-null status from ORT, read then released once.
+    unsafe {
+        let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+            .to_string_lossy()
+            .into_owned();
+        (api.ReleaseStatus)(status.0);
+        Err(m)
+    }
+}
+
+/// Moves each head's rows of `data`, laid out `[heads, from, hd]`, to a `[heads, to, hd]`
+/// layout, leaving out rows `keep..keep + discard` of the `len` in use (`len − discard ≤ to ≤
+/// from`), and rotates the rows moved down when `rot` is given (cached keys, by the slide).
+/// Every row moves to a lower or equal place and heads are taken in order, so nothing is
+/// overwritten before it is read.
+#[allow(clippy::too_many_arguments)]
+fn repack(
+    data: &mut [f32],
+    heads: usize,
+    hd: usize,
+    from: usize,
+    to: usize,
+    keep: usize,
+    discard: usize,
+    len: usize,
+    rot: Option<(&[(f32, f32)], bool)>,
+) {
+    debug_assert!(len - discard <= to && to <= from && keep + discard <= len);
+    for h in 0..heads {
+        let (src, dst) = (h * from * hd, h * to * hd);
+        if src != dst {
+            data.copy_within(src..src + keep * hd, dst);
+        }
+        data.copy_within(src + (keep + discard) * hd..src + len * hd, dst + keep * hd);
+        if let Some((by, interleaved)) = rot {
+            for p in keep..len - discard {
+                let row = dst + p * hd;
+                rotate(&mut data[row..row + hd], by, interleaved);
+            }
+        }
+    }
 }
 
 /// Rotates one cached key by the angles in `by` (cos, sin per pair).

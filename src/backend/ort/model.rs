@@ -66,6 +66,10 @@ pub struct OrtModel {
     /// `None` when the graph's attention is not a GroupQueryAttention with rotary inside: the
     /// window cannot slide then (generation stops when it is full).
     pub rotary: Option<Rotary>,
+    /// genai's `search.past_present_share_buffer` (default true): `present` is `past` itself,
+    /// written in place (GroupQueryAttention). False: `present` is `past` followed by the new
+    /// positions, a tensor one step longer each run (Optimum's and plain-attention graphs).
+    pub share_buffer: bool,
 }
 
 impl OrtModel {
@@ -146,6 +150,15 @@ impl OrtModel {
             bos: m["bos_token_id"].as_u64().map(|n| n as u32),
             eos: ids(&m["eos_token_id"]),
             rotary: rotary(&graph, dir, head_dim)?,
+            share_buffer: match &cfg["search"]["past_present_share_buffer"] {
+                Value::Null => true,
+                Value::Bool(b) => *b,
+                other => {
+                    return Err(bad(format!(
+                        "search.past_present_share_buffer: true or false, not {other}"
+                    )))
+                }
+            },
             names,
         };
         for i in [0, model.n_layer - 1] {
