@@ -177,7 +177,8 @@ fn sliding_window_on_ort() {
 /// GroupQueryAttention graph then takes a past of the positions so far and returns a present
 /// one step longer, as Optimum's graphs do. Run that way — two caches taking turns — it gives
 /// onnxruntime-genai's answer, and past the window (slides packing the cache to the shorter
-/// stride) the same text as the shared buffer.
+/// stride) the same text as the shared buffer. With a Hugging Face `config.json` in place of
+/// genai's config (Optimum's folders), the same answer again.
 #[test]
 fn the_genai_graph_with_a_growing_present_answers_the_same() {
     let dir = temp_dir("ort-genai-concat");
@@ -206,13 +207,9 @@ fn the_genai_graph_with_a_growing_present_answers_the_same() {
     };
 
     let mut engine = load(&dir, 512);
-    let france = vec![
-        Message::new("system", SYSTEM),
-        Message::new("user", "What is the capital of France?"),
-    ];
     let mut text = String::new();
     engine
-        .generate(&greedy(france, 48), &mut text)
+        .generate(&greedy(france_prompt(), 48), &mut text)
         .expect("generate");
     assert_eq!(text, genai_answer());
 
@@ -229,6 +226,29 @@ fn the_genai_graph_with_a_growing_present_answers_the_same() {
     let concat = long(&mut load(&dir, w));
     let shared = long(&mut load(&genai_dir(), w));
     assert_eq!(concat, shared);
+
+    // An Optimum folder carries the Hugging Face config.json instead: same answer.
+    std::fs::remove_file(dir.join("genai_config.json")).expect("remove");
+    let hf = json!({"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152,
+        "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
+        "rope_theta": 100000.0});
+    std::fs::write(dir.join("config.json"), hf.to_string()).expect("config.json");
+    let mut engine = load(&dir, 512);
+    let b = engine.backend.info();
+    assert_eq!(b.n_vocab, 49152);
+    let mut text = String::new();
+    engine
+        .generate(&greedy(france_prompt(), 48), &mut text)
+        .expect("generate");
+    assert_eq!(text, genai_answer());
+}
+
+fn france_prompt() -> Vec<Message> {
+    vec![
+        Message::new("system", SYSTEM),
+        Message::new("user", "What is the capital of France?"),
+    ]
 }
 
 /// `ask --backend ort` answers as onnxruntime-genai does, and ONNX Runtime writes nothing to

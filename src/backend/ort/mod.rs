@@ -763,12 +763,16 @@ impl Backend for OrtBackend {
     }
 }
 
-/// Bytes of the graph and its external data file.
+/// Bytes of the graph and the external data files it names (`model.onnx.data` for genai's
+/// builder, `model.onnx_data` for Optimum's).
 fn weight_bytes(m: &OrtModel) -> u64 {
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    let mut data = m.onnx.clone().into_os_string();
-    data.push(".data");
-    size(&m.onnx) + size(Path::new(&data))
+    let files = std::fs::read(&m.onnx)
+        .ok()
+        .and_then(|b| graph::external_files(&b))
+        .unwrap_or_default();
+    let dir = m.onnx.parent().unwrap_or(Path::new("."));
+    size(&m.onnx) + files.iter().map(|f| size(&dir.join(f))).sum::<u64>()
 }
 
 /// Binds `value` to input `name` as it is (ORT's `BindInput` keeps a reference to the value,

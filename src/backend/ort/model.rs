@@ -1,6 +1,6 @@
 //! An ONNX decoder folder as onnxruntime-genai's model builder (or `edgellm export-onnx`) writes
 //! it: `genai_config.json` (sizes, I/O names, special tokens), `model.onnx` (+ `.onnx.data`),
-//! `tokenizer.json`. What the ORT backend needs to know beyond the config it reads from the graph
+//! `tokenizer.json`; or as Optimum exports it, with the Hugging Face `config.json` instead. What the ORT backend needs to know beyond the config it reads from the graph
 //! itself: the rotary layout and frequencies of the attention nodes, so that cached keys can be
 //! re-rotated on the host when the window slides.
 
@@ -73,15 +73,27 @@ pub struct OrtModel {
 }
 
 impl OrtModel {
-    /// Reads `dir/genai_config.json` and the graph's attention nodes.
+    /// Reads `dir/genai_config.json` — or, in a folder without one (Optimum's export), the
+    /// Hugging Face `config.json` beside the graph — and the graph's attention nodes.
     pub fn open(dir: &Path) -> Result<OrtModel, OrtModelError> {
-        let cfg_path = dir.join("genai_config.json");
+        let genai = dir.join("genai_config.json");
+        let hf = dir.join("config.json");
+        let cfg_path = if !genai.exists() && hf.exists() {
+            hf
+        } else {
+            genai
+        };
         let bad = |msg: String| OrtModelError::Config {
             path: cfg_path.display().to_string(),
             msg,
         };
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(e.to_string()))?;
         let cfg: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let cfg = if cfg_path.ends_with("config.json") && !cfg_path.ends_with("genai_config.json") {
+            from_hf_config(&cfg).map_err(bad)?
+        } else {
+            cfg
+        };
         let m = &cfg["model"];
         let d = &m["decoder"];
         let num = |v: &Value, key: &str| -> Result<usize, OrtModelError> {
@@ -173,6 +185,42 @@ impl OrtModel {
         }
         Ok(model)
     }
+}
+
+/// A Hugging Face `config.json` (as Optimum's ONNX exports carry it) in genai's terms: the
+/// sizes and special tokens, the graph in `model.onnx` with Optimum's I/O names (genai's
+/// defaults), and a present that is past plus the new positions (Optimum's attention concatenates).
+fn from_hf_config(hf: &Value) -> Result<Value, String> {
+    let num = |key: &str| -> Result<u64, String> {
+        hf[key]
+            .as_u64()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{key}: a positive number is required"))
+    };
+    let heads = num("num_attention_heads")?;
+    let hidden = num("hidden_size")?;
+    let head_dim = match hf["head_dim"].as_u64() {
+        Some(d) => d,
+        None if hidden % heads == 0 => hidden / heads,
+        None => return Err(format!("hidden_size {hidden} is not a multiple of num_attention_heads {heads}, and head_dim is not given")),
+    };
+    Ok(serde_json::json!({
+        "model": {
+            "bos_token_id": hf["bos_token_id"],
+            "eos_token_id": hf["eos_token_id"],
+            "context_length": num("max_position_embeddings")?,
+            "vocab_size": num("vocab_size")?,
+            "decoder": {
+                "filename": "model.onnx",
+                "head_size": head_dim,
+                "hidden_size": hidden,
+                "num_attention_heads": heads,
+                "num_hidden_layers": num("num_hidden_layers")?,
+                "num_key_value_heads": hf["num_key_value_heads"].as_u64().unwrap_or(heads),
+            }
+        },
+        "search": {"past_present_share_buffer": false}
+    }))
 }
 
 /// The rotary layout of the first GroupQueryAttention node with `do_rotary`, with its
