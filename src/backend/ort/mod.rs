@@ -157,7 +157,7 @@ impl OrtBackend {
     /// chunk (ORT's output and the copy kept here). Weights count twice: ORT holds the graph's
     /// initializers as read and the copies its MatMulNBits kernels prepack at load. Measured
     /// on the genai SmolLM2 folder (82.5 MiB of files), n_ctx 2048, after three requests: RSS
-    /// 324.6 MiB (323.3 with the head cut) = 2 × 82.5 weights + 90 KV + 24 logits + 46 for the runtime.
+    /// 323.3 MiB = 2 × 82.5 weights + 90 KV + 24 logits + 44 for the runtime.
     pub fn plan(dir: &Path, opts: &OrtOptions) -> Result<MemoryPlan, OrtError> {
         let model = OrtModel::open(dir)?;
         let (n_ctx, threads) = opts.resolve(&model);
