@@ -18,11 +18,12 @@
 //!
 //! Other types (F32/F16 norms) are written as f32.
 //!
-//! Graph, per layer: SimplifiedLayerNormalization → q, k, v MatMulNBits → GroupQueryAttention
-//! (rotary inside, interleaved pairs as GGUF's llama weights expect; cos/sin tables from the
-//! GGUF's `rope.freq_base` for the trained context) → o MatMulNBits → residual Add →
-//! SimplifiedLayerNormalization → gate/up MatMulNBits → SiLU (x · sigmoid x) × up → down
-//! MatMulNBits → residual Add; then the final norm and the LM head. Positions come from the
+//! Graph, per layer: SimplifiedLayerNormalization → one MatMulNBits for q, k and v stacked
+//! (one each when their types differ) → GroupQueryAttention on the packed QKV (rotary inside,
+//! interleaved pairs as GGUF's llama weights expect; cos/sin tables from the GGUF's
+//! `rope.freq_base` for the trained context) → o MatMulNBits → residual Add →
+//! SimplifiedLayerNormalization → one MatMulNBits for gate and up stacked, Split → SiLU
+//! (x · sigmoid x) × up → down MatMulNBits → residual Add; then the final norm and the LM head. Positions come from the
 //! attention mask, as in genai's graphs (no `position_ids`).
 
 use std::io::Write;
@@ -125,6 +126,18 @@ impl Data {
     }
 }
 
+/// Whether the GGUF matrices `names` are all of one (exportable 4-bit or 8-bit) type and row
+/// length, so that one MatMulNBits can hold them.
+fn same_type(g: &Gguf, names: &[String]) -> bool {
+    let ts: Vec<_> = names.iter().filter_map(|n| g.tensor(n)).collect();
+    ts.len() == names.len()
+        && ts.iter().all(|t| {
+            t.ty == ts[0].ty
+                && t.dims[0] == ts[0].dims[0]
+                && matches!(t.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        })
+}
+
 fn f16(b: &[u8]) -> f32 {
     half::f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
@@ -209,13 +222,49 @@ struct Builder<'a> {
 impl Builder<'_> {
     /// `y = x · Wᵀ` for GGUF matrix `name` (MatMulNBits).
     fn matmul(&mut self, name: &str, x: &str, y: &str) -> Result<(), ExportError> {
-        let t = self
-            .g
-            .require_tensor(name)
-            .map_err(ModelError::from)?
-            .clone();
-        let (k, n) = (t.dims[0] as i64, t.dims[1] as i64);
-        let q = nbits(self.g, &t)?;
+        self.matmul_fused(&[name], x, y)
+    }
+
+    /// `y = x · [W₁; W₂; …]ᵀ`: GGUF matrices of one type reading the same `x`, stacked along
+    /// N into one MatMulNBits (q/k/v, gate/up: one pass over `x`, one node instead of several).
+    /// The first matrix's name names the initializers.
+    fn matmul_fused(&mut self, names: &[&str], x: &str, y: &str) -> Result<(), ExportError> {
+        let mut parts = Vec::with_capacity(names.len());
+        for name in names {
+            let t = self
+                .g
+                .require_tensor(name)
+                .map_err(ModelError::from)?
+                .clone();
+            let q = nbits(self.g, &t)?;
+            parts.push((t, q));
+        }
+        let (t0, q0) = &parts[0];
+        let k = t0.dims[0] as i64;
+        for (t, q) in &parts[1..] {
+            if t.ty != t0.ty || t.dims[0] as i64 != k || q.bits != q0.bits {
+                return Err(ExportError::Unsupported(format!(
+                    "{} and {} cannot share one MatMulNBits: types {:?}/{:?}, rows of {}/{}",
+                    t0.name, t.name, t0.ty, t.ty, k, t.dims[0]
+                )));
+            }
+        }
+        let (ty, bits) = (t0.ty, q0.bits);
+        let n: i64 = parts.iter().map(|(t, _)| t.dims[1] as i64).sum();
+        let name = names[0];
+        let mut q = NBits {
+            bits,
+            codes: Vec::new(),
+            scales: Vec::new(),
+            offsets: parts[0].1.offsets.as_ref().map(|_| Vec::new()),
+        };
+        for (_, p) in parts {
+            q.codes.extend(p.codes);
+            q.scales.extend(p.scales);
+            if let (Some(all), Some(o)) = (q.offsets.as_mut(), p.offsets) {
+                all.extend(o);
+            }
+        }
         let blocks = k / 32;
         let blob = 32 * q.bits / 8;
         self.data.add(
@@ -273,9 +322,9 @@ impl Builder<'_> {
             ));
         }
         if q.bits == 4 {
-            *self.int4.entry(format!("{:?}", t.ty)).or_default() += 1;
+            *self.int4.entry(format!("{ty:?}")).or_default() += names.len();
         } else {
-            self.int8 += 1;
+            self.int8 += names.len();
         }
         let ins: Vec<&str> = inputs.iter().map(String::as_str).collect();
         self.nodes.push(node(
@@ -565,9 +614,23 @@ pub fn export(gguf: &Path, out: &Path, accuracy_level: i64) -> Result<ExportRepo
             &[&o("attn_in")],
             vec![attr_float("epsilon", eps), attr_int("axis", -1)],
         );
-        b.matmul(&p("attn_q.weight"), &o("attn_in"), &o("q"))?;
-        b.matmul(&p("attn_k.weight"), &o("attn_in"), &o("k"))?;
-        b.matmul(&p("attn_v.weight"), &o("attn_in"), &o("v"))?;
+        // q, k and v in one MatMulNBits when they share a type (GroupQueryAttention takes
+        // them packed, as the genai builder writes them); else one each.
+        let qkv = [p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight")];
+        let packed = same_type(&g, &qkv);
+        if packed {
+            let names: Vec<&str> = qkv.iter().map(String::as_str).collect();
+            b.matmul_fused(&names, &o("attn_in"), &o("qkv"))?;
+        } else {
+            b.matmul(&qkv[0], &o("attn_in"), &o("q"))?;
+            b.matmul(&qkv[1], &o("attn_in"), &o("k"))?;
+            b.matmul(&qkv[2], &o("attn_in"), &o("v"))?;
+        }
+        let (q_in, k_in, v_in) = if packed {
+            (o("qkv"), String::new(), String::new())
+        } else {
+            (o("q"), o("k"), o("v"))
+        };
         let (pk, pv) = (
             format!("past_key_values.{i}.key"),
             format!("past_key_values.{i}.value"),
@@ -578,9 +641,9 @@ pub fn export(gguf: &Path, out: &Path, accuracy_level: i64) -> Result<ExportRepo
             "com.microsoft",
             &o("attn"),
             &[
-                &o("q"),
-                &o("k"),
-                &o("v"),
+                &q_in,
+                &k_in,
+                &v_in,
                 &pk,
                 &pv,
                 "seqlens_k",
@@ -614,8 +677,32 @@ pub fn export(gguf: &Path, out: &Path, accuracy_level: i64) -> Result<ExportRepo
             &[&o("ffn_in")],
             vec![attr_float("epsilon", eps), attr_int("axis", -1)],
         );
-        b.matmul(&p("ffn_gate.weight"), &o("ffn_in"), &o("gate"))?;
-        b.matmul(&p("ffn_up.weight"), &o("ffn_in"), &o("up"))?;
+        let gate_up = [p("ffn_gate.weight"), p("ffn_up.weight")];
+        if same_type(&g, &gate_up) {
+            // One MatMulNBits for both, split in halves after.
+            let ffn = g
+                .require_tensor(&gate_up[0])
+                .map_err(ModelError::from)?
+                .dims[1] as i64;
+            let names: Vec<&str> = gate_up.iter().map(String::as_str).collect();
+            b.matmul_fused(&names, &o("ffn_in"), &o("gate_up"))?;
+            let halves = format!("ffn{ffn}.halves");
+            if !b.sums.contains(&halves) {
+                let v: Vec<u8> = [ffn, ffn].iter().flat_map(|v| v.to_le_bytes()).collect();
+                b.data.add(&halves, dtype::INT64, &[2], &v)?;
+                b.sums.insert(halves.clone());
+            }
+            b.op(
+                "Split",
+                &o("split"),
+                &[&o("gate_up"), &halves],
+                &[&o("gate"), &o("up")],
+                vec![attr_int("axis", -1)],
+            );
+        } else {
+            b.matmul(&gate_up[0], &o("ffn_in"), &o("gate"))?;
+            b.matmul(&gate_up[1], &o("ffn_in"), &o("up"))?;
+        }
         b.op(
             "Sigmoid",
             &o("sig"),
