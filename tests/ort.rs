@@ -561,6 +561,24 @@ fn fallback_when_the_model_does_not_load() {
     expect_fallback("ort-fb-load", &dir, "", &[], "model.onnx");
 }
 
+/// A folder with neither config is refused with both names, before ONNX Runtime is loaded; a
+/// Hugging Face config missing a size names the key.
+#[test]
+fn a_folder_without_a_config_is_refused_naming_both() {
+    let dir = temp_dir("ort-no-config");
+    let err = edgellm::backend::ort::model::OrtModel::open(&dir).expect_err("no config");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("genai_config.json") && msg.contains("config.json (Optimum"),
+        "{msg}"
+    );
+    std::fs::write(dir.join("config.json"), r#"{"hidden_size": 576}"#).expect("write");
+    let msg = edgellm::backend::ort::model::OrtModel::open(&dir)
+        .expect_err("incomplete config")
+        .to_string();
+    assert!(msg.contains("num_attention_heads"), "{msg}");
+}
+
 /// A one-layer genai-style folder in `dir` whose logits come from `nodes` (reading `x`, the
 /// token ids as floats [1, seq, 1], and `w` [1, 1, vocab], one-hot at `hot`; writing
 /// `logits`), with the KV passed through; the tokenizer is SmolLM2's.

@@ -1,8 +1,9 @@
 //! An ONNX decoder folder as onnxruntime-genai's model builder (or `edgellm export-onnx`) writes
 //! it: `genai_config.json` (sizes, I/O names, special tokens), `model.onnx` (+ `.onnx.data`),
-//! `tokenizer.json`; or as Optimum exports it, with the Hugging Face `config.json` instead. What the ORT backend needs to know beyond the config it reads from the graph
-//! itself: the rotary layout and frequencies of the attention nodes, so that cached keys can be
-//! re-rotated on the host when the window slides.
+//! `tokenizer.json`; or as Optimum exports it, with the Hugging Face `config.json` instead.
+//! What the ORT backend needs to know beyond the config it reads from the graph itself: the
+//! rotary layout and frequencies of the attention nodes, so that cached keys can be re-rotated
+//! on the host when the window slides.
 
 use std::path::{Path, PathBuf};
 
@@ -78,18 +79,21 @@ impl OrtModel {
     pub fn open(dir: &Path) -> Result<OrtModel, OrtModelError> {
         let genai = dir.join("genai_config.json");
         let hf = dir.join("config.json");
-        let cfg_path = if !genai.exists() && hf.exists() {
-            hf
-        } else {
-            genai
-        };
+        let from_hf = !genai.exists() && hf.exists();
+        if !genai.exists() && !hf.exists() {
+            return Err(OrtModelError::Config {
+                path: dir.display().to_string(),
+                msg: "neither genai_config.json (onnxruntime-genai's builder) nor config.json (Optimum's export) is in this folder".into(),
+            });
+        }
+        let cfg_path = if from_hf { hf } else { genai };
         let bad = |msg: String| OrtModelError::Config {
             path: cfg_path.display().to_string(),
             msg,
         };
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(e.to_string()))?;
         let cfg: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let cfg = if cfg_path.ends_with("config.json") && !cfg_path.ends_with("genai_config.json") {
+        let cfg = if from_hf {
             from_hf_config(&cfg).map_err(bad)?
         } else {
             cfg
