@@ -333,16 +333,7 @@ fn resident_memory_on_ort_stays_flat_over_three_hundred_requests() {
     );
     let st = d.status();
     assert_eq!(st["backend"], "ort", "{st}");
-    let pid = d.child.id();
-    let rss = || -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .expect("VmRSS")
-            * 1024
-    };
+    let rss = || d.rss();
     let mut c = d.connect();
     let mut outcomes: std::collections::HashMap<String, usize> = Default::default();
     let mut evicted = 0;

@@ -125,6 +125,18 @@ impl TestDaemon {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
+    /// The daemon's resident set size now (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        let pid = self.child.id();
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
     pub fn status(&self) -> Value {
         let mut c = self.connect();
         c.send(&json!({"op": "status"}));

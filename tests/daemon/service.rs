@@ -689,16 +689,7 @@ fn resident_memory_stays_flat_over_a_thousand_requests() {
         "[sessions]\nmax_count = 4\nmax_bytes = 2000000\n[log]\nfilter = \"warn\"\n",
         &[],
     );
-    let pid = d.child.id();
-    let rss = || -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .expect("VmRSS")
-            * 1024
-    };
+    let rss = || d.rss();
     let mut c = d.connect();
     let mut outcomes: HashMap<String, usize> = HashMap::new();
     let mut after_10 = 0;
