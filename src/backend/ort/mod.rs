@@ -166,7 +166,7 @@ impl OrtBackend {
         // A graph whose present is past plus the new positions keeps two caches that take turns.
         let caches = if model.share_buffer { 1 } else { 2 };
         Ok(MemoryPlan {
-            weights: 2 * weight_bytes(&model),
+            weights: 2 * model.file_bytes,
             kv_cache: caches * per_position * n_ctx as u64,
             scratch: (2 * max_batch * model.n_vocab * 4) as u64,
             n_ctx,
@@ -545,7 +545,7 @@ impl Backend for OrtBackend {
     fn info(&self) -> BackendInfo {
         let caches = if self.concat.is_some() { 2 } else { 1 };
         let kv = (caches * 2 * self.model.n_layer * self.kv_floats() * 4) as u64;
-        let weights = weight_bytes(&self.model);
+        let weights = self.model.file_bytes;
         BackendInfo {
             backend: "ort".into(),
             compute: self.provider.clone(),
@@ -761,18 +761,6 @@ impl Backend for OrtBackend {
             Ok(&self.logits[..n_vocab])
         }
     }
-}
-
-/// Bytes of the graph and the external data files it names (`model.onnx.data` for genai's
-/// builder, `model.onnx_data` for Optimum's).
-fn weight_bytes(m: &OrtModel) -> u64 {
-    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    let files = std::fs::read(&m.onnx)
-        .ok()
-        .and_then(|b| graph::external_files(&b))
-        .unwrap_or_default();
-    let dir = m.onnx.parent().unwrap_or(Path::new("."));
-    size(&m.onnx) + files.iter().map(|f| size(&dir.join(f))).sum::<u64>()
 }
 
 /// Binds `value` to input `name` as it is (ORT's `BindInput` keeps a reference to the value,

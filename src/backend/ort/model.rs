@@ -71,6 +71,9 @@ pub struct OrtModel {
     /// written in place (GroupQueryAttention). False: `present` is `past` followed by the new
     /// positions, a tensor one step longer each run (Optimum's and plain-attention graphs).
     pub share_buffer: bool,
+    /// Bytes of the graph file and the external data files its initializers name
+    /// (`model.onnx.data` for genai's builder, `model.onnx_data` for Optimum's).
+    pub file_bytes: u64,
 }
 
 impl OrtModel {
@@ -132,6 +135,17 @@ impl OrtModel {
         let onnx_path = dir.join(&file);
         let graph = onnx::read_model(&onnx_path)?;
         let graph = graph.graph.unwrap_or_default();
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let mut data_files: Vec<&str> = Vec::new();
+        for t in &graph.initializer {
+            for e in t.external_data.iter().filter(|e| e.key == "location") {
+                if !data_files.contains(&e.value.as_str()) {
+                    data_files.push(&e.value);
+                }
+            }
+        }
+        let file_bytes =
+            size(&onnx_path) + data_files.iter().map(|f| size(&dir.join(f))).sum::<u64>();
         let position_ids = inputs["position_ids"]
             .as_str()
             .map(str::to_string)
@@ -166,6 +180,7 @@ impl OrtModel {
             bos: m["bos_token_id"].as_u64().map(|n| n as u32),
             eos: ids(&m["eos_token_id"]),
             rotary: rotary(&graph, dir, head_dim)?,
+            file_bytes,
             share_buffer: match &cfg["search"]["past_present_share_buffer"] {
                 Value::Null => true,
                 Value::Bool(b) => *b,
