@@ -30,7 +30,7 @@ if [ $want_test = 1 ]; then
   # MQTT tests: the broker, its command-line clients and mosquitto_passwd; openssl makes the
   # TLS certificates.
   need mosquitto mosquitto-clients openssl
-  # Debian's rustc (rustc-web) has an aarch64 std; rustup's cannot use it (see DESIGN.md).
+  # Debian's rustc (rustc-web) has an aarch64 std; rustup's cannot use it (README, "Cross-compiling").
   need rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 fi
 if [ ${#missing[@]} -gt 0 ]; then

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cpu::kv::KvType;
-use crate::kernels::KernelKind;
+pub use crate::api::Limits;
+use crate::backend::{BackendChoice, KvType, Provider};
+use crate::kernels::KernelChoice;
 
 /// The documented default configuration, as shipped in `configs/edgellm.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../configs/edgellm.toml");
@@ -35,32 +36,32 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    pub backend: String,
+    pub backend: BackendChoice,
     pub path: Option<PathBuf>,
     pub onnx: Option<PathBuf>,
     pub n_ctx: usize,
     pub n_sink: usize,
     pub n_discard: usize,
     pub threads: usize,
-    pub kernels: String,
-    pub kv_type: String,
+    pub kernels: KernelChoice,
+    pub kv_type: KvType,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OrtConfig {
     pub library: Option<PathBuf>,
-    pub providers: Vec<String>,
+    pub providers: Vec<Provider>,
     pub max_batch: usize,
     pub provider_options:
-        std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+        std::collections::BTreeMap<Provider, std::collections::BTreeMap<String, String>>,
 }
 
 impl Default for OrtConfig {
     fn default() -> Self {
         OrtConfig {
             library: None,
-            providers: vec!["cpu".into()],
+            providers: vec![Provider::Cpu],
             max_batch: 64,
             provider_options: Default::default(),
         }
@@ -94,14 +95,6 @@ impl Default for SessionsConfig {
 pub struct QueueConfig {
     pub capacity: usize,
     pub default_deadline_ms: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    pub max_tokens: usize,
-    pub default_max_tokens: usize,
-    pub max_line_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -167,7 +160,9 @@ impl Default for MqttConfig {
     }
 }
 
-/// A broker address from `mqtt.url`.
+/// A broker address from `mqtt.url`. Parsed here rather than by rumqttc's
+/// `MqttOptions::parse_url`, which requires a `?client_id=` in the URL (ours comes from
+/// `mqtt.client_id` or the host name) and reports errors without the config key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub tls: bool,
@@ -245,15 +240,15 @@ pub struct LogConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
-            backend: "auto".into(),
+            backend: BackendChoice::Auto,
             path: None,
             onnx: None,
             n_ctx: 2048,
             n_sink: 4,
             n_discard: 0,
             threads: 0,
-            kernels: "auto".into(),
-            kv_type: "f32".into(),
+            kernels: KernelChoice::Auto,
+            kv_type: KvType::F32,
         }
     }
 }
@@ -263,16 +258,6 @@ impl Default for QueueConfig {
         QueueConfig {
             capacity: 16,
             default_deadline_ms: 0,
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_tokens: 1024,
-            default_max_tokens: 256,
-            max_line_bytes: 65536,
         }
     }
 }
@@ -431,32 +416,13 @@ impl Config {
                 self.limits.max_tokens
             ));
         }
-        KernelKind::parse(&self.model.kernels)
-            .map_err(|e| format!("model.kernels = {:?}: {e}", self.model.kernels))?;
-        self.kv_type()?;
-        crate::engine::load::BackendChoice::parse(&self.model.backend)
-            .map_err(|e| format!("model.backend = {e}"))?;
-        if self.model.backend == "ort" && self.model.onnx.is_none() {
+        if self.model.backend == BackendChoice::Ort && self.model.onnx.is_none() {
             return Err("model.backend = \"ort\" needs model.onnx, an ONNX model folder".into());
-        }
-        let known = crate::backend::ort::PROVIDERS;
-        for p in self
-            .ort
-            .providers
-            .iter()
-            .chain(self.ort.provider_options.keys())
-        {
-            if !known.contains(&p.as_str()) {
-                return Err(format!(
-                    "ort.providers: {p:?} is not a provider; allowed: {}",
-                    known.join(", ")
-                ));
-            }
         }
         if self.ort.providers.is_empty() {
             return Err(format!(
                 "ort.providers = []: allowed a list of one or more of {}",
-                known.join(", ")
+                Provider::ALL.map(Provider::name).join(", ")
             ));
         }
         self.socket_mode()?;
@@ -545,14 +511,5 @@ impl Config {
                 "socket.mode = {m:?}: allowed an octal file mode \"0000\"..\"0777\""
             )),
         }
-    }
-
-    pub fn kernels(&self) -> Option<KernelKind> {
-        KernelKind::parse(&self.model.kernels).ok().flatten()
-    }
-
-    pub fn kv_type(&self) -> Result<KvType, String> {
-        KvType::parse(&self.model.kv_type)
-            .map_err(|e| format!("model.kv_type = {:?}: {e}", self.model.kv_type))
     }
 }

@@ -1,28 +1,31 @@
 //! edgellm: a headless LLM daemon for ARM edge boards.
 //!
-//! The modules follow the data flow of a request:
+//! The modules are layers; each imports only the ones below it (`ARCHITECTURE.md` has the
+//! rules and the data flow). From the top:
 //!
 //! ```text
-//! frontend (cli; the daemon's unix socket, and its JSON protocol)
-//!   → queue    (request, completion, finish reasons; the bounded priority queue with deadlines)
-//!   → engine   (tokenizer → chat template → prefill → decode loop → sampler → text stream;
-//!               the daemon's engine worker thread)
-//!   → backend  (the Backend trait; cpu: the int4 engine on a mapped GGUF)
-//!   → kernels  (block formats, scalar/AVX2/NEON dot products, thread pool, matmul)
+//! daemon    `edgellm serve` assembled: front-ends, queue and engine worker under systemd
+//! frontend  unix socket, MQTT, the command-line client and `ask` in-process
+//! config    the daemon's TOML: documented defaults, the file, validate()
+//! queue     bounded priority queue with deadlines and cancel, between front-ends and engine
+//! engine    tokenizer → chat template → prefill → decode loop → sampler → text; the worker
+//! backend   the Backend trait, open() and the memory plan; cpu (int4 engine), ort (ONNX Runtime)
+//! gguf      the weight file, memory-mapped and bounds-checked
+//! kernels   block formats, scalar/AVX2/NEON dot products, thread pool, matmul
+//! api       the vocabulary: requests, replies, status, the wire protocol (imports nothing)
 //! ```
 //!
-//! [`daemon`] puts front-ends, queue and engine worker together under systemd (`edgellm serve`),
-//! configured by [`config`]. Beside them: [`gguf`] reads the weight file in place (memory-mapped, bounds-checked), and
-//! [`bench`] measures prompt and generation speed as `llama-bench` does, and [`testing`] writes
-//! small synthetic models for the tests.
+//! Beside them, [`convert`] holds the tools that write model files (`quantize`, `export-onnx`,
+//! the GGUF writer). The `edgellm` binary (`src/main.rs`, `src/app/`) is the application layer
+//! on top: one file per command.
 
+pub mod api;
 pub mod backend;
-pub mod bench;
 pub mod config;
+pub mod convert;
 pub mod daemon;
 pub mod engine;
 pub mod frontend;
 pub mod gguf;
 pub mod kernels;
 pub mod queue;
-pub mod testing;

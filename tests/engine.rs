@@ -1,20 +1,21 @@
 //! A synthetic model through the whole engine: the forward pass (batched against token by token,
 //! fast against exact, llama and qwen2), the tokenizer and template, and generation.
 
+use edgellm::api::Message;
+use edgellm::api::SamplingParams;
+use edgellm::api::{Completion, FinishReason, GenerateRequest, Prompt, SessionRef};
 use edgellm::backend::Backend;
-use edgellm::engine::chat::{ChatTemplate, Message};
-use edgellm::engine::sampler::SamplingParams;
+use edgellm::engine::chat::ChatTemplate;
 use edgellm::engine::tokenizer::Tokenizer;
 use edgellm::engine::{Engine, EngineError};
 use edgellm::gguf::{Bytes, Gguf};
 use edgellm::kernels::quant::GgmlType;
 use edgellm::kernels::KernelKind;
-use edgellm::queue::{Completion, FinishReason, GenerateRequest, Prompt, SessionRef};
-use edgellm::testing::{synth_model, SynthSpec};
+use edgellm_testkit::{synth_model, SynthSpec};
 
 use crate::common::{rel_max_diff, synth_backend, synth_backend_with};
-use edgellm::backend::cpu::kv::KvType;
 use edgellm::backend::cpu::{CpuBackend, CpuOptions};
+use edgellm::backend::KvType;
 
 /// Fast path (8-bit activations) against exact f32 logits of the same weights.
 const FAST_VS_EXACT: f32 = 0.05;
@@ -299,10 +300,13 @@ fn context_limits_are_errors_or_length() {
         e.generate(&req, &mut String::new()),
         Err(EngineError::EmptyPrompt)
     ));
+    // Sampling ranges are checked once, where a request is parsed (the engine takes what
+    // passed): `validate` names the field.
     let mut req = GenerateRequest::new(Prompt::Raw("hello".into()));
     req.sampling.top_p = 0.0;
-    let err = e.generate(&req, &mut String::new()).unwrap_err();
-    assert!(err.to_string().contains("top_p"), "{err}");
+    let (code, err) = req.validate(&edgellm::api::Limits::default()).unwrap_err();
+    assert_eq!(code, edgellm::api::ErrorCode::BadRequest);
+    assert!(err.contains("top_p"), "{err}");
 }
 
 #[test]
@@ -332,7 +336,7 @@ fn stop_strings_end_generation_before_the_match() {
 /// letters by score, unknown characters fall back to byte tokens, and decoding restores the text.
 #[test]
 fn sentencepiece_tokenizer_from_metadata() {
-    use edgellm::gguf::writer::GgufWriter;
+    use edgellm::convert::writer::GgufWriter;
     let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
     let mut types: Vec<i32> = vec![2, 3, 3];
     let mut scores: Vec<f32> = vec![0.0, 0.0, 0.0];

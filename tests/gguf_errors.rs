@@ -2,11 +2,11 @@
 
 use edgellm::backend::cpu::model::ModelError;
 use edgellm::backend::cpu::{CpuBackend, CpuOptions};
+use edgellm::convert::writer::GgufWriter;
 use edgellm::engine::sampler::Rng;
-use edgellm::gguf::writer::GgufWriter;
 use edgellm::gguf::{Bytes, Gguf, GgufError, Value};
 use edgellm::kernels::quant::GgmlType;
-use edgellm::testing::{synth_model, SynthSpec};
+use edgellm_testkit::{synth_model, SynthSpec};
 
 fn parse(b: Vec<u8>) -> Result<Gguf, GgufError> {
     Gguf::parse(Bytes::from_vec(b))

@@ -14,7 +14,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Event, Incoming, MqttOptions};
 use serde_json::{json, Value};
 
-use edgellm::testing::SynthSpec;
+use edgellm_testkit::SynthSpec;
 
 use crate::common::{default_model, temp_dir};
 use crate::daemon::harness::{synth_file, TestDaemon};

@@ -10,14 +10,14 @@ use std::process::Command;
 
 use serde_json::{json, Value as Json};
 
+use edgellm::api::Message;
+use edgellm::api::SamplingParams;
+use edgellm::api::{FinishReason, GenerateRequest, Prompt};
 use edgellm::backend::ort::onnx::{self, dtype};
 use edgellm::backend::ort::{runtime, OrtOptions};
 use edgellm::backend::Backend;
-use edgellm::engine::chat::Message;
 use edgellm::engine::perplexity::{perplexity, perplexity_stream, StreamOpts};
-use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::{Engine, Window};
-use edgellm::queue::{FinishReason, GenerateRequest, Prompt};
 
 use crate::common::{default_model, temp_dir};
 use crate::daemon::harness::TestDaemon;
@@ -70,7 +70,7 @@ fn ort_engine(n_ctx: usize) -> Engine {
         threads: 2,
         ..Default::default()
     };
-    Engine::load_ort(&genai_dir(), &opts).expect("the genai model loads on ONNX Runtime")
+    edgellm_testkit::ort_engine(&genai_dir(), &opts).expect("the genai model loads on ONNX Runtime")
 }
 
 fn edgellm(args: &[&str], env: &[(&str, &str)]) -> (String, String, i32) {
@@ -203,7 +203,7 @@ fn the_genai_graph_with_a_growing_present_answers_the_same() {
             threads: 2,
             ..Default::default()
         };
-        Engine::load_ort(dir, &opts).expect("loads")
+        edgellm_testkit::ort_engine(dir, &opts).expect("loads")
     };
 
     let mut engine = load(&dir, 512);
@@ -757,7 +757,7 @@ fn fallback_when_ort_fails_while_running() {
 #[test]
 fn ort_failing_mid_generation_is_finished_by_the_int4_engine() {
     let dir = temp_dir("ort-fb-mid");
-    let cpu = Engine::load_cpu(&default_model(), &Default::default()).expect("engine");
+    let cpu = edgellm_testkit::cpu_engine(&default_model(), &Default::default()).expect("engine");
     let hot = cpu.tokenizer.encode(" tick").expect("tokenize");
     assert_eq!(hot.len(), 1);
     synthetic_genai(
@@ -957,7 +957,7 @@ fn exported_model_agrees_with_the_int4_engine() {
     };
     let mut cpu =
         edgellm::backend::cpu::CpuBackend::open(&default_model(), &cpu_opts).expect("GGUF loads");
-    let engine = Engine::load_cpu(&default_model(), &cpu_opts).expect("engine");
+    let engine = edgellm_testkit::cpu_engine(&default_model(), &cpu_opts).expect("engine");
     let text =
         std::fs::read_to_string(crate::smollm2::reference_path("gpl-3.txt")).expect("gpl-3.txt");
     let mut tokens = engine.tokenizer.encode(&text).expect("tokenize");
@@ -983,7 +983,7 @@ fn exported_model_agrees_with_the_int4_engine() {
     assert!(top1 >= 99.0, "{r:?}");
 
     // And it answers through the engine, with the GGUF's chat template.
-    let mut engine = Engine::load_ort(&out, &opts).expect("engine on the export");
+    let mut engine = edgellm_testkit::ort_engine(&out, &opts).expect("engine on the export");
     let mut answer = String::new();
     let q = greedy(
         vec![Message::new("user", "What is the capital of France?")],

@@ -7,14 +7,13 @@ use std::process::Command;
 
 use serde_json::Value as Json;
 
+use edgellm::api::Message;
+use edgellm::api::SamplingParams;
+use edgellm::api::{FinishReason, GenerateRequest, Prompt};
 use edgellm::backend::cpu::CpuOptions;
-use edgellm::engine::chat::Message;
-use edgellm::engine::sampler::SamplingParams;
 use edgellm::engine::tokenizer::Tokenizer;
-use edgellm::engine::Engine;
 use edgellm::gguf::Gguf;
 use edgellm::kernels::KernelKind;
-use edgellm::queue::{FinishReason, GenerateRequest, Prompt};
 
 fn model() -> PathBuf {
     crate::common::default_model()
@@ -88,7 +87,7 @@ fn chat_template_and_greedy_exact_answers() {
         kernels: Some(KernelKind::Reference),
         ..Default::default()
     };
-    let mut engine = Engine::load_cpu(&model(), &opts).expect("model loads");
+    let mut engine = edgellm_testkit::cpu_engine(&model(), &opts).expect("model loads");
     for c in r["cases"].as_array().expect("cases") {
         let messages: Vec<Message> =
             serde_json::from_value(c["messages"].clone()).expect("messages");

@@ -1,7 +1,6 @@
 //! One integration test binary (as ripgrep does): each module guards one part.
 //!
 //! - `gguf_errors`: malformed files are typed errors, never panics.
-//! - `kernels`: every fast kernel against its scalar twin; quantized results against f32.
 //! - `engine`: a synthetic model through the whole engine (runs under qemu on aarch64 too).
 //! - `daemon`: config, protocol, queue; `edgellm serve` over a real socket, notify, units.
 //! - `mqtt`: the MQTT front-end against real mosquitto brokers.
@@ -12,7 +11,6 @@ mod common;
 mod daemon;
 mod engine;
 mod gguf_errors;
-mod kernels;
 mod mqtt;
 mod ort;
 mod smollm2;

@@ -2,11 +2,149 @@
 //!
 //! - [`cpu`]: the int4 CPU engine on a memory-mapped GGUF (this crate's own kernels).
 //! - [`ort`]: ONNX Runtime through an execution provider chain, on an ONNX decoder folder.
+//! - [`open`](open()): which backend a [`LoadSpec`] asks for, opened, and the fallback from ONNX
+//!   Runtime to the int4 engine.
 //!
-//! The engine (tokenizer, chat template, sampler, generation loop) only sees [`Backend`].
+//! This layer owns what every backend shares: the [`Backend`] trait, [`MemoryPlan`], the
+//! options that are closed sets ([`BackendChoice`], [`KvType`], [`Provider`]) and the
+//! [`Vocabulary`] a backend hands the engine to build its tokenizer from. It imports the
+//! kernels and the GGUF reader below it, nothing above. The engine sees only [`Backend`].
 
 pub mod cpu;
+mod load;
 pub mod ort;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::gguf::Gguf;
+use crate::kernels::quant::{BlockQ8_0, QK};
+
+pub use load::{cpu_plan, is_onnx_dir, open, open_cpu, plan, LoadSpec, OpenError, Opened};
+
+/// Which backend runs the model (`model.backend`, `--backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// The int4 engine on a GGUF.
+    Cpu,
+    /// ONNX Runtime on an ONNX folder, the int4 engine taking over when it cannot run.
+    Ort,
+    /// `ort` when an ONNX folder is configured, else `cpu`.
+    #[default]
+    Auto,
+}
+
+/// An ONNX Runtime execution provider edgellm can register (`ort.providers`, `--providers`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Qnn,
+    Cuda,
+    Tensorrt,
+    Xnnpack,
+    Cpu,
+}
+
+impl Provider {
+    pub const ALL: [Provider; 5] = [
+        Provider::Qnn,
+        Provider::Cuda,
+        Provider::Tensorrt,
+        Provider::Xnnpack,
+        Provider::Cpu,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Qnn => "qnn",
+            Provider::Cuda => "cuda",
+            Provider::Tensorrt => "tensorrt",
+            Provider::Xnnpack => "xnnpack",
+            Provider::Cpu => "cpu",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum KvType {
+    #[default]
+    F32,
+    #[serde(alias = "q8")]
+    #[value(name = "q8_0", alias = "q8")]
+    Q8_0,
+}
+
+impl KvType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes of one cached row of `kv_dim` values.
+    pub fn row_bytes(self, kv_dim: usize) -> usize {
+        match self {
+            KvType::F32 => kv_dim * 4,
+            KvType::Q8_0 => kv_dim / QK * std::mem::size_of::<BlockQ8_0>(),
+        }
+    }
+}
+
+/// What a backend will hold in memory, known before anything big is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryPlan {
+    /// Tensor bytes in the mapped file (resident as they are read).
+    pub weights: u64,
+    pub kv_cache: u64,
+    /// Activations, attention scores, logits, per-thread scratch.
+    pub scratch: u64,
+    pub n_ctx: usize,
+    pub threads: usize,
+    /// Bytes of one cached position (keys and values of every layer): a session's cost per
+    /// token.
+    pub bytes_per_position: u64,
+}
+
+/// Where the engine finds a model's tokenizer and chat template.
+pub enum Vocabulary<'a> {
+    /// The GGUF's metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`); `dir` is the
+    /// folder of the file, where a `tokenizer.json` may stand beside it.
+    Gguf {
+        gguf: &'a Gguf,
+        dir: Option<&'a Path>,
+    },
+    /// A model folder's `tokenizer.json`, the ids that begin and end a sequence, and its chat
+    /// template (`None`: ChatML).
+    Folder {
+        tokenizer_json: PathBuf,
+        bos: Option<u32>,
+        eos: Vec<u32>,
+        chat_template: Option<String>,
+    },
+}
 
 /// What a backend reports about itself (status, `edgellm bench`, logs).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -83,6 +221,9 @@ pub fn check_forward(
 /// A model runner. One owner at a time (the engine worker), hence `&mut self` everywhere.
 pub trait Backend: Send {
     fn info(&self) -> BackendInfo;
+
+    /// Where the engine finds this model's tokenizer and chat template.
+    fn vocabulary(&self) -> Vocabulary<'_>;
 
     fn n_vocab(&self) -> usize;
 

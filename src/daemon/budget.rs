@@ -7,98 +7,34 @@
 
 use std::path::Path;
 
-use serde::Serialize;
-
-use crate::backend::cpu::MemoryPlan;
+pub use crate::api::status::{Budget, Limit};
+use crate::backend::MemoryPlan;
 
 /// Code, stacks, tokenizer tables, the async runtime and allocator slack: the daemon's resident
 /// memory minus the other parts (KV counted for the positions written), measured on SmolLM2 on
 /// x86-64 after three 200-token answers: 160.3 − 92.1 − 13.6 − 10.5 = 44 MiB; rounded up.
 pub const RUNTIME_BYTES: u64 = 48 << 20;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Budget {
-    pub weights: u64,
-    pub kv_cache: u64,
-    pub scratch: u64,
-    pub sessions: u64,
-    pub runtime: u64,
-    pub total: u64,
-    /// The tightest limit that applies, and where it comes from.
-    pub limit: Option<Limit>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Limit {
-    pub bytes: u64,
-    pub source: String,
-}
-
-pub fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
-}
-
-impl Budget {
-    /// The budget of a model `plan` with a session store of `sessions` bytes, against
-    /// `max_bytes` (0: none) and the cgroup limit found on this machine.
-    pub fn new(plan: &MemoryPlan, sessions: u64, max_bytes: u64, cgroup: Option<Limit>) -> Budget {
-        let total = plan.weights + plan.kv_cache + plan.scratch + sessions + RUNTIME_BYTES;
-        let config = (max_bytes > 0).then(|| Limit {
-            bytes: max_bytes,
-            source: "memory.max_bytes".into(),
-        });
-        let limit = [config, cgroup]
-            .into_iter()
-            .flatten()
-            .min_by_key(|l| l.bytes);
-        Budget {
-            weights: plan.weights,
-            kv_cache: plan.kv_cache,
-            scratch: plan.scratch,
-            sessions,
-            runtime: RUNTIME_BYTES,
-            total,
-            limit,
-        }
-    }
-
-    fn parts(&self) -> String {
-        format!(
-            "weights {}, KV cache {}, scratch {}, sessions {}, runtime {}",
-            mib(self.weights),
-            mib(self.kv_cache),
-            mib(self.scratch),
-            mib(self.sessions),
-            mib(self.runtime)
-        )
-    }
-
-    /// `Err` names every part and the limit when the total is over it.
-    pub fn check(&self) -> Result<(), String> {
-        match &self.limit {
-            Some(l) if self.total > l.bytes => Err(format!(
-                "memory budget {} is over the limit of {} ({}): {}; lower model.n_ctx, use \
-                 model.kv_type = \"q8_0\", lower sessions.max_bytes, or raise the limit",
-                mib(self.total),
-                mib(l.bytes),
-                l.source,
-                self.parts()
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// One line for the log and `serve --check`.
-    pub fn summary(&self) -> String {
-        let limit = match &self.limit {
-            Some(l) => format!("limit {} ({})", mib(l.bytes), l.source),
-            None => "no limit".into(),
-        };
-        format!(
-            "memory budget {}: {}; {limit}",
-            mib(self.total),
-            self.parts()
-        )
+/// The budget of a model `plan` with a session store of `sessions` bytes, against `max_bytes`
+/// (0: none) and the cgroup limit found on this machine.
+pub fn budget(plan: &MemoryPlan, sessions: u64, max_bytes: u64, cgroup: Option<Limit>) -> Budget {
+    let total = plan.weights + plan.kv_cache + plan.scratch + sessions + RUNTIME_BYTES;
+    let config = (max_bytes > 0).then(|| Limit {
+        bytes: max_bytes,
+        source: "memory.max_bytes".into(),
+    });
+    let limit = [config, cgroup]
+        .into_iter()
+        .flatten()
+        .min_by_key(|l| l.bytes);
+    Budget {
+        weights: plan.weights,
+        kv_cache: plan.kv_cache,
+        scratch: plan.scratch,
+        sessions,
+        runtime: RUNTIME_BYTES,
+        total,
+        limit,
     }
 }
 
@@ -152,4 +88,27 @@ fn smallest(base: &Path, rel: &str, name: &str) -> Option<Limit> {
 pub fn own_cgroup_limit() -> Option<Limit> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     cgroup_limit(&text, Path::new("/sys/fs/cgroup"))
+}
+
+/// A `kB` field of /proc/self/status, in bytes; 0 where /proc is absent.
+fn status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    status_kb("VmHWM:") as f64 / (1u64 << 20) as f64
+}
+
+/// Resident set size of this process now (VmRSS), in bytes.
+pub fn rss_bytes() -> u64 {
+    status_kb("VmRSS:")
 }

@@ -16,15 +16,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tokio::sync::watch;
 
+use crate::api::status::{KvUse, MemoryInfo, QueueInfo, Status};
+use crate::api::{GenerateRequest, Prompt, SamplingParams};
 use crate::config::Config;
 use crate::engine::worker::{self, Progress};
 use crate::engine::Engine;
 use crate::frontend::mqtt::{self, MqttState};
 use crate::frontend::{unix, Context};
-use crate::queue::{GenerateRequest, Prompt, Queue};
+use crate::queue::{Queue, QueueStatus};
 use notify::Notifier;
 
 /// How often the status line and the watchdog are refreshed when systemd asks for no faster.
@@ -50,21 +51,17 @@ pub enum DaemonError {
 }
 
 /// The running request's use of the window: positions filled, their share of it, and
-/// positions evicted; `null` while idle.
-fn kv_json(q: &crate::queue::QueueStatus, progress: &Progress, n_ctx: usize) -> serde_json::Value {
-    match &q.running {
-        Some(r) => {
-            let (used, evicted) = progress.kv();
-            json!({
-                "id": r.id,
-                "used": used,
-                "n_ctx": n_ctx,
-                "fill": (used as f64 / n_ctx.max(1) as f64 * 1000.0).round() / 1000.0,
-                "evicted": evicted,
-            })
-        }
-        None => serde_json::Value::Null,
-    }
+/// positions evicted; `None` while idle.
+fn kv_use(q: &QueueStatus, progress: &Progress, n_ctx: usize) -> Option<KvUse> {
+    let r = q.running.as_ref()?;
+    let (used, evicted) = progress.kv();
+    Some(KvUse {
+        id: r.id.clone(),
+        used,
+        n_ctx,
+        fill: (used as f64 / n_ctx.max(1) as f64 * 1000.0).round() / 1000.0,
+        evicted,
+    })
 }
 
 /// Where the daemon listens.
@@ -98,7 +95,7 @@ impl Daemon {
     pub fn warm_up(&mut self) -> Result<(), DaemonError> {
         let mut req = GenerateRequest::new(Prompt::Raw("Hello".into()));
         req.max_tokens = 1;
-        req.sampling = crate::engine::sampler::SamplingParams::greedy();
+        req.sampling = SamplingParams::greedy();
         let mut sink = String::new();
         self.engine
             .generate(&req, &mut sink)
@@ -139,32 +136,33 @@ impl Daemon {
             move || {
                 let q = queue.status();
                 let b = progress.backend();
-                let mut v = json!({
-                    "type": "status",
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "backend": b.backend,
-                    "compute": b.compute,
-                    "threads": b.threads,
-                    "fallback": b.fallback,
-                    "model": model,
-                    "n_ctx": info.n_ctx,
-                    "uptime_s": started.elapsed().as_secs(),
-                    "accepting": q.accepting,
-                    "queue": {"depth": q.depth, "capacity": q.capacity, "running": q.running},
-                    "kv": kv_json(&q, &progress, info.n_ctx),
-                    "sessions": progress.sessions(),
-                    "requests": q.counters,
-                    "last_decode_tps": (progress.last_tps() * 10.0).round() / 10.0,
-                    "engine_heartbeat_ms": progress.since_beat().as_millis() as u64,
-                    "memory": {
-                        "budget": budget,
-                        "rss_bytes": crate::bench::rss_bytes(),
+                Status {
+                    id: None,
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    backend: b.backend,
+                    compute: b.compute,
+                    threads: b.threads,
+                    fallback: b.fallback,
+                    model: model.clone(),
+                    n_ctx: info.n_ctx,
+                    uptime_s: started.elapsed().as_secs(),
+                    accepting: q.accepting,
+                    kv: kv_use(&q, &progress, info.n_ctx),
+                    queue: QueueInfo {
+                        depth: q.depth,
+                        capacity: q.capacity,
+                        running: q.running,
                     },
-                });
-                if let Some(m) = &mqtt_state {
-                    v["mqtt"] = m.json();
+                    sessions: progress.sessions(),
+                    requests: q.counters,
+                    last_decode_tps: (progress.last_tps() * 10.0).round() / 10.0,
+                    engine_heartbeat_ms: progress.since_beat().as_millis() as u64,
+                    memory: MemoryInfo {
+                        budget: budget.clone(),
+                        rss_bytes: self::budget::rss_bytes(),
+                    },
+                    mqtt: mqtt_state.as_ref().map(|m| m.info()),
                 }
-                v
             }
         };
         let ctx = Arc::new(Context {
@@ -347,20 +345,20 @@ fn signals() -> impl Future<Output = &'static str> {
 
 /// systemd's one-line status from the status reply: backend, kernels, threads, queue, the latest
 /// tokens/s, requests served, and MQTT's connection when it is on.
-fn status_line(v: &serde_json::Value) -> String {
-    let mqtt = match v["mqtt"]["connected"].as_bool() {
+fn status_line(v: &Status) -> String {
+    let mqtt = match v.mqtt.as_ref().map(|m| m.connected) {
         Some(true) => "; mqtt connected",
         Some(false) => "; mqtt disconnected",
         None => "",
     };
     format!(
         "STATUS={} ({}, {} threads); queue {}/{}; last {:.1} tok/s; served {}{mqtt}",
-        v["backend"].as_str().unwrap_or("?"),
-        v["compute"].as_str().unwrap_or("?"),
-        v["threads"],
-        v["queue"]["depth"],
-        v["queue"]["capacity"],
-        v["last_decode_tps"].as_f64().unwrap_or(0.0),
-        v["requests"]["done"]
+        v.backend,
+        v.compute,
+        v.threads,
+        v.queue.depth,
+        v.queue.capacity,
+        v.last_decode_tps,
+        v.requests.done
     )
 }

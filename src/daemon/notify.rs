@@ -1,6 +1,10 @@
 //! systemd's notify protocol: datagrams of `KEY=value` lines to the socket in `NOTIFY_SOCKET`
 //! (a path, or an abstract address written with a leading `@`). Without `NOTIFY_SOCKET` every
 //! send is a no-op, so the daemon runs the same under systemd, in a shell and in tests.
+//!
+//! Hand-written rather than `sd-notify`: that crate reads `NOTIFY_SOCKET` from the environment
+//! at each call, and a notifier aimed at a socket of our choosing is what the in-process
+//! watchdog test needs; the protocol is one datagram.
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;

@@ -2,22 +2,7 @@
 //! Python string methods (`.strip()`, `.startswith()`, …) that Hugging Face templates use.
 //! A model without a template gets ChatML, as llama.cpp does.
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: &str) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
+use crate::api::Message;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

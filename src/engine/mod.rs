@@ -11,7 +11,6 @@
 //! the main thread in `edgellm ask`).
 
 pub mod chat;
-pub mod load;
 pub mod perplexity;
 pub mod sampler;
 pub mod session;
@@ -19,17 +18,16 @@ pub mod stream;
 pub mod tokenizer;
 pub mod worker;
 
-use std::path::Path;
 use std::time::Instant;
 
-use crate::backend::cpu::model::ModelError;
-use crate::backend::cpu::{CpuBackend, CpuOptions};
-use crate::backend::ort::{OrtBackend, OrtError, OrtOptions};
-use crate::backend::{Backend, BackendError};
-use crate::queue::{Completion, FinishReason, GenerateRequest, Prompt, SessionInfo, Timing, Usage};
-use chat::{ChatError, ChatTemplate, Message};
+use crate::api::status::SessionStats;
+use crate::api::{
+    Completion, FinishReason, GenerateRequest, Message, Prompt, SessionInfo, Timing, Usage,
+};
+use crate::backend::{Backend, BackendError, OpenError, Vocabulary};
+use chat::{ChatError, ChatTemplate};
 use sampler::Sampler;
-use session::{Session, SessionStats, SessionStore};
+use session::{Session, SessionStore};
 use stream::TextStream;
 use tokenizer::{Tokenizer, TokenizerError};
 
@@ -37,15 +35,13 @@ use tokenizer::{Tokenizer, TokenizerError};
 #[non_exhaustive]
 pub enum EngineError {
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Open(#[from] OpenError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Chat(#[from] ChatError),
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error(transparent)]
-    Ort(#[from] OrtError),
     #[error("prompt is {tokens} tokens; the context window holds {n_ctx} (limit: {limit} prompt tokens)")]
     PromptTooLong {
         tokens: usize,
@@ -60,6 +56,12 @@ pub enum EngineError {
     SessionUnknown(String),
     #[error("{0}")]
     BadRequest(String),
+}
+
+fn vocab_mismatch(tokenizer: usize, model: usize) -> EngineError {
+    EngineError::Tokenizer(TokenizerError::Bad(format!(
+        "tokenizer has {tokenizer} tokens, the model {model}"
+    )))
 }
 
 /// Receives generated text and may interrupt generation.
@@ -131,49 +133,37 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Loads a GGUF model on the int4 CPU engine.
-    pub fn load_cpu(path: &Path, opts: &CpuOptions) -> Result<Engine, EngineError> {
-        let backend = CpuBackend::open(path, opts)?;
-        let tokenizer = Tokenizer::from_gguf(backend.gguf(), path.parent())?;
-        if tokenizer.n_vocab() != backend.n_vocab() {
-            return Err(EngineError::Tokenizer(TokenizerError::Bad(format!(
-                "tokenizer has {} tokens, the model {}",
-                tokenizer.n_vocab(),
-                backend.n_vocab()
-            ))));
-        }
-        let template = backend.gguf().get_str("tokenizer.chat_template").ok();
-        let bos = tokenizer.bos.and_then(|b| tokenizer.text(b)).unwrap_or("");
-        let eos = tokenizer.eos.and_then(|b| tokenizer.text(b)).unwrap_or("");
-        let chat = ChatTemplate::new(template, bos, eos)?;
-        Ok(Engine::new(Box::new(backend), tokenizer, chat))
-    }
-
-    /// Loads an ONNX decoder folder (genai layout) on ONNX Runtime. The chat template is the
-    /// folder's `chat_template.jinja`, else `chat_template` in its `tokenizer_config.json`, else
-    /// ChatML.
-    pub fn load_ort(dir: &Path, opts: &OrtOptions) -> Result<Engine, EngineError> {
-        let backend = OrtBackend::open(dir, opts)?;
-        let m = backend.model();
-        let tokenizer = Tokenizer::from_json(&dir.join("tokenizer.json"), m.bos, &m.eos)?;
-        if tokenizer.n_vocab() > backend.n_vocab() {
-            return Err(EngineError::Tokenizer(TokenizerError::Bad(format!(
-                "tokenizer has {} tokens, the model {}",
-                tokenizer.n_vocab(),
-                backend.n_vocab()
-            ))));
-        }
-        let template = std::fs::read_to_string(dir.join("chat_template.jinja"))
-            .ok()
-            .or_else(|| {
-                let cfg = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-                let v: serde_json::Value = serde_json::from_str(&cfg).ok()?;
-                v["chat_template"].as_str().map(str::to_string)
-            });
+    /// An engine on `backend`, with the tokenizer and chat template of its
+    /// [`Vocabulary`].
+    pub fn from_backend(backend: Box<dyn Backend>) -> Result<Engine, EngineError> {
+        let n_vocab = backend.n_vocab();
+        let (tokenizer, template) = match backend.vocabulary() {
+            Vocabulary::Gguf { gguf, dir } => {
+                let t = Tokenizer::from_gguf(gguf, dir)?;
+                if t.n_vocab() != n_vocab {
+                    return Err(vocab_mismatch(t.n_vocab(), n_vocab));
+                }
+                let template = gguf.get_str("tokenizer.chat_template").ok();
+                (t, template.map(str::to_string))
+            }
+            Vocabulary::Folder {
+                tokenizer_json,
+                bos,
+                eos,
+                chat_template,
+            } => {
+                let t = Tokenizer::from_json(&tokenizer_json, bos, &eos)?;
+                // A graph's vocabulary may be padded past the tokenizer's.
+                if t.n_vocab() > n_vocab {
+                    return Err(vocab_mismatch(t.n_vocab(), n_vocab));
+                }
+                (t, chat_template)
+            }
+        };
         let bos = tokenizer.bos.and_then(|b| tokenizer.text(b)).unwrap_or("");
         let eos = tokenizer.eos.and_then(|b| tokenizer.text(b)).unwrap_or("");
         let chat = ChatTemplate::new(template.as_deref(), bos, eos)?;
-        Ok(Engine::new(Box::new(backend), tokenizer, chat))
+        Ok(Engine::new(backend, tokenizer, chat))
     }
 
     pub fn new(backend: Box<dyn Backend>, tokenizer: Tokenizer, chat: ChatTemplate) -> Engine {
@@ -457,7 +447,6 @@ impl Engine {
         sink: &mut dyn Sink,
     ) -> Result<Completion, EngineError> {
         let start = Instant::now();
-        req.sampling.validate().map_err(EngineError::BadRequest)?;
         let p = self.prepare(req)?;
         let n_ctx = self.backend.n_ctx();
         self.sampler.reset(req.sampling.clone());

@@ -2,69 +2,7 @@
 //! top-k → top-p → min-p → temperature → a draw from a seeded generator.
 //! The candidate buffer is allocated once per sampler; `sample` allocates nothing.
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct SamplingParams {
-    /// 0 is greedy.
-    pub temperature: f32,
-    /// 0 disables.
-    pub top_k: usize,
-    /// 1 disables.
-    pub top_p: f32,
-    /// 0 disables.
-    pub min_p: f32,
-    /// 1 disables.
-    pub repeat_penalty: f32,
-    /// How many recent tokens the penalty looks at.
-    pub repeat_last_n: usize,
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.7,
-            top_k: 40,
-            top_p: 0.9,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: 0,
-        }
-    }
-}
-
-impl SamplingParams {
-    pub fn greedy() -> SamplingParams {
-        SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        }
-    }
-
-    /// Checks ranges; the error names the field and what is allowed.
-    pub fn validate(&self) -> Result<(), String> {
-        let t = self.temperature;
-        if !(t.is_finite() && (0.0..=100.0).contains(&t)) {
-            return Err(format!("temperature = {t}: allowed 0..=100"));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p = {}: allowed (0, 1]", self.top_p));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(format!("min_p = {}: allowed [0, 1]", self.min_p));
-        }
-        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
-            return Err(format!(
-                "repeat_penalty = {}: allowed > 0",
-                self.repeat_penalty
-            ));
-        }
-        Ok(())
-    }
-}
+use crate::api::SamplingParams;
 
 /// xoshiro256** seeded by splitmix64: small, fast, reproducible across platforms.
 #[derive(Debug, Clone)]

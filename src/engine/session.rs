@@ -7,9 +7,8 @@
 //! `sessions.max_bytes`) and evicts the least recently used first. A saved session is loaded
 //! back into the backend when its next turn comes.
 
-use serde::Serialize;
-
-use crate::engine::chat::Message;
+use crate::api::status::SessionStats;
+use crate::api::Message;
 
 /// One conversation.
 #[derive(Debug, Default)]
@@ -53,19 +52,6 @@ impl Session {
             + self.id.len()
             + std::mem::size_of::<Session>()) as u64
     }
-}
-
-/// What status reports about the sessions.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct SessionStats {
-    /// Sessions held, the resident one included.
-    pub held: usize,
-    /// Bytes of the saved ones.
-    pub bytes: u64,
-    pub max_count: usize,
-    pub max_bytes: u64,
-    /// Sessions evicted to stay within the bounds, since start.
-    pub evicted: u64,
 }
 
 /// Saved sessions, least recently used first out.

@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::session::SessionStats;
 use super::{Engine, EngineError, Sink};
-use crate::queue::{Completion, ErrorCode, Event, FinishReason, Job, Queue};
+use crate::api::status::SessionStats;
+use crate::api::{Completion, ErrorCode, Event, FinishReason, GenerateRequest, Prompt};
+use crate::queue::{Job, Queue};
 
 /// How long the worker waits for a job before beating the heartbeat again.
 const IDLE_BEAT: Duration = Duration::from_millis(200);
@@ -210,7 +211,7 @@ fn take_over(
             Err(e) => return Event::Error(ErrorCode::Internal, e.to_string()),
         };
         tokens = engine.tokenizer.encode(&sent).map_or(0, |t| t.len());
-        req.prompt = crate::queue::Prompt::Raw(prompt + &sent);
+        req.prompt = Prompt::Raw(prompt + &sent);
         req.max_tokens = req.max_tokens.saturating_sub(tokens).max(1);
     }
     req.session = None;
@@ -230,7 +231,7 @@ fn take_over(
 fn answer(
     engine: &mut Engine,
     job: &Job,
-    req: &crate::queue::GenerateRequest,
+    req: &GenerateRequest,
     progress: &Progress,
 ) -> (Event, String) {
     if job.cancelled() {

@@ -3,8 +3,8 @@
 
 use std::io::Write;
 
+use crate::api::{Completion, FinishReason, GenerateRequest};
 use crate::engine::{Engine, EngineError, Sink};
-use crate::queue::{Completion, GenerateRequest};
 
 /// Writes each piece of text as it comes and flushes, so a reader sees tokens as they arrive.
 struct Stdout<W: Write> {
@@ -25,11 +25,9 @@ impl<W: Write> Sink for Stdout<W> {
         }
     }
 
-    fn interrupt(&mut self) -> Option<crate::queue::FinishReason> {
+    fn interrupt(&mut self) -> Option<FinishReason> {
         // A closed stdout (e.g. `| head`) ends generation instead of computing for nobody.
-        self.error
-            .as_ref()
-            .map(|_| crate::queue::FinishReason::Cancelled)
+        self.error.as_ref().map(|_| FinishReason::Cancelled)
     }
 }
 

@@ -1,13 +1,16 @@
 //! The daemon's client side, for `edgellm ask` and `edgellm status`: one request over the Unix
-//! socket, its streamed text written out as it arrives.
+//! socket, its streamed text written out as it arrives. Requests and replies are the wire types
+//! of [`crate::api::wire`], the same the daemon speaks.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use serde_json::Value;
+use serde::Serialize;
 
-use crate::queue::Completion;
+use crate::api::status::Status;
+use crate::api::wire::{GenerateBody, Operation, Response};
+use crate::api::{Completion, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -15,8 +18,8 @@ pub enum ClientError {
     #[error("talking to the daemon")]
     Io(#[from] std::io::Error),
     /// The daemon answered with an error reply.
-    #[error("the daemon answered {code}: {message}")]
-    Daemon { code: String, message: String },
+    #[error("the daemon answered {}: {message}", code.as_str())]
+    Daemon { code: ErrorCode, message: String },
     #[error("unexpected reply from the daemon: {0}")]
     Protocol(String),
 }
@@ -26,8 +29,12 @@ pub fn connect(path: &Path) -> std::io::Result<UnixStream> {
     UnixStream::connect(path)
 }
 
-fn send(stream: &mut UnixStream, request: &Value) -> Result<BufReader<UnixStream>, ClientError> {
-    let mut line = request.to_string();
+fn send(
+    stream: &mut UnixStream,
+    request: &impl Serialize,
+) -> Result<BufReader<UnixStream>, ClientError> {
+    let mut line =
+        serde_json::to_string(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
     line.push('\n');
     let written = stream.write_all(line.as_bytes());
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -42,50 +49,51 @@ fn send(stream: &mut UnixStream, request: &Value) -> Result<BufReader<UnixStream
     Ok(reader)
 }
 
-fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<Value, ClientError> {
+/// The next reply; an `error` reply is [`ClientError::Daemon`].
+fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<Response, ClientError> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Err(ClientError::Protocol(
             "the daemon closed the connection".into(),
         ));
     }
-    let v: Value = serde_json::from_str(&line)
+    let r: Response = serde_json::from_str(&line)
         .map_err(|e| ClientError::Protocol(format!("{e}: {}", line.trim_end())))?;
-    if v["type"] == "error" {
-        return Err(ClientError::Daemon {
-            code: v["code"].as_str().unwrap_or("?").to_string(),
-            message: v["message"].as_str().unwrap_or("").to_string(),
-        });
+    match r {
+        Response::Error { code, message, .. } => Err(ClientError::Daemon { code, message }),
+        r => Ok(r),
     }
-    Ok(v)
 }
 
 /// The daemon's status reply.
-pub fn status(stream: &mut UnixStream) -> Result<Value, ClientError> {
-    let mut reader = send(stream, &serde_json::json!({"op": "status"}))?;
-    read_reply(&mut reader)
+pub fn status(stream: &mut UnixStream) -> Result<Status, ClientError> {
+    let mut reader = send(stream, &Operation::Status { id: None })?;
+    match read_reply(&mut reader)? {
+        Response::Status(s) => Ok(*s),
+        other => Err(ClientError::Protocol(other.to_line())),
+    }
 }
 
 /// Sends a generate request (`stream` is forced on) and writes its text to `out` as it comes.
 pub fn generate<W: Write>(
     stream: &mut UnixStream,
-    mut request: Value,
+    mut request: GenerateBody,
     mut out: W,
 ) -> Result<Completion, ClientError> {
-    request["stream"] = Value::Bool(true);
+    request.stream = true;
     let mut reader = send(stream, &request)?;
     loop {
-        let v = read_reply(&mut reader)?;
-        match v["type"].as_str() {
-            Some("token") => {
-                out.write_all(v["text"].as_str().unwrap_or("").as_bytes())?;
+        match read_reply(&mut reader)? {
+            Response::Token { text, .. } => {
+                out.write_all(text.as_bytes())?;
                 out.flush()?;
             }
-            Some("done") => {
-                return serde_json::from_value(v)
-                    .map_err(|e| ClientError::Protocol(format!("done reply: {e}")));
+            done @ Response::Done { .. } => {
+                return done
+                    .into_completion()
+                    .ok_or_else(|| ClientError::Protocol("done reply".into()));
             }
-            _ => return Err(ClientError::Protocol(v.to_string())),
+            other => return Err(ClientError::Protocol(other.to_line())),
         }
     }
 }

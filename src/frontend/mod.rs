@@ -2,7 +2,6 @@
 //!
 //! - [`cli`]: `edgellm ask` answered in-process, streamed to stdout.
 //! - [`client`]: `edgellm ask` and `edgellm status` through a running daemon's socket.
-//! - [`protocol`]: the JSON requests and replies every daemon front-end speaks.
 //! - [`unix`]: the daemon's Unix socket.
 //! - [`mqtt`]: the daemon's MQTT front-end (rumqttc; MQTT 5 or 3.1.1).
 //!
@@ -12,12 +11,12 @@
 pub mod cli;
 pub mod client;
 pub mod mqtt;
-pub mod protocol;
 pub mod unix;
 
 use std::sync::Arc;
 
-use crate::config::Limits;
+use crate::api::status::Status;
+use crate::api::Limits;
 use crate::queue::Queue;
 
 /// What every daemon front-end shares.
@@ -26,12 +25,12 @@ pub struct Context {
     pub limits: Limits,
     /// Applied to requests that name no deadline; 0: none.
     pub default_deadline_ms: u64,
-    /// Builds the status reply (`{"type":"status", …}`).
-    pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Builds the status reply.
+    pub status: Box<dyn Fn() -> Status + Send + Sync>,
 }
 
 impl Context {
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> Status {
         (self.status)()
     }
 }

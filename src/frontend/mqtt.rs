@@ -17,13 +17,15 @@ use std::time::{Duration, Instant};
 use rumqttc::v5::mqttbytes::v5::{LastWill as LastWill5, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::{QoS, TlsConfiguration, Transport};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-use super::protocol::{self, Incoming, Refusal};
 use super::{until_true, Context};
+use crate::api::status::MqttInfo;
+use crate::api::wire::{self, Envelope, Incoming, Refusal, Response};
+use crate::api::{ErrorCode, Event};
 use crate::config::{BrokerUrl, MqttConfig};
-use crate::queue::{ErrorCode, Event, Job, Reply};
+use crate::queue::{Job, Reply};
 
 /// After shutdown, once every MQTT request has its terminal reply (the daemon's grace period
 /// decides how long that takes), how long the publisher may take to deliver what is left.
@@ -229,32 +231,17 @@ fn hostname() -> String {
 /// What the status reply says about MQTT.
 #[derive(Debug, Default)]
 pub struct MqttState {
-    inner: Mutex<StateInner>,
-}
-
-#[derive(Debug, Default, Clone, serde::Serialize)]
-struct StateInner {
-    connected: bool,
-    broker: String,
-    node: String,
-    protocol: &'static str,
-    connects: u64,
-    last_error: Option<String>,
-    requests: u64,
-    refused: u64,
-    published: u64,
-    dropped_replies: u64,
+    inner: Mutex<MqttInfo>,
 }
 
 impl MqttState {
-    fn update(&self, f: impl FnOnce(&mut StateInner)) {
+    fn update(&self, f: impl FnOnce(&mut MqttInfo)) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut g);
     }
 
-    pub fn json(&self) -> Value {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        serde_json::to_value(&*g).unwrap_or(Value::Null)
+    pub fn info(&self) -> MqttInfo {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn connected(&self) -> bool {
@@ -478,7 +465,7 @@ pub async fn serve(
             settings.broker.port
         );
         s.node = settings.node.clone();
-        s.protocol = if settings.v5 { "5" } else { "3.1.1" };
+        s.protocol = if settings.v5 { "5" } else { "3.1.1" }.to_string();
     });
     tracing::info!(
         broker = %lock(&state.inner).broker,
@@ -643,19 +630,12 @@ impl Handler {
             return;
         }
         self.state.update(|st| st.requests += 1);
+        // The payload is read once: its envelope (id, 3.1.1 reply topic) first, so that even a
+        // request that fails to parse further is answered where it asked.
+        let json: Result<Value, serde_json::Error> = serde_json::from_slice(&m.payload);
+        let (id_hint, payload_reply_to) = json.as_ref().map(Envelope::of).unwrap_or_default();
         // The reply topic: MQTT 5's response topic, else the payload's `reply_to` (3.1.1).
-        let json: Option<Value> = serde_json::from_slice(&m.payload).ok();
-        let reply_to = m.response_topic.clone().or_else(|| {
-            json.as_ref()
-                .and_then(|v| v.get("reply_to"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        });
-        let id_hint = json
-            .as_ref()
-            .and_then(|v| v.get("id"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let reply_to = m.response_topic.clone().or(payload_reply_to);
         let topic = match reply_to {
             Some(t) if s.reply_allowed(&t) => Some(t),
             Some(t) => {
@@ -669,22 +649,23 @@ impl Handler {
             }
             None => None,
         };
-        let answer = |line: String| match &topic {
-            Some(t) => self.publish(t, &m.correlation, line),
+        let answer = |reply: Response| match &topic {
+            Some(t) => self.publish(t, &m.correlation, reply.to_line()),
             None => {
                 tracing::warn!(
                     id = id_hint.as_deref().unwrap_or(""),
-                    "mqtt: no reply topic (response topic or reply_to) for: {line}"
+                    "mqtt: no reply topic (response topic or reply_to) for: {}",
+                    reply.to_line()
                 )
             }
         };
         let limits = &self.ctx.limits;
         if m.payload.len() > limits.max_line_bytes {
             self.refused();
-            answer(protocol::error_json(
+            answer(Response::error(
                 id_hint.as_deref(),
                 ErrorCode::TooLarge,
-                &format!(
+                format!(
                     "request of {} bytes; the limit is {} bytes (limits.max_line_bytes)",
                     m.payload.len(),
                     limits.max_line_bytes
@@ -696,7 +677,7 @@ impl Handler {
             let id = id_hint.clone().unwrap_or_default();
             if id.is_empty() {
                 self.refused();
-                answer(protocol::error_json(
+                answer(Response::error(
                     None,
                     ErrorCode::BadRequest,
                     "id: a cancel needs the id (a string) of the request to cancel",
@@ -705,27 +686,32 @@ impl Handler {
             }
             let state = self.ctx.queue.cancel(&id);
             if topic.is_some() {
-                answer(protocol::cancel_json(&id, state));
+                answer(Response::Cancel { id, state });
             }
             return;
         }
         let now = Instant::now();
-        let parsed = protocol::parse(&m.payload, limits, self.ctx.default_deadline_ms, now);
+        let parsed = match json {
+            Ok(v) => wire::parse_value(v, limits, self.ctx.default_deadline_ms, now),
+            Err(e) => Err(Refusal::new(
+                None,
+                ErrorCode::BadRequest,
+                format!("malformed JSON: {e}"),
+            )),
+        };
         let g = match parsed {
             Err(r) => {
                 self.refused();
-                return answer(r.to_json());
+                return answer(r.response());
             }
             Ok(Incoming::Status) => {
-                let mut v = self.ctx.status();
-                if let Some(id) = &id_hint {
-                    v["id"] = Value::String(id.clone());
-                }
-                return answer(v.to_string());
+                let mut status = self.ctx.status();
+                status.id = id_hint.clone();
+                return answer(Response::Status(Box::new(status)));
             }
             Ok(Incoming::Cancel { id }) => {
                 let state = self.ctx.queue.cancel(&id);
-                return answer(protocol::cancel_json(&id, state));
+                return answer(Response::Cancel { id, state });
             }
             Ok(Incoming::Generate(g)) => g,
         };
@@ -744,12 +730,13 @@ impl Handler {
                 code,
                 message,
             }
-            .to_json()
+            .response()
+            .to_line()
         };
         let priority = match (g.priority, &m.priority) {
             (Some(p), _) => p,
             (None, Some(p)) => match p.trim().parse::<i32>() {
-                Ok(p) if protocol::check_priority(p).is_ok() => p,
+                Ok(p) if wire::check_priority(p).is_ok() => p,
                 _ => {
                     return self.publish(
                         &topic,
@@ -883,13 +870,12 @@ async fn publisher(
     }
 }
 
-fn message(route: &mut Route, body: Value) -> Out {
-    let mut body = body;
-    body["seq"] = Value::from(route.seq);
+fn message(route: &mut Route, body: &Response) -> Out {
+    let payload = body.to_line_with_seq(route.seq);
     route.seq += 1;
     Out {
         topic: route.topic.clone(),
-        payload: body.to_string().into_bytes(),
+        payload: payload.into_bytes(),
         retain: false,
         correlation: route.correlation.clone(),
         made: Instant::now(),
@@ -903,7 +889,13 @@ fn flush_route(id: &str, route: &mut Route, outbox: &mut VecDeque<Out>) {
     let text = std::mem::take(&mut route.pending);
     route.pending_tokens = 0;
     route.pending_since = None;
-    let o = message(route, json!({"id": id, "type": "token", "text": text}));
+    let o = message(
+        route,
+        &Response::Token {
+            id: id.to_string(),
+            text,
+        },
+    );
     outbox.push_back(o);
 }
 
@@ -929,7 +921,7 @@ fn on_reply(
         }
         terminal => {
             flush_route(&r.id, route, outbox);
-            let o = message(route, protocol::event_value(&r.id, &terminal));
+            let o = message(route, &Response::event(&r.id, &terminal));
             outbox.push_back(o);
             routes.remove(&r.id);
         }

@@ -1,4 +1,4 @@
-//! The Unix socket front-end: newline-delimited JSON (see [`super::protocol`]).
+//! The Unix socket front-end: newline-delimited JSON (see [`crate::api::wire`]).
 //!
 //! One tokio task per connection reads requests, hands them to the queue, and writes what comes
 //! back on the connection's reply channel, so a slow client only slows itself. Peers are checked
@@ -13,14 +13,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::codec::{Decoder, LinesCodec, LinesCodecError};
 
-use super::protocol::{self, Incoming, Refusal};
 use super::{until_true, Context};
-use crate::queue::{ErrorCode, Job, Reply};
+use crate::api::wire::{self, Incoming, Refusal, Response};
+use crate::api::ErrorCode;
+use crate::queue::{Job, Reply};
 
 /// How often a connection that has read EOF checks whether its peer hung up entirely.
 const HANGUP_POLL: Duration = Duration::from_millis(100);
@@ -176,6 +179,8 @@ fn resolve_group(g: &str) -> Result<u32, SocketError> {
 
 /// The listening socket handed over by systemd socket activation (`LISTEN_FDS`, fd 3), if
 /// this process was started that way. The variables are removed so children do not inherit them.
+/// Hand-written rather than `listenfd`: edgellm.socket passes exactly one fd, which is checked to
+/// be a stream socket and refused with a message otherwise, in a dozen lines.
 pub fn from_systemd() -> Result<Option<std::os::unix::net::UnixListener>, SocketError> {
     use std::os::fd::FromRawFd;
     let (Ok(pid), Ok(fds)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
@@ -289,8 +294,10 @@ struct Connection {
 
 enum Read {
     Line(Vec<u8>),
-    /// A line over the limit was skipped up to its newline.
+    /// A line over the limit (of this many bytes) is being skipped up to its newline.
     TooLong(usize),
+    /// A line that is not UTF-8.
+    NotText(String),
     Eof,
 }
 
@@ -326,11 +333,12 @@ impl Connection {
                 pid,
                 "refused a connection: peer not in socket.allowed_uids / socket.allowed_gids"
             );
-            let line = protocol::error_json(
+            let line = Response::error(
                 None,
                 ErrorCode::Forbidden,
-                &format!("uid {uid} gid {gid} may not use this daemon (socket.allowed_uids, socket.allowed_gids)"),
-            );
+                format!("uid {uid} gid {gid} may not use this daemon (socket.allowed_uids, socket.allowed_gids)"),
+            )
+            .to_line();
             let _ = self.write_line(&line).await;
             return;
         }
@@ -354,8 +362,13 @@ impl Connection {
                         }
                     }
                     Ok(Read::TooLong(n)) => {
-                        let line = protocol::error_json(None, ErrorCode::TooLarge, &format!(
-                            "request line of {n} bytes or more; the limit is {max} bytes (limits.max_line_bytes)"));
+                        let line = Response::error(None, ErrorCode::TooLarge, format!(
+                            "request line of more than {n} bytes; the limit is {max} bytes (limits.max_line_bytes)")).to_line();
+                        if self.write_line(&line).await.is_err() { break; }
+                    }
+                    Ok(Read::NotText(e)) => {
+                        let line = Response::error(None, ErrorCode::BadRequest, format!(
+                            "malformed JSON: the request line is not UTF-8 ({e})")).to_line();
                         if self.write_line(&line).await.is_err() { break; }
                     }
                     Ok(Read::Eof) => eof = true,
@@ -365,7 +378,7 @@ impl Connection {
                     }
                 },
                 Some(reply) = self.rx.recv() => {
-                    let line = protocol::event_json(&reply.id, &reply.event);
+                    let line = Response::event(&reply.id, &reply.event).to_line();
                     if reply.event.is_terminal() {
                         self.pending.remove(&reply.id);
                     }
@@ -403,13 +416,13 @@ impl Connection {
             return Ok(());
         }
         let ctx = &self.ctx;
-        let parsed = protocol::parse(line, &ctx.limits, ctx.default_deadline_ms, Instant::now());
+        let parsed = wire::parse(line, &ctx.limits, ctx.default_deadline_ms, Instant::now());
         let reply = match parsed {
-            Err(r) => r.to_json(),
-            Ok(Incoming::Status) => ctx.status().to_string(),
+            Err(r) => r.response(),
+            Ok(Incoming::Status) => Response::Status(Box::new(ctx.status())),
             Ok(Incoming::Cancel { id }) => {
                 let state = ctx.queue.cancel(&id);
-                protocol::cancel_json(&id, state)
+                Response::Cancel { id, state }
             }
             Ok(Incoming::Generate(g)) => {
                 if g.reply_to.is_some() {
@@ -418,7 +431,7 @@ impl Connection {
                         code: ErrorCode::BadRequest,
                         message: "reply_to: only MQTT 3.1.1 requests name a reply topic".into(),
                     }
-                    .to_json()
+                    .response()
                 } else {
                     let mut job = Job::new(&g.id, "unix", g.req, self.tx.clone());
                     job.stream = g.stream;
@@ -432,7 +445,7 @@ impl Connection {
                 }
             }
         };
-        self.write_line(&reply).await
+        self.write_line(&reply.to_line()).await
     }
 }
 
@@ -448,29 +461,29 @@ fn hung_up(stream: &UnixStream) -> bool {
     }
 }
 
-/// Reads newline-terminated lines of at most `max` bytes. Cancel-safe: the only await is for
-/// readiness, and bytes move into `buf` synchronously after it, so a `select!` that drops the
-/// future loses nothing.
+/// Reads newline-terminated lines of at most `max` bytes, framed by tokio-util's
+/// [`LinesCodec`] (which skips the rest of an overlong line and strips `\r`). Cancel-safe: the
+/// only await is for readiness, and bytes move into `buf` synchronously after it, so a
+/// `select!` that drops the future loses nothing.
 struct LineReader {
-    buf: Vec<u8>,
+    buf: BytesMut,
+    codec: LinesCodec,
     max: usize,
-    /// Skipping the rest of an overlong line; how many bytes it has had so far.
-    skipping: Option<usize>,
 }
 
 impl LineReader {
     fn new(max: usize) -> LineReader {
         LineReader {
-            buf: Vec::new(),
+            buf: BytesMut::new(),
+            codec: LinesCodec::new_with_max_length(max),
             max,
-            skipping: None,
         }
     }
 
     async fn next(&mut self, stream: &mut UnixStream) -> std::io::Result<Read> {
         let mut chunk = [0u8; 8192];
         loop {
-            if let Some(r) = self.take_line() {
+            if let Some(r) = self.framed(false) {
                 return Ok(r);
             }
             stream.readable().await?;
@@ -481,43 +494,25 @@ impl LineReader {
             };
             if n == 0 {
                 // A last line without its newline still counts.
-                if !self.buf.is_empty() && self.skipping.is_none() {
-                    return Ok(Read::Line(std::mem::take(&mut self.buf)));
-                }
-                return Ok(Read::Eof);
+                return Ok(self.framed(true).unwrap_or(Read::Eof));
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
-    /// A complete line (or the end of a skipped one) from `buf`, if there is one.
-    fn take_line(&mut self) -> Option<Read> {
-        loop {
-            let nl = self.buf.iter().position(|&b| b == b'\n');
-            match (nl, self.skipping) {
-                (Some(i), Some(skipped)) => {
-                    self.buf.drain(..=i);
-                    self.skipping = None;
-                    return Some(Read::TooLong(skipped + i));
-                }
-                (None, Some(skipped)) => {
-                    self.skipping = Some(skipped + self.buf.len());
-                    self.buf.clear();
-                    return None;
-                }
-                (Some(i), None) if i <= self.max => {
-                    let mut line: Vec<u8> = self.buf.drain(..=i).collect();
-                    line.pop();
-                    return Some(Read::Line(line));
-                }
-                (Some(_), None) => {
-                    self.skipping = Some(0);
-                }
-                (None, None) if self.buf.len() > self.max => {
-                    self.skipping = Some(0);
-                }
-                (None, None) => return None,
-            }
+    /// The next complete line in `buf` (at `eof`, the unterminated rest too), if there is one.
+    fn framed(&mut self, eof: bool) -> Option<Read> {
+        let r = if eof {
+            self.codec.decode_eof(&mut self.buf)
+        } else {
+            self.codec.decode(&mut self.buf)
+        };
+        match r {
+            Ok(Some(line)) => Some(Read::Line(line.into_bytes())),
+            Ok(None) => None,
+            Err(LinesCodecError::MaxLineLengthExceeded) => Some(Read::TooLong(self.max)),
+            // Not UTF-8: the line is consumed, and JSON could not have parsed it either.
+            Err(LinesCodecError::Io(e)) => Some(Read::NotText(e.to_string())),
         }
     }
 }

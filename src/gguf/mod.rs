@@ -10,7 +10,6 @@
 //! type u32, offset u64), padding to `general.alignment` (default 32), tensor data.
 
 mod map;
-pub mod writer;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -431,7 +430,7 @@ fn wrong(key: &str, v: &Value, expected: &'static str) -> GgufError {
     }
 }
 
-pub(crate) fn align_up(x: u64, a: u64) -> u64 {
+pub fn align_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
 

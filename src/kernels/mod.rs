@@ -18,7 +18,55 @@ mod neon;
 pub mod pool;
 pub mod quant;
 
+#[cfg(test)]
+mod tests;
+
 use quant::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0};
+
+/// Which kernels the config or the command line asks for (`model.kernels`, `--kernels`):
+/// `auto`, the fastest this CPU runs, or one [`KernelKind`].
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelChoice {
+    #[default]
+    Auto,
+    Reference,
+    Scalar,
+    Avx2,
+    AvxVnni,
+    Neon,
+    NeonDotprod,
+}
+
+impl KernelChoice {
+    /// `None` for `auto`.
+    pub fn kind(self) -> Option<KernelKind> {
+        match self {
+            KernelChoice::Auto => None,
+            KernelChoice::Reference => Some(KernelKind::Reference),
+            KernelChoice::Scalar => Some(KernelKind::Scalar),
+            KernelChoice::Avx2 => Some(KernelKind::Avx2),
+            KernelChoice::AvxVnni => Some(KernelKind::AvxVnni),
+            KernelChoice::Neon => Some(KernelKind::Neon),
+            KernelChoice::NeonDotprod => Some(KernelKind::NeonDotprod),
+        }
+    }
+
+    /// The kernels this choice runs on this CPU.
+    pub fn resolve(self) -> KernelKind {
+        self.kind().unwrap_or_else(KernelKind::best)
+    }
+}
 
 /// Which kernels compute the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,18 +105,6 @@ impl KernelKind {
         KernelKind::Neon,
         KernelKind::NeonDotprod,
     ];
-
-    /// Parses `auto` or a kernel name.
-    pub fn parse(s: &str) -> Result<Option<KernelKind>, KernelError> {
-        if s == "auto" {
-            return Ok(None);
-        }
-        KernelKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .map(Some)
-            .ok_or_else(|| KernelError::Unknown(s.to_string()))
-    }
 
     /// Whether this CPU can run these kernels.
     pub fn available(self) -> bool {
@@ -114,8 +150,6 @@ impl KernelKind {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KernelError {
-    #[error("unknown kernels {0:?} (allowed: auto, reference, scalar, avx2, avx-vnni, neon, neon-dotprod)")]
-    Unknown(String),
     #[error("kernels {0:?} are not available on this CPU")]
     Unavailable(&'static str),
 }

@@ -8,58 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
-use super::{Completion, FinishReason, GenerateRequest};
-
-/// Error codes of the protocol's `error` replies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    BadRequest,
-    TooLarge,
-    QueueFull,
-    ShuttingDown,
-    /// The deadline passed while the request waited; it never started.
-    Deadline,
-    /// The peer is not allowed to use the daemon.
-    Forbidden,
-    /// A request continues a session that is not held and sends no history to rebuild it.
-    SessionUnknown,
-    Internal,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::QueueFull => "queue_full",
-            ErrorCode::ShuttingDown => "shutting_down",
-            ErrorCode::Deadline => "deadline",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::SessionUnknown => "session_unknown",
-            ErrorCode::Internal => "internal",
-        }
-    }
-}
-
-/// What the engine or the queue sends back about a job.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// Streamed text (only for `stream: true`).
-    Token(String),
-    /// Terminal: the completion.
-    Done(Box<Completion>),
-    /// Terminal: the request failed or was refused.
-    Error(ErrorCode, String),
-}
-
-impl Event {
-    pub fn is_terminal(&self) -> bool {
-        !matches!(self, Event::Token(_))
-    }
-}
+use crate::api::status::{Counters, Running};
+use crate::api::{CancelState, Completion, ErrorCode, Event, FinishReason, GenerateRequest};
 
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -124,52 +74,7 @@ pub enum Submit {
     Refused(ErrorCode),
 }
 
-/// Where a cancelled id was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CancelState {
-    /// Removed from the queue; it was answered `done` with `finish_reason: "cancelled"`.
-    Queued,
-    /// The engine stops it before its next token.
-    Running,
-    Unknown,
-}
-
-/// Totals since start. Every generate request the daemon parsed is counted once in `received`
-/// and ends in exactly one of the other terminal counters.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Counters {
-    /// Generate requests handed to the queue (accepted or refused).
-    pub received: u64,
-    /// Entered the queue.
-    pub accepted: u64,
-    pub queue_full: u64,
-    pub shutting_down: u64,
-    /// Refused at submission for another reason (a duplicate id).
-    pub refused_other: u64,
-    /// Answered `done` (any finish reason, cancelled in the queue included).
-    pub done: u64,
-    /// Of `done`: finish reason `cancelled`.
-    pub cancelled: u64,
-    /// Of `done`: finish reason `deadline` (stopped while running).
-    pub deadline_running: u64,
-    /// Answered error `deadline` (expired in the queue).
-    pub deadline_queued: u64,
-    /// Answered error after entering the queue (bad_request, too_large, internal, shutting_down).
-    pub failed: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-}
-
-/// The running job, for status.
-#[derive(Debug, Clone, Serialize)]
-pub struct Running {
-    pub id: Arc<str>,
-    pub frontend: &'static str,
-    pub elapsed_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct QueueStatus {
     pub depth: usize,
     pub capacity: usize,
@@ -440,11 +345,104 @@ impl Queue {
             capacity: self.capacity,
             accepting: g.accepting,
             running: g.running.as_ref().map(|(id, frontend, since)| Running {
-                id: id.clone(),
-                frontend,
+                id: id.to_string(),
+                frontend: frontend.to_string(),
                 elapsed_ms: since.elapsed().as_millis() as u64,
             }),
             counters: g.counters.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::api::Prompt;
+
+    fn job(id: &str, tx: &mpsc::UnboundedSender<Reply>) -> Job {
+        Job::new(
+            id,
+            "test",
+            GenerateRequest::new(Prompt::Raw("x".into())),
+            tx.clone(),
+        )
+    }
+
+    fn terminal(rx: &mut mpsc::UnboundedReceiver<Reply>) -> Reply {
+        rx.try_recv().expect("a reply")
+    }
+
+    #[test]
+    fn queue_is_bounded_ordered_by_priority_and_answers_every_job() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::new(3);
+        let mut low = job("low", &tx);
+        low.priority = -1;
+        assert_eq!(q.submit(low), Submit::Queued);
+        assert_eq!(q.submit(job("a", &tx)), Submit::Queued);
+        let mut high = job("high", &tx);
+        high.priority = 5;
+        assert_eq!(q.submit(high), Submit::Queued);
+        // Full: refused at once, with its error reply.
+        assert_eq!(
+            q.submit(job("extra", &tx)),
+            Submit::Refused(ErrorCode::QueueFull)
+        );
+        let r = terminal(&mut rx);
+        assert_eq!(&*r.id, "extra");
+        assert!(matches!(r.event, Event::Error(ErrorCode::QueueFull, _)));
+        // A duplicate of a queued id is refused.
+        assert_eq!(
+            q.submit(job("a", &tx)),
+            Submit::Refused(ErrorCode::BadRequest)
+        );
+        terminal(&mut rx);
+
+        let next = q.next(Duration::ZERO).expect("a job");
+        assert_eq!(&*next.id, "high");
+        q.finished(
+            &next.id,
+            &Event::Done(Box::new(Completion::empty(FinishReason::Stop))),
+        );
+        assert_eq!(q.cancel("a"), CancelState::Queued);
+        let r = terminal(&mut rx);
+        assert!(
+            matches!(&r.event, Event::Done(c) if c.finish_reason == FinishReason::Cancelled),
+            "{r:?}"
+        );
+        let running = q.next(Duration::ZERO).expect("low");
+        assert_eq!(&*running.id, "low");
+        assert_eq!(q.cancel("low"), CancelState::Running);
+        assert!(running.cancelled());
+        assert_eq!(q.cancel("nobody"), CancelState::Unknown);
+
+        // A deadline that passes in the queue is answered `deadline` and the job never runs.
+        let mut late = job("late", &tx);
+        late.deadline = Some(Instant::now());
+        assert_eq!(q.submit(late), Submit::Queued);
+        q.expire_now();
+        let r = terminal(&mut rx);
+        assert!(matches!(r.event, Event::Error(ErrorCode::Deadline, _)));
+
+        // Shutdown: waiting jobs are answered, new ones refused.
+        assert_eq!(q.submit(job("w", &tx)), Submit::Queued);
+        q.abort_all();
+        let r = terminal(&mut rx);
+        assert!(matches!(r.event, Event::Error(ErrorCode::ShuttingDown, _)));
+        assert_eq!(
+            q.submit(job("after", &tx)),
+            Submit::Refused(ErrorCode::ShuttingDown)
+        );
+        terminal(&mut rx);
+        let c = q.status().counters;
+        assert_eq!(c.received, 8);
+        assert_eq!(c.accepted, 5);
+        assert_eq!((c.queue_full, c.refused_other, c.shutting_down), (1, 1, 1));
+        assert_eq!(
+            (c.done, c.cancelled, c.deadline_queued, c.failed),
+            (2, 1, 1, 1)
+        );
     }
 }

@@ -6,7 +6,7 @@ use edgellm::backend::cpu::model::ModelError;
 use edgellm::backend::cpu::{CpuBackend, CpuOptions};
 use edgellm::gguf::{Bytes, Gguf};
 use edgellm::kernels::KernelKind;
-use edgellm::testing::{synth_model, SynthSpec};
+use edgellm_testkit::{synth_model, SynthSpec};
 
 /// A synthetic model loaded on the CPU backend.
 pub fn synth_backend(spec: &SynthSpec, kernels: Option<KernelKind>, threads: usize) -> CpuBackend {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use edgellm::testing::{synth_model, SynthSpec};
+use edgellm_testkit::{synth_model, SynthSpec};
 
 use crate::common::temp_dir;
 

@@ -6,23 +6,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::mpsc;
 
+use edgellm::api::{FinishReason, GenerateRequest, Prompt};
 use edgellm::backend::cpu::CpuBackend;
-use edgellm::backend::{Backend, BackendError, BackendInfo};
+use edgellm::backend::{Backend, BackendError, BackendInfo, Vocabulary};
 use edgellm::config::{Config, ConfigError, DEFAULT_TOML};
-use edgellm::daemon::budget::{cgroup_limit, Budget, Limit};
+use edgellm::daemon::budget::{budget, cgroup_limit, Limit};
 use edgellm::daemon::notify::Notifier;
 use edgellm::daemon::{Daemon, Listener};
 use edgellm::engine::chat::ChatTemplate;
 use edgellm::engine::tokenizer::Tokenizer;
 use edgellm::engine::{Engine, Sink};
-use edgellm::frontend::protocol::{self, Incoming};
 use edgellm::gguf::{Bytes, Gguf};
-use edgellm::queue::{
-    CancelState, ErrorCode, Event, FinishReason, GenerateRequest, Job, Prompt, Queue, Reply, Submit,
-};
-use edgellm::testing::{synth_model, SynthSpec};
+use edgellm_testkit::{synth_model, SynthSpec};
 
 use super::harness::Client;
 use crate::common::{synth_backend, temp_dir};
@@ -56,7 +52,10 @@ fn config_defaults_are_the_documented_file_and_errors_name_the_key() {
     let e = parse_err("[limits]\ndefault_max_tokens = 2000\n");
     assert!(e.contains("limits.default_max_tokens = 2000"), "{e}");
     let e = parse_err("[model]\nkernels = \"fast\"\n");
-    assert!(e.contains("model.kernels = \"fast\""), "{e}");
+    assert!(
+        e.contains("kernels = \"fast\"") && e.contains("neon-dotprod"),
+        "{e}"
+    );
     let e = parse_err(&format!("[socket]\npath = \"/{}\"\n", "x".repeat(120)));
     assert!(e.contains("socket.path") && e.contains("107"), "{e}");
     let e = parse_err("[mqt]\nurl = \"x\"\n");
@@ -79,153 +78,6 @@ fn config_defaults_are_the_documented_file_and_errors_name_the_key() {
     assert_eq!(c.queue.capacity, 3);
     assert_eq!(c.limits, Config::default().limits);
     assert_eq!(c.socket.path, Path::new("/etc/edgellm/run/e.sock"));
-}
-
-#[test]
-fn protocol_refusals_name_the_field_and_the_limit() {
-    let limits = Config::default().limits;
-    let now = Instant::now();
-    let refuse = |line: &str| match protocol::parse(line.as_bytes(), &limits, 0, now) {
-        Ok(i) => panic!("accepted {line}: {i:?}"),
-        Err(r) => r,
-    };
-    let r = refuse("{\"id\": \"a\", ");
-    assert_eq!((r.code, r.id.as_deref()), (ErrorCode::BadRequest, None));
-    assert!(r.message.contains("malformed JSON"), "{}", r.message);
-    let r = refuse(r#"{"id":"a","prompt":"x","max_tokens":-1}"#);
-    assert_eq!(r.id.as_deref(), Some("a"));
-    assert!(r.message.starts_with("max_tokens:"), "{}", r.message);
-    let r = refuse(r#"{"id":"a","prompt":"x","temprature":1}"#);
-    assert!(r.message.contains("temprature"), "{}", r.message);
-    let r = refuse(r#"{"id":"a","messages":[{"role":"user","content":3}]}"#);
-    assert!(
-        r.message.starts_with("messages[0].content"),
-        "{}",
-        r.message
-    );
-    let r = refuse(r#"{"id":"a","prompt":"x","max_tokens":100000}"#);
-    assert_eq!(r.code, ErrorCode::TooLarge);
-    assert!(r.message.contains("limit is 1024"), "{}", r.message);
-    let r = refuse(r#"{"id":"a","prompt":"x","top_p":0}"#);
-    assert!(r.message.contains("top_p"), "{}", r.message);
-    let r = refuse(r#"{"id":"a"}"#);
-    assert!(r.message.contains("messages"), "{}", r.message);
-    let r = refuse(r#"{"id":"","prompt":"x"}"#);
-    assert!(r.message.starts_with("id:"), "{}", r.message);
-    let r = refuse(r#"{"id":"a","prompt":"x","priority":1000}"#);
-    assert!(r.message.contains("priority = 1000"), "{}", r.message);
-    let r = refuse(r#"{"op":"reboot"}"#);
-    assert!(r.message.contains("status"), "{}", r.message);
-    let r = refuse("[1,2]");
-    assert_eq!(r.code, ErrorCode::BadRequest);
-
-    match protocol::parse(
-        br#"{"id":"r1","messages":[{"role":"user","content":"hi"}],"max_tokens":7,"temperature":0,"stop":["\n"],"stream":true,"priority":3,"deadline_ms":500}"#,
-        &limits,
-        0,
-        now,
-    ) {
-        Ok(Incoming::Generate(g)) => {
-            assert_eq!(g.id, "r1");
-            assert_eq!(g.req.max_tokens, 7);
-            assert_eq!(g.req.stop, vec!["\n".to_string()]);
-            assert!(g.stream);
-            assert_eq!(g.priority, Some(3));
-            assert_eq!(g.deadline, Some(now + Duration::from_millis(500)));
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(matches!(
-        protocol::parse(br#"{"op":"cancel","id":"r1"}"#, &limits, 0, now),
-        Ok(Incoming::Cancel { id }) if id == "r1"
-    ));
-}
-
-fn job(id: &str, tx: &mpsc::UnboundedSender<Reply>) -> Job {
-    Job::new(
-        id,
-        "test",
-        GenerateRequest::new(Prompt::Raw("x".into())),
-        tx.clone(),
-    )
-}
-
-fn terminal(rx: &mut mpsc::UnboundedReceiver<Reply>) -> Reply {
-    rx.try_recv().expect("a reply")
-}
-
-#[test]
-fn queue_is_bounded_ordered_by_priority_and_answers_every_job() {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let q = Queue::new(3);
-    let mut low = job("low", &tx);
-    low.priority = -1;
-    assert_eq!(q.submit(low), Submit::Queued);
-    assert_eq!(q.submit(job("a", &tx)), Submit::Queued);
-    let mut high = job("high", &tx);
-    high.priority = 5;
-    assert_eq!(q.submit(high), Submit::Queued);
-    // Full: refused at once, with its error reply.
-    assert_eq!(
-        q.submit(job("extra", &tx)),
-        Submit::Refused(ErrorCode::QueueFull)
-    );
-    let r = terminal(&mut rx);
-    assert_eq!(&*r.id, "extra");
-    assert!(matches!(r.event, Event::Error(ErrorCode::QueueFull, _)));
-    // A duplicate of a queued id is refused.
-    assert_eq!(
-        q.submit(job("a", &tx)),
-        Submit::Refused(ErrorCode::BadRequest)
-    );
-    terminal(&mut rx);
-
-    let next = q.next(Duration::ZERO).expect("a job");
-    assert_eq!(&*next.id, "high");
-    q.finished(
-        &next.id,
-        &Event::Done(Box::new(edgellm::queue::Completion::empty(
-            FinishReason::Stop,
-        ))),
-    );
-    assert_eq!(q.cancel("a"), CancelState::Queued);
-    let r = terminal(&mut rx);
-    assert!(
-        matches!(&r.event, Event::Done(c) if c.finish_reason == FinishReason::Cancelled),
-        "{r:?}"
-    );
-    let running = q.next(Duration::ZERO).expect("low");
-    assert_eq!(&*running.id, "low");
-    assert_eq!(q.cancel("low"), CancelState::Running);
-    assert!(running.cancelled());
-    assert_eq!(q.cancel("nobody"), CancelState::Unknown);
-
-    // A deadline that passes in the queue is answered `deadline` and the job never runs.
-    let mut late = job("late", &tx);
-    late.deadline = Some(Instant::now());
-    assert_eq!(q.submit(late), Submit::Queued);
-    q.expire_now();
-    let r = terminal(&mut rx);
-    assert!(matches!(r.event, Event::Error(ErrorCode::Deadline, _)));
-
-    // Shutdown: waiting jobs are answered, new ones refused.
-    assert_eq!(q.submit(job("w", &tx)), Submit::Queued);
-    q.abort_all();
-    let r = terminal(&mut rx);
-    assert!(matches!(r.event, Event::Error(ErrorCode::ShuttingDown, _)));
-    assert_eq!(
-        q.submit(job("after", &tx)),
-        Submit::Refused(ErrorCode::ShuttingDown)
-    );
-    terminal(&mut rx);
-    let c = q.status().counters;
-    assert_eq!(c.received, 8);
-    assert_eq!(c.accepted, 5);
-    assert_eq!((c.queue_full, c.refused_other, c.shutting_down), (1, 1, 1));
-    assert_eq!(
-        (c.done, c.cancelled, c.deadline_queued, c.failed),
-        (2, 1, 1, 1)
-    );
 }
 
 /// A sink whose cancel flag is raised at its `n`-th check (the engine checks once per prefill
@@ -283,6 +135,9 @@ struct Wedge {
 impl Backend for Wedge {
     fn info(&self) -> BackendInfo {
         self.inner.info()
+    }
+    fn vocabulary(&self) -> Vocabulary<'_> {
+        self.inner.vocabulary()
     }
     fn n_vocab(&self) -> usize {
         self.inner.n_vocab()
@@ -361,7 +216,7 @@ fn wedged_engine_stops_the_watchdog_pings() {
         .expect("notifier"),
         model: "synth".into(),
         mqtt: None,
-        budget: Budget::new(&plan, 0, 0, None),
+        budget: budget(&plan, 0, 0, None),
         fallback_reason: None,
         fallback: None,
     };
@@ -445,7 +300,7 @@ fn cgroup_limit_is_the_smallest_on_the_way_up() {
 fn memory_budget_names_each_part_and_the_limit() {
     let g = Gguf::parse(Bytes::from_vec(synth_model(&SynthSpec::default()))).expect("parses");
     let plan = CpuBackend::plan(&g, &Default::default()).expect("plan");
-    let fits = Budget::new(&plan, 1 << 20, 1 << 30, None);
+    let fits = budget(&plan, 1 << 20, 1 << 30, None);
     assert!(fits.check().is_ok());
     assert_eq!(
         fits.total,
@@ -455,7 +310,7 @@ fn memory_budget_names_each_part_and_the_limit() {
         bytes: 10 << 20,
         source: "cgroup /x/memory.max".into(),
     };
-    let over = Budget::new(&plan, 1 << 20, 1 << 30, Some(cg));
+    let over = budget(&plan, 1 << 20, 1 << 30, Some(cg));
     let e = over.check().expect_err("over the cgroup limit");
     for part in [
         "weights",
@@ -470,7 +325,7 @@ fn memory_budget_names_each_part_and_the_limit() {
         e.contains("limit of 10.0 MiB (cgroup /x/memory.max)"),
         "{e}"
     );
-    let own = Budget::new(&plan, 0, 5 << 20, Some(over.limit.clone().expect("limit")));
+    let own = budget(&plan, 0, 5 << 20, Some(over.limit.clone().expect("limit")));
     let e = own.check().expect_err("over the config limit");
     assert!(e.contains("(memory.max_bytes)"), "{e}");
 }

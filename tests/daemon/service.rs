@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
-use edgellm::testing::SynthSpec;
+use edgellm_testkit::SynthSpec;
 
 use super::harness::{chat, synth_file, Client, TestDaemon};
 use crate::common::{default_model, temp_dir};

@@ -5,44 +5,9 @@
 //! Rows are laid out `(layer, position, kv_dim)`, position-major, so that a window slide moves
 //! one contiguous range per layer and a session snapshot copies one prefix per layer.
 
-use serde::{Deserialize, Serialize};
-
+use crate::backend::KvType;
 use crate::kernels::pool::{Pool, Shards};
 use crate::kernels::quant::{block_bytes, dequant_q8_0, quantize_q8_0_into, BlockQ8_0, QK};
-
-/// Element type of the KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KvType {
-    #[default]
-    F32,
-    Q8_0,
-}
-
-impl KvType {
-    pub fn parse(s: &str) -> Result<KvType, String> {
-        match s {
-            "f32" => Ok(KvType::F32),
-            "q8_0" | "q8" => Ok(KvType::Q8_0),
-            _ => Err("allowed \"f32\", \"q8_0\"".into()),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            KvType::F32 => "f32",
-            KvType::Q8_0 => "q8_0",
-        }
-    }
-
-    /// Bytes of one cached row of `kv_dim` values.
-    pub fn row_bytes(self, kv_dim: usize) -> usize {
-        match self {
-            KvType::F32 => kv_dim * 4,
-            KvType::Q8_0 => kv_dim / QK * std::mem::size_of::<BlockQ8_0>(),
-        }
-    }
-}
 
 /// Keys and values of one layer, for attention to read.
 #[derive(Clone, Copy)]

@@ -8,16 +8,16 @@
 pub mod kv;
 pub mod model;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use crate::backend::{Backend, BackendError, BackendInfo};
+use crate::backend::{Backend, BackendError, BackendInfo, KvType, MemoryPlan, Vocabulary};
 use crate::gguf::Gguf;
 use crate::kernels::matmul::{matmul, Acts, Matrix};
 use crate::kernels::pool::{split, Pool, Shards};
 use crate::kernels::quant::{dequant_q8_0, dequantize_row, BlockQ8, QK};
 use crate::kernels::{KernelKind, Kernels};
-use kv::{KvCache, KvType, LayerKv};
+use kv::{KvCache, LayerKv};
 use model::{Config, ModelError, RopeStyle, Weights};
 
 /// How to load a model on the CPU.
@@ -138,23 +138,10 @@ impl Shapes {
     }
 }
 
-/// What a CPU backend will hold in memory, known before anything is allocated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct MemoryPlan {
-    /// Tensor bytes in the mapped file (resident as they are read).
-    pub weights: u64,
-    pub kv_cache: u64,
-    /// Activations, attention scores, logits, per-thread scratch.
-    pub scratch: u64,
-    pub n_ctx: usize,
-    pub threads: usize,
-    /// Bytes of one cached position (keys and values of every layer): a session's cost per
-    /// token.
-    pub bytes_per_position: u64,
-}
-
 pub struct CpuBackend {
     gguf: Gguf,
+    /// The folder of the file, where a `tokenizer.json` may stand beside it.
+    dir: Option<PathBuf>,
     pub cfg: Config,
     w: Weights,
     kernels: Kernels,
@@ -177,7 +164,9 @@ impl std::fmt::Debug for CpuBackend {
 impl CpuBackend {
     pub fn open(path: &Path, opts: &CpuOptions) -> Result<CpuBackend, ModelError> {
         let gguf = Gguf::open(path)?;
-        CpuBackend::load(gguf, opts)
+        let mut b = CpuBackend::load(gguf, opts)?;
+        b.dir = path.parent().map(Path::to_path_buf);
+        Ok(b)
     }
 
     /// The memory `load` would take with `opts`, from the model's header alone.
@@ -207,6 +196,7 @@ impl CpuBackend {
         let kv = KvCache::new(opts.kv_type, cfg.n_layer, n_ctx, cfg.kv_dim());
         Ok(CpuBackend {
             gguf,
+            dir: None,
             cfg,
             w,
             kernels,
@@ -268,6 +258,13 @@ fn resolve(cfg: &Config, opts: &CpuOptions) -> Result<(usize, usize, usize), Mod
 }
 
 impl Backend for CpuBackend {
+    fn vocabulary(&self) -> Vocabulary<'_> {
+        Vocabulary::Gguf {
+            gguf: &self.gguf,
+            dir: self.dir.as_deref(),
+        }
+    }
+
     fn info(&self) -> BackendInfo {
         let mut types: Vec<(String, usize)> = Vec::new();
         let all = self.w.all();

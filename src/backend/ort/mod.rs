@@ -4,7 +4,6 @@
 //! - [`runtime`]: loading the library (once per process), telemetry off, what it offers.
 //! - [`model`]: the model folder: `genai_config.json`, the graph's I/O names and rotary layout.
 //! - [`onnx`]: ONNX's protobuf messages (reading graphs, and `export-onnx` writing them).
-//! - [`export`]: `edgellm export-onnx`, a GGUF's int4 weights as such a folder.
 //!
 //! Memory is fixed at load, as on the CPU engine: each layer's keys and values live in one ORT
 //! tensor of `[1, kv_heads, n_ctx, head_dim]` bound as both the `past_key_values` input and the
@@ -13,7 +12,6 @@
 //! Sliding the window moves rows inside those tensors on the host and re-rotates the moved keys
 //! (the graph caches keys after rotary), as [`crate::backend::cpu`] does.
 
-pub mod export;
 pub mod graph;
 pub mod model;
 pub mod onnx;
@@ -26,8 +24,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, Session};
 use ort::value::{Shape, Tensor, TensorRefMut};
 
-use super::cpu::MemoryPlan;
-use super::{Backend, BackendError, BackendInfo};
+use super::{Backend, BackendError, BackendInfo, MemoryPlan, Provider, Vocabulary};
 use model::{IoNames, OrtModel, OrtModelError};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,17 +48,14 @@ impl From<ort::Error> for OrtError {
     }
 }
 
-/// Execution providers edgellm can register, by their config names.
-pub const PROVIDERS: [&str; 5] = ["qnn", "cuda", "tensorrt", "xnnpack", "cpu"];
-
 #[derive(Debug, Clone)]
 pub struct OrtOptions {
     /// `ort.library`; `None`: `ORT_DYLIB_PATH`, then the fetch script's cache.
     pub library: Option<PathBuf>,
     /// In order of preference; each that fails is logged and skipped.
-    pub providers: Vec<String>,
+    pub providers: Vec<Provider>,
     /// Options handed to each provider as they are (`device_id`, `backend_path`, ...).
-    pub provider_options: BTreeMap<String, BTreeMap<String, String>>,
+    pub provider_options: BTreeMap<Provider, BTreeMap<String, String>>,
     pub threads: usize,
     pub n_ctx: usize,
     /// Tokens per forward call: the logits of a chunk are `max_batch × n_vocab` floats.
@@ -72,7 +66,7 @@ impl Default for OrtOptions {
     fn default() -> Self {
         OrtOptions {
             library: None,
-            providers: vec!["cpu".into()],
+            providers: vec![Provider::Cpu],
             provider_options: BTreeMap::new(),
             threads: 0,
             n_ctx: 2048,
@@ -195,19 +189,12 @@ impl OrtBackend {
                 model.context_length
             )));
         }
-        for p in &opts.providers {
-            if !PROVIDERS.contains(&p.as_str()) {
-                return Err(OrtError::Config(format!(
-                    "ort.providers: unknown provider {p:?} (allowed: {})",
-                    PROVIDERS.join(", ")
-                )));
-            }
-        }
         let edited = edited_graph(&model);
         // Each provider that fails says why, in the log and, if none works, in the error.
         let mut failures = Vec::new();
         let mut chosen = None;
-        for name in &opts.providers {
+        for p in &opts.providers {
+            let name = p.name();
             let mut attempt = session_with(env, &model, name, opts, threads, edited.as_ref());
             if let (Err(SessionError::Load(e)), Some(_)) = (&attempt, &edited) {
                 tracing::warn!(
@@ -219,7 +206,7 @@ impl OrtBackend {
             match attempt {
                 Ok((s, last_logits)) => {
                     tracing::info!("ort: execution provider {name} registered");
-                    chosen = Some((name.clone(), s, last_logits));
+                    chosen = Some((name.to_string(), s, last_logits));
                     break;
                 }
                 Err(e) => {
@@ -495,7 +482,10 @@ fn session_with(
     edited: Option<&EditedGraph>,
 ) -> Result<(Session, bool), SessionError> {
     use ort::ep;
-    let options = opts.provider_options.get(name);
+    let options = Provider::ALL
+        .into_iter()
+        .find(|p| p.name() == name)
+        .and_then(|p| opts.provider_options.get(&p));
     fn with<E: ArbitrarilyConfigurableExecutionProvider>(
         mut e: E,
         o: Option<&BTreeMap<String, String>>,
@@ -542,6 +532,25 @@ fn session_with(
 }
 
 impl Backend for OrtBackend {
+    /// The folder's `tokenizer.json`; its chat template is `chat_template.jinja`, else
+    /// `chat_template` in its `tokenizer_config.json`, else ChatML.
+    fn vocabulary(&self) -> Vocabulary<'_> {
+        let dir = &self.model.dir;
+        let chat_template = std::fs::read_to_string(dir.join("chat_template.jinja"))
+            .ok()
+            .or_else(|| {
+                let cfg = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&cfg).ok()?;
+                v.get("chat_template")?.as_str().map(str::to_string)
+            });
+        Vocabulary::Folder {
+            tokenizer_json: dir.join("tokenizer.json"),
+            bos: self.model.bos,
+            eos: self.model.eos.clone(),
+            chat_template,
+        }
+    }
+
     fn info(&self) -> BackendInfo {
         let caches = if self.concat.is_some() { 2 } else { 1 };
         let kv = (caches * 2 * self.model.n_layer * self.kv_floats() * 4) as u64;

@@ -29,8 +29,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::onnx::{self, attr_float, attr_int, dtype, node, value_info, NodeProto, TensorProto};
 use crate::backend::cpu::model::{Arch, Config, ModelError, RopeStyle};
+use crate::backend::ort::onnx::{
+    self, attr_float, attr_int, dtype, node, value_info, NodeProto, TensorProto,
+};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::kernels::quant::{dequantize_row, GgmlType};
 

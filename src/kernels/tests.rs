@@ -1,16 +1,30 @@
 //! Kernels: every fast kernel against its scalar twin on seeded data (≈1e-6 relative), and
 //! quantized results against f32 within a named bound per format.
 
-use edgellm::kernels::generic;
-use edgellm::kernels::matmul::{matmul, Acts, Matrix};
-use edgellm::kernels::pool::Pool;
-use edgellm::kernels::quant::{
+use super::generic;
+use super::matmul::{matmul, Acts, Matrix};
+use super::pool::Pool;
+use super::quant::{
     self, dequantize_row, quantize, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GgmlType,
 };
-use edgellm::kernels::{KernelKind, Kernels};
-use edgellm::testing::random_f32;
+use super::{KernelKind, Kernels};
+use crate::engine::sampler::Rng;
 
-use crate::common::fast_kernels;
+/// Seeded values in [-scale, scale).
+fn random_f32(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+/// Kernel sets this CPU can run, other than the exact reference.
+fn fast_kernels() -> Vec<KernelKind> {
+    KernelKind::ALL
+        .into_iter()
+        .filter(|k| *k != KernelKind::Reference && k.available())
+        .collect()
+}
 
 /// Root-mean-square error of a quantize → dequantize round trip, relative to the data's RMS.
 const ROUNDTRIP_F16: f32 = 0.001;

@@ -1,13 +1,15 @@
-//! Synthetic models for tests: small llama/qwen2 GGUF files with seeded random weights and a
-//! byte-level BPE vocabulary, written with [`crate::gguf::writer`]. They exercise every code path
+//! Test helpers for edgellm, kept out of the shipped library (a dev-dependency of the workspace).
+//!
+//! Synthetic models: small llama/qwen2 GGUF files with seeded random weights and a byte-level
+//! BPE vocabulary, written with `edgellm::convert::writer`. They exercise every code path
 //! of the engine (load, tokenizer, template, forward, sampling) in milliseconds, on any target,
 //! including aarch64 under qemu.
 
-use crate::engine::sampler::Rng;
-use crate::engine::tokenizer::byte_level_chars;
-use crate::gguf::writer::GgufWriter;
-use crate::gguf::Value;
-use crate::kernels::quant::{quantize, GgmlType};
+use edgellm::convert::writer::GgufWriter;
+use edgellm::engine::sampler::Rng;
+use edgellm::engine::tokenizer::byte_level_chars;
+use edgellm::gguf::Value;
+use edgellm::kernels::quant::{quantize, GgmlType};
 
 /// Shape and types of a synthetic model.
 #[derive(Debug, Clone)]
@@ -219,4 +221,24 @@ pub fn synth_model(spec: &SynthSpec) -> Vec<u8> {
 /// Seeded uniform values in [-scale, scale).
 pub fn random_f32(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     randn(&mut Rng::new(seed), n, scale)
+}
+
+/// The int4 engine on a GGUF file, as `edgellm serve` builds it.
+pub fn cpu_engine(
+    path: &std::path::Path,
+    opts: &edgellm::backend::cpu::CpuOptions,
+) -> Result<edgellm::engine::Engine, edgellm::engine::EngineError> {
+    let backend = edgellm::backend::cpu::CpuBackend::open(path, opts)
+        .map_err(edgellm::backend::OpenError::from)?;
+    edgellm::engine::Engine::from_backend(Box::new(backend))
+}
+
+/// ONNX Runtime on an ONNX model folder, as `edgellm serve` builds it.
+pub fn ort_engine(
+    dir: &std::path::Path,
+    opts: &edgellm::backend::ort::OrtOptions,
+) -> Result<edgellm::engine::Engine, edgellm::engine::EngineError> {
+    let backend = edgellm::backend::ort::OrtBackend::open(dir, opts)
+        .map_err(edgellm::backend::OpenError::from)?;
+    edgellm::engine::Engine::from_backend(Box::new(backend))
 }

@@ -9,13 +9,96 @@
 
 use std::time::Instant;
 
+use anyhow::{bail, Context, Result};
+use clap::Args;
 use serde::Serialize;
 
-use crate::backend::{Backend, BackendError};
-use crate::engine::chat::Message;
-use crate::engine::sampler::{Rng, SamplingParams};
-use crate::engine::{Engine, EngineError, Window};
-use crate::queue::{GenerateRequest, Prompt, SessionRef};
+use edgellm::api::{GenerateRequest, Message, Prompt, SamplingParams, SessionRef};
+use edgellm::backend::cpu::{CpuBackend, CpuOptions};
+use edgellm::backend::{Backend, BackendError};
+use edgellm::daemon::budget::{peak_rss_mib, rss_bytes};
+use edgellm::engine::sampler::Rng;
+use edgellm::engine::{Engine, EngineError, Window};
+
+use super::{file_name, model_path, open_engine, ModelArgs, UsageError};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Prompt tokens
+    #[arg(short = 'p', long, default_value_t = 128)]
+    n_prompt: usize,
+    /// Generated tokens
+    #[arg(short = 'n', long, default_value_t = 64)]
+    n_gen: usize,
+    /// Repetitions (the median is reported)
+    #[arg(short = 'r', long, default_value_t = 5)]
+    reps: usize,
+    /// Per-token latency percentiles of one generation --windows windows long, through the
+    /// sliding window (after it first fills)
+    #[arg(long, conflicts_with = "session")]
+    long: bool,
+    /// Time to first token of a session's follow-up turn against a cold request with the
+    /// same conversation
+    #[arg(long)]
+    session: bool,
+    /// --long/--session: the context window
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+    /// --long: generate this many windows' worth of tokens
+    #[arg(long, default_value_t = 8)]
+    windows: usize,
+    /// --long: attention sinks, and positions evicted per slide (0: a quarter of the window)
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
+    #[arg(long, default_value_t = 0)]
+    discard: usize,
+    /// --session: made-up exchanges in the conversation before the follow-up
+    #[arg(long, default_value_t = 12)]
+    turns: usize,
+}
+
+/// `edgellm bench`: one JSON object on stdout.
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.long || a.session {
+        let path = model_path(a.m.model.as_deref())?;
+        let name = file_name(&path);
+        let opts = a.m.cpu(a.ctx, CpuOptions::default().max_batch);
+        let backend = CpuBackend::open(&path, &opts)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let mut engine = Engine::from_backend(Box::new(backend))
+            .with_context(|| format!("loading {}", path.display()))?;
+        let n_ctx = engine.backend.n_ctx();
+        let out = if a.long {
+            let (sinks, discard) = (a.sinks, a.discard);
+            let window = Window::new(n_ctx, sinks, discard).ok_or_else(|| {
+                UsageError(format!(
+                    "--sinks {sinks} --discard {discard}: must leave room in the window of {n_ctx}"
+                ))
+            })?;
+            serde_json::to_string(&run_long(&mut engine, &name, window, a.windows.max(1))?)?
+        } else {
+            serde_json::to_string(&run_session(&mut engine, &name, a.turns, a.reps)?)?
+        };
+        println!("{out}");
+        return Ok(());
+    }
+    let (n_prompt, n_gen, reps) = (a.n_prompt, a.n_gen, a.reps);
+    if n_prompt == 0 || n_gen == 0 || reps == 0 {
+        bail!(UsageError(
+            "--n-prompt, --n-gen and --reps must be at least 1".into()
+        ));
+    }
+    // A window that holds prompt and generation, one batch per prompt.
+    let mut spec = a.m.spec(n_prompt.max(n_gen), n_prompt)?;
+    spec.ort.max_batch = n_prompt;
+    let mut loaded = open_engine(&spec, "measuring")?;
+    let name = file_name(&loaded.path);
+    let r = measure(loaded.engine.backend.as_mut(), &name, n_prompt, n_gen, reps)?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -49,30 +132,7 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// A `kB` field of /proc/self/status, in bytes; 0 where /proc is absent.
-fn status_kb(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// Peak resident set size of this process (VmHWM), in MiB.
-pub fn peak_rss_mib() -> f64 {
-    status_kb("VmHWM:") as f64 / (1u64 << 20) as f64
-}
-
-/// Resident set size of this process now (VmRSS), in bytes.
-pub fn rss_bytes() -> u64 {
-    status_kb("VmRSS:")
-}
-
-pub fn run(
+pub fn measure(
     backend: &mut dyn Backend,
     name: &str,
     n_prompt: usize,
@@ -174,7 +234,7 @@ struct Clock {
     slide: Vec<f64>,
 }
 
-impl crate::engine::Sink for Clock {
+impl edgellm::engine::Sink for Clock {
     fn text(&mut self, _: &str) {}
     fn kv(&mut self, used: usize, evicted: usize) {
         let now = Instant::now();

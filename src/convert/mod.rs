@@ -1,0 +1,11 @@
+//! Converters: tools that read one model file and write another. They sit beside the
+//! application layer and may use any layer below it; nothing in the daemon imports them.
+//!
+//! - [`writer`]: the GGUF writer (the layout [`crate::gguf`] reads).
+//! - [`quantize`]: `edgellm quantize`, a GGUF's matrices requantized to another type.
+//! - [`export_onnx`]: `edgellm export-onnx`, a GGUF's int4 weights as an ONNX model folder in
+//!   onnxruntime-genai's layout, for the ORT backend.
+
+pub mod export_onnx;
+pub mod quantize;
+pub mod writer;
