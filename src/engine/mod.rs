@@ -9,6 +9,10 @@
 //!
 //! One engine owns one backend and is driven from one thread (the engine worker in the daemon,
 //! the main thread in `edgellm ask`).
+//!
+//! Layer rules: the engine speaks [`crate::api`], takes jobs from [`crate::queue`], and sees
+//! backends only through the [`Backend`] trait and the [`Vocabulary`] a backend hands it; it
+//! never names `cpu` or `ort`. Requests reach it already validated where they were parsed.
 
 pub mod chat;
 pub mod perplexity;

@@ -5,8 +5,10 @@
 //! - [`unix`]: the daemon's Unix socket.
 //! - [`mqtt`]: the daemon's MQTT front-end (rumqttc; MQTT 5 or 3.1.1).
 //!
-//! The daemon's front-ends are tokio tasks: they parse and check a request, put a
-//! [`crate::queue::Job`] on the queue, and stream back what the engine worker sends.
+//! The daemon's front-ends are tokio tasks: they parse and check a request (once, with
+//! [`crate::api::wire`]), put a [`crate::queue::Job`] on the queue, and stream back what the
+//! engine worker sends as [`crate::api::wire::Response`]s. They import the vocabulary, the
+//! queue and the config; only `cli` (in-process `ask`) touches the engine.
 
 pub mod cli;
 pub mod client;
