@@ -270,9 +270,13 @@ pub fn parse(
     default_deadline_ms: u64,
     now: Instant,
 ) -> Result<Incoming, Refusal> {
-    let value: Value = serde_json::from_slice(line)
-        .map_err(|e| Refusal::new(None, ErrorCode::BadRequest, format!("malformed JSON: {e}")))?;
-    parse_value(value, limits, default_deadline_ms, now)
+    parse_value(read_json(line)?, limits, default_deadline_ms, now)
+}
+
+/// The request's JSON, or the `bad_request` that answers a line that is not JSON.
+pub fn read_json(line: &[u8]) -> Result<Value, Refusal> {
+    serde_json::from_slice(line)
+        .map_err(|e| Refusal::new(None, ErrorCode::BadRequest, format!("malformed JSON: {e}")))
 }
 
 /// [`parse`] of a request already read as JSON (MQTT reads the envelope first).

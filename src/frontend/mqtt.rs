@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use rumqttc::v5::mqttbytes::v5::{LastWill as LastWill5, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::{QoS, TlsConfiguration, Transport};
-use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use super::{until_true, Context};
@@ -632,7 +631,7 @@ impl Handler {
         self.state.update(|st| st.requests += 1);
         // The payload is read once: its envelope (id, 3.1.1 reply topic) first, so that even a
         // request that fails to parse further is answered where it asked.
-        let json: Result<Value, serde_json::Error> = serde_json::from_slice(&m.payload);
+        let json = wire::read_json(&m.payload);
         let (id_hint, payload_reply_to) = json.as_ref().map(Envelope::of).unwrap_or_default();
         // The reply topic: MQTT 5's response topic, else the payload's `reply_to` (3.1.1).
         let reply_to = m.response_topic.clone().or(payload_reply_to);
@@ -691,14 +690,8 @@ impl Handler {
             return;
         }
         let now = Instant::now();
-        let parsed = match json {
-            Ok(v) => wire::parse_value(v, limits, self.ctx.default_deadline_ms, now),
-            Err(e) => Err(Refusal::new(
-                None,
-                ErrorCode::BadRequest,
-                format!("malformed JSON: {e}"),
-            )),
-        };
+        let parsed =
+            json.and_then(|v| wire::parse_value(v, limits, self.ctx.default_deadline_ms, now));
         let g = match parsed {
             Err(r) => {
                 self.refused();

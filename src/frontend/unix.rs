@@ -294,8 +294,8 @@ struct Connection {
 
 enum Read {
     Line(Vec<u8>),
-    /// A line over the limit (of this many bytes) is being skipped up to its newline.
-    TooLong(usize),
+    /// A line over the limit is being skipped up to its newline.
+    TooLong,
     /// A line that is not UTF-8.
     NotText(String),
     Eof,
@@ -361,9 +361,9 @@ impl Connection {
                             break;
                         }
                     }
-                    Ok(Read::TooLong(n)) => {
+                    Ok(Read::TooLong) => {
                         let line = Response::error(None, ErrorCode::TooLarge, format!(
-                            "request line of more than {n} bytes; the limit is {max} bytes (limits.max_line_bytes)")).to_line();
+                            "request line too long; the limit is {max} bytes (limits.max_line_bytes)")).to_line();
                         if self.write_line(&line).await.is_err() { break; }
                     }
                     Ok(Read::NotText(e)) => {
@@ -468,7 +468,6 @@ fn hung_up(stream: &UnixStream) -> bool {
 struct LineReader {
     buf: BytesMut,
     codec: LinesCodec,
-    max: usize,
 }
 
 impl LineReader {
@@ -476,7 +475,6 @@ impl LineReader {
         LineReader {
             buf: BytesMut::new(),
             codec: LinesCodec::new_with_max_length(max),
-            max,
         }
     }
 
@@ -510,7 +508,7 @@ impl LineReader {
         match r {
             Ok(Some(line)) => Some(Read::Line(line.into_bytes())),
             Ok(None) => None,
-            Err(LinesCodecError::MaxLineLengthExceeded) => Some(Read::TooLong(self.max)),
+            Err(LinesCodecError::MaxLineLengthExceeded) => Some(Read::TooLong),
             // Not UTF-8: the line is consumed, and JSON could not have parsed it either.
             Err(LinesCodecError::Io(e)) => Some(Read::NotText(e.to_string())),
         }

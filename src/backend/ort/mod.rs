@@ -193,15 +193,15 @@ impl OrtBackend {
         // Each provider that fails says why, in the log and, if none works, in the error.
         let mut failures = Vec::new();
         let mut chosen = None;
-        for p in &opts.providers {
+        for &p in &opts.providers {
             let name = p.name();
-            let mut attempt = session_with(env, &model, name, opts, threads, edited.as_ref());
+            let mut attempt = session_with(env, &model, p, opts, threads, edited.as_ref());
             if let (Err(SessionError::Load(e)), Some(_)) = (&attempt, &edited) {
                 tracing::warn!(
                     "ort: the graph with its head cut to the wanted positions did not load on {name} ({e}); loading {} as it is",
                     model.onnx.display()
                 );
-                attempt = session_with(env, &model, name, opts, threads, None);
+                attempt = session_with(env, &model, p, opts, threads, None);
             }
             match attempt {
                 Ok((s, last_logits)) => {
@@ -476,16 +476,13 @@ impl std::fmt::Display for SessionError {
 fn session_with(
     env: &ort::environment::Environment,
     model: &OrtModel,
-    name: &str,
+    provider: Provider,
     opts: &OrtOptions,
     threads: usize,
     edited: Option<&EditedGraph>,
 ) -> Result<(Session, bool), SessionError> {
     use ort::ep;
-    let options = Provider::ALL
-        .into_iter()
-        .find(|p| p.name() == name)
-        .and_then(|p| opts.provider_options.get(&p));
+    let options = opts.provider_options.get(&provider);
     fn with<E: ArbitrarilyConfigurableExecutionProvider>(
         mut e: E,
         o: Option<&BTreeMap<String, String>>,
@@ -496,17 +493,12 @@ fn session_with(
         e
     }
     use ort::ep::ArbitrarilyConfigurableExecutionProvider;
-    let dispatch = match name {
-        "qnn" => with(ep::QNN::default(), options).build(),
-        "cuda" => with(ep::CUDA::default(), options).build(),
-        "tensorrt" => with(ep::TensorRT::default(), options).build(),
-        "xnnpack" => with(ep::XNNPACK::default(), options).build(),
-        "cpu" => ep::CPU::default().build(),
-        other => {
-            return Err(SessionError::Provider(format!(
-                "unknown provider {other:?}"
-            )))
-        }
+    let dispatch = match provider {
+        Provider::Qnn => with(ep::QNN::default(), options).build(),
+        Provider::Cuda => with(ep::CUDA::default(), options).build(),
+        Provider::Tensorrt => with(ep::TensorRT::default(), options).build(),
+        Provider::Xnnpack => with(ep::XNNPACK::default(), options).build(),
+        Provider::Cpu => ep::CPU::default().build(),
     }
     .error_on_failure();
     let setup = |e: ort::Error| SessionError::Provider(e.to_string());
