@@ -18,7 +18,10 @@ missing=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 need() { for p in "$@"; do have_pkg "$p" || missing+=("$p"); done; }
 
-command -v python3 >/dev/null || need python3
+# /usr/bin/python3 itself: the peer tests run it as other uids (setpriv), which cannot reach
+# a python under root's home.
+[ -x /usr/bin/python3 ] || need python3
+command -v setpriv >/dev/null || need util-linux
 python3 -m pip --version >/dev/null 2>&1 || need python3-pip
 if [ $want_test = 1 ]; then
   if ! dpkg --print-foreign-architectures | grep -qx arm64; then

@@ -105,7 +105,12 @@ pub struct SocketConfig {
     pub group: Option<String>,
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    /// Peers that may cancel any request and see every request's id in `status`.
+    pub admin_uids: Vec<u32>,
+    pub admin_gids: Vec<u32>,
     pub max_connections: usize,
+    pub max_connections_per_uid: usize,
+    pub idle_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -270,7 +275,11 @@ impl Default for SocketConfig {
             group: None,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            admin_uids: Vec::new(),
+            admin_gids: Vec::new(),
             max_connections: 64,
+            max_connections_per_uid: 16,
+            idle_timeout_ms: 60_000,
         }
     }
 }
@@ -318,6 +327,9 @@ const RANGES: &[(&str, u64, u64)] = &[
     ("limits.max_tokens", 1, 65536),
     ("limits.max_line_bytes", 1024, 16 << 20),
     ("socket.max_connections", 1, 4096),
+    ("socket.max_connections_per_uid", 1, 4096),
+    ("socket.idle_timeout_ms", 100, 86_400_000),
+    ("limits.max_messages", 1, 65536),
     ("shutdown.grace_ms", 0, 600_000),
     ("model.threads", 0, 256),
     ("model.n_sink", 0, 64),
@@ -385,6 +397,9 @@ impl Config {
             self.limits.max_tokens as u64,
             self.limits.max_line_bytes as u64,
             self.socket.max_connections as u64,
+            self.socket.max_connections_per_uid as u64,
+            self.socket.idle_timeout_ms,
+            self.limits.max_messages as u64,
             self.shutdown.grace_ms,
             self.model.threads as u64,
             self.model.n_sink as u64,

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("edgellm: error: {e:#}");
+            eprintln!("edgellm: error: {}", app::error_line(&e));
             ExitCode::from(app::exit_code(&e))
         }
     }

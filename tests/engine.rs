@@ -547,6 +547,7 @@ fn chat_req(
     req.ignore_eos = true;
     req.sampling = SamplingParams::greedy();
     req.session = session.map(|(id, history)| SessionRef {
+        owner: String::new(),
         id: id.into(),
         history,
     });

@@ -413,3 +413,74 @@ fn model_level_errors_name_the_problem() {
     let e = load(b).unwrap_err();
     assert!(matches!(e, ModelError::NotF32 { .. }), "{e}");
 }
+
+/// Peak resident memory (KiB) of `edgellm args…`, from the rusage of that one child, and its
+/// stderr and exit code.
+fn peak_rss_kib(args: &[&str]) -> (u64, String, i32) {
+    let script = r#"
+import resource, subprocess, sys
+p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+sys.stderr.buffer.write(p.stderr)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.returncode)
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, env!("CARGO_BIN_EXE_edgellm")])
+        .args(args)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut it = stdout.split_whitespace();
+    let rss = it.next().and_then(|v| v.parse().ok()).expect("maxrss");
+    let code = it.next().and_then(|v| v.parse().ok()).expect("exit code");
+    (rss, String::from_utf8_lossy(&out.stderr).into_owned(), code)
+}
+
+/// An array of one-byte values whose count is the rest of the file (64 MiB) would take 2 GiB
+/// as values: it is refused after a few MiB, under `info`, `tokenize` and `serve --check`, with
+/// peak memory within a few MiB of loading a good model, naming the file.
+#[test]
+fn a_crafted_array_fails_fast_within_a_few_mib() {
+    let dir = crate::common::temp_dir("gguf_crafted");
+    let good = dir.join("good.gguf");
+    std::fs::write(&good, synth_model(&SynthSpec::default())).expect("write");
+    let mut body = Vec::new();
+    s(&mut body, "tokenizer.ggml.token_type");
+    body.extend_from_slice(&9u32.to_le_bytes()); // array
+    body.extend_from_slice(&0u32.to_le_bytes()); // of u8
+    let rest = 64u64 << 20;
+    body.extend_from_slice(&rest.to_le_bytes());
+    let mut crafted = raw(3, 0, 1, &body);
+    crafted.resize(crafted.len() + rest as usize, 7);
+    let bad = dir.join("crafted.gguf");
+    std::fs::write(&bad, crafted).expect("write");
+    let (good_rss, err, code) = peak_rss_kib(&["info", "--model", &good.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    for cmd in [
+        &["info", "--model"][..],
+        &["tokenize", "--model"],
+        &["serve", "--check", "--model"],
+    ] {
+        let mut args: Vec<&str> = cmd.to_vec();
+        let p = bad.display().to_string();
+        args.push(&p);
+        if cmd[0] == "tokenize" {
+            args.push("hello");
+        }
+        let t = std::time::Instant::now();
+        let (rss, err, code) = peak_rss_kib(&args);
+        assert_ne!(code, 0, "{cmd:?}: {err}");
+        assert!(
+            err.contains("crafted.gguf"),
+            "{cmd:?} names the file: {err}"
+        );
+        assert!(err.contains("metadata memory"), "{cmd:?}: {err}");
+        assert!(
+            rss < good_rss + 8 * 1024,
+            "{cmd:?}: peak {rss} KiB against {good_rss} KiB for a good model"
+        );
+        eprintln!(
+            "{cmd:?}: refused in {:?}, peak {rss} KiB (good: {good_rss} KiB)",
+            t.elapsed()
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! One integration test binary (as ripgrep does): each module guards one part.
 //!
 //! - `gguf_errors`: malformed files are typed errors, never panics.
+//! - `fuzz`: deterministic mutators over GGUF headers and request lines.
 //! - `engine`: a synthetic model through the whole engine (runs under qemu on aarch64 too).
 //! - `daemon`: config, protocol, queue; `edgellm serve` over a real socket, notify, units.
 //! - `mqtt`: the MQTT front-end against real mosquitto brokers.
@@ -10,6 +11,7 @@
 mod common;
 mod daemon;
 mod engine;
+mod fuzz;
 mod gguf_errors;
 mod mqtt;
 mod ort;

@@ -101,6 +101,10 @@ pub enum ErrorCode {
     Forbidden,
     /// A request continues a session that is not held and sends no history to rebuild it.
     SessionUnknown,
+    /// A connection beyond `socket.max_connections` or `socket.max_connections_per_uid`.
+    TooManyConnections,
+    /// A connection with nothing in flight stayed silent past `socket.idle_timeout_ms`.
+    IdleTimeout,
     Internal,
 }
 
@@ -114,6 +118,8 @@ impl ErrorCode {
             ErrorCode::Deadline => "deadline",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::SessionUnknown => "session_unknown",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::Internal => "internal",
         }
     }

@@ -11,7 +11,11 @@ pub const MAX_ID_BYTES: usize = 128;
 pub const MAX_STOPS: usize = 8;
 pub const MAX_STOP_BYTES: usize = 64;
 
+/// The roles a message may have: what the chat templates of the supported models know.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
     pub content: String,
@@ -115,6 +119,9 @@ pub struct GenerateRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRef {
     pub id: String,
+    /// Whose session it is: the front-end sets it from the peer's identity (never from the
+    /// request), and sessions of different owners never meet, whatever their ids.
+    pub owner: String,
     /// `Some`: the conversation before this turn, as the client has it (the session is rebuilt
     /// from it when it is not held, or held with other turns); `Some(empty)` starts a session.
     /// `None`: continue the held session, an error when none is held.
@@ -143,9 +150,7 @@ impl GenerateRequest {
                 if m.is_empty() {
                     return bad("messages: empty; give at least one message".into());
                 }
-                if let Some((i, _)) = m.iter().enumerate().find(|(_, m)| m.role.is_empty()) {
-                    return bad(format!("messages[{i}].role: empty"));
-                }
+                check_roles(m, "messages")?;
             }
             Prompt::Raw(p) => {
                 if p.is_empty() {
@@ -188,7 +193,10 @@ impl GenerateRequest {
         if let Err(m) = self.sampling.validate() {
             return bad(m);
         }
-        if let Some(SessionRef { id: sid, history }) = &self.session {
+        if let Some(SessionRef {
+            id: sid, history, ..
+        }) = &self.session
+        {
             let ok = |c: char| c.is_ascii_alphanumeric() || "-_.:@".contains(c);
             if sid.is_empty() || sid.len() > MAX_ID_BYTES || !sid.chars().all(ok) {
                 return bad(format!(
@@ -200,16 +208,46 @@ impl GenerateRequest {
                     "session: a session continues a chat; send messages, not prompt".into(),
                 );
             }
-            if let Some((i, _)) = history
-                .iter()
-                .flatten()
-                .enumerate()
-                .find(|(_, m)| m.role.is_empty())
-            {
-                return bad(format!("history[{i}].role: empty"));
+            if let Some(h) = history {
+                check_roles(h, "history")?;
             }
         }
+        let n = match &self.prompt {
+            Prompt::Messages(m) => m.len(),
+            Prompt::Raw(_) => 0,
+        } + self
+            .session
+            .as_ref()
+            .and_then(|s| s.history.as_ref())
+            .map_or(0, Vec::len);
+        if n > limits.max_messages {
+            return Err((
+                ErrorCode::TooLarge,
+                format!(
+                    "messages: {n} (with history); the limit is {} (limits.max_messages)",
+                    limits.max_messages
+                ),
+            ));
+        }
         Ok(())
+    }
+}
+
+fn check_roles(messages: &[Message], field: &str) -> Result<(), (ErrorCode, String)> {
+    match messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| !ROLES.contains(&m.role.as_str()))
+    {
+        Some((i, m)) => Err((
+            ErrorCode::BadRequest,
+            format!(
+                "{field}[{i}].role = {:?}: allowed {}",
+                m.role,
+                ROLES.map(|r| format!("{r:?}")).join(", ")
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -220,6 +258,8 @@ pub struct Limits {
     pub max_tokens: usize,
     pub default_max_tokens: usize,
     pub max_line_bytes: usize,
+    /// Messages a request may name, `history` included.
+    pub max_messages: usize,
 }
 
 impl Default for Limits {
@@ -228,6 +268,7 @@ impl Default for Limits {
             max_tokens: 1024,
             default_max_tokens: 256,
             max_line_bytes: 65536,
+            max_messages: 256,
         }
     }
 }

@@ -46,7 +46,13 @@ pub struct QueueInfo {
 /// The running job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Running {
-    pub id: String,
+    /// Shown to the peer that sent the request (and to admins); other peers see only that
+    /// something runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Who sent it ("uid:1000", "mqtt"): what `id` is shown against; never serialized.
+    #[serde(skip)]
+    pub owner: String,
     /// "unix", "mqtt", "cli".
     pub frontend: String,
     pub elapsed_ms: u64,
@@ -56,7 +62,9 @@ pub struct Running {
 /// evicted so far.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct KvUse {
-    pub id: String,
+    /// As in [`Running`]: shown to its own peer and to admins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub used: u64,
     pub n_ctx: usize,
     /// `used / n_ctx`, to three decimals.

@@ -274,9 +274,75 @@ pub fn parse(
 }
 
 /// The request's JSON, or the `bad_request` that answers a line that is not JSON.
+/// A key that appears twice in one object is refused (serde_json would keep the last one
+/// silently, so two readers of the same line could disagree on what it asks).
 pub fn read_json(line: &[u8]) -> Result<Value, Refusal> {
-    serde_json::from_slice(line)
+    serde_json::from_slice::<Strict>(line)
+        .map(|s| s.0)
         .map_err(|e| Refusal::new(None, ErrorCode::BadRequest, format!("malformed JSON: {e}")))
+}
+
+/// A JSON value read with duplicate object keys refused.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(Strict(x)) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key `{k}` in one object"
+                )));
+            }
+            let Strict(v) = map.next_value()?;
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
+    }
 }
 
 /// [`parse`] of a request already read as JSON (MQTT reads the envelope first).
@@ -372,7 +438,11 @@ fn check(
     };
     let session =
         match (w.session, w.history) {
-            (Some(sid), history) => Some(SessionRef { id: sid, history }),
+            (Some(sid), history) => Some(SessionRef {
+                id: sid,
+                owner: String::new(),
+                history,
+            }),
             (None, Some(_)) => return Err(bad(
                 "history: only with session; without one, send the whole conversation in messages"
                     .into(),
@@ -468,6 +538,39 @@ mod tests {
         assert!(r.message.contains("status"), "{}", r.message);
         let r = refuse("[1,2]");
         assert_eq!(r.code, ErrorCode::BadRequest);
+        // Unknown fields inside messages, unknown roles and duplicate keys are refused, as the
+        // README says unknown fields are, naming what is wrong.
+        let r = refuse(r#"{"id":"a","messages":[{"role":"user","content":"x","name":"bob"}]}"#);
+        assert!(
+            r.message.starts_with("messages[0]") && r.message.contains("name"),
+            "{}",
+            r.message
+        );
+        let r = refuse(r#"{"id":"a","messages":[{"role":"wizard","content":"x"}]}"#);
+        assert!(
+            r.message.starts_with("messages[0].role = \"wizard\"")
+                && r.message.contains("\"user\""),
+            "{}",
+            r.message
+        );
+        let r = refuse(
+            r#"{"id":"a","session":"s","history":[{"role":"root","content":"x"}],"messages":[{"role":"user","content":"x"}]}"#,
+        );
+        assert!(r.message.starts_with("history[0].role"), "{}", r.message);
+        let r = refuse(r#"{"id":"a","prompt":"x","max_tokens":1,"max_tokens":900}"#);
+        assert!(
+            r.message.contains("duplicate key `max_tokens`"),
+            "{}",
+            r.message
+        );
+        let r = refuse(r#"{"id":"a","messages":[{"role":"user","role":"system","content":"x"}]}"#);
+        assert!(r.message.contains("duplicate key `role`"), "{}", r.message);
+        let many: Vec<String> = (0..257)
+            .map(|i| format!(r#"{{"role":"user","content":"{i}"}}"#))
+            .collect();
+        let r = refuse(&format!(r#"{{"id":"a","messages":[{}]}}"#, many.join(",")));
+        assert_eq!(r.code, ErrorCode::TooLarge);
+        assert!(r.message.contains("limits.max_messages"), "{}", r.message);
 
         match parse(
             br#"{"id":"r1","messages":[{"role":"user","content":"hi"}],"max_tokens":7,"temperature":0,"stop":["\n"],"stream":true,"priority":3,"deadline_ms":500}"#,

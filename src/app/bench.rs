@@ -399,6 +399,7 @@ pub fn run_session(
         r.ignore_eos = true;
         r.sampling = SamplingParams::greedy();
         r.session = session.map(|(id, history)| SessionRef {
+            owner: String::new(),
             id: id.into(),
             history,
         });

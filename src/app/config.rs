@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use edgellm::config::{Config, DEFAULT_TOML};
+use edgellm::frontend::{mqtt, unix};
 
 use super::UsageError;
 
@@ -23,6 +24,15 @@ pub struct ConfigArgs {
 pub fn run(a: ConfigArgs) -> Result<()> {
     if let Some(p) = a.check {
         let c = Config::load(&p)?;
+        // What `serve` checks beyond the file itself: the socket's group exists, the MQTT
+        // settings (credentials, TLS files) are complete and readable.
+        if let Some(g) = &c.socket.group {
+            unix::resolve_group(g).map_err(|e| UsageError(format!("{}: {e}", p.display())))?;
+        }
+        if c.mqtt.enabled {
+            mqtt::Settings::from_config(&c.mqtt, c.limits.max_line_bytes)
+                .map_err(|e| UsageError(format!("{}: {e}", p.display())))?;
+        }
         eprintln!("{}: valid", p.display());
         print!("{}", toml::to_string_pretty(&c)?);
     } else if a.print_default {

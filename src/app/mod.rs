@@ -36,7 +36,25 @@ const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// Bad input (a bad model file, a prompt too long, an unknown option value) is 2; the rest 1.
+/// An error as one line: its causes after it, each once (an error whose message already
+/// quotes its source, as "reading X: No such file", does not get the source repeated).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if line.contains(&c) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&c);
+    }
+    line
+}
+
+/// Bad input (a bad or missing model file or config, a prompt too long, an unknown option
+/// value) is 2; the rest 1.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     use edgellm::api::ErrorCode;
     for cause in e.chain() {
@@ -49,7 +67,10 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 EngineError::PromptTooLong { .. }
                 | EngineError::TurnTooLong { .. }
                 | EngineError::EmptyPrompt
-                | EngineError::BadRequest(_) => 2,
+                | EngineError::BadRequest(_)
+                | EngineError::Open(
+                    edgellm::backend::OpenError::Model(_) | edgellm::backend::OpenError::Spec(_),
+                ) => 2,
                 _ => 1,
             };
         }
@@ -62,6 +83,14 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if cause
             .downcast_ref::<edgellm::kernels::KernelError>()
             .is_some()
+            || cause.downcast_ref::<edgellm::gguf::GgufError>().is_some()
+            || matches!(
+                cause.downcast_ref::<edgellm::backend::OpenError>(),
+                Some(edgellm::backend::OpenError::Model(_) | edgellm::backend::OpenError::Spec(_))
+            )
+            || cause
+                .downcast_ref::<edgellm::backend::cpu::model::ModelError>()
+                .is_some()
             || cause.downcast_ref::<UsageError>().is_some()
             || matches!(
                 cause.downcast_ref::<mqtt::MqttError>(),
@@ -69,7 +98,11 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
             )
             || matches!(
                 cause.downcast_ref::<ConfigError>(),
-                Some(ConfigError::Parse { .. } | ConfigError::Invalid { .. })
+                Some(
+                    ConfigError::Parse { .. }
+                        | ConfigError::Invalid { .. }
+                        | ConfigError::Read { .. }
+                )
             )
         {
             return 2;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use edgellm::engine::tokenizer::Tokenizer;
@@ -23,8 +23,10 @@ pub struct TokenizeArgs {
 pub fn run(a: TokenizeArgs) -> Result<()> {
     let text = read_arg(a.text)?;
     let path = model_path(a.model.as_deref())?;
-    let g = Gguf::open(&path)?;
-    let tok = Tokenizer::from_gguf(&g, path.parent())?;
+    let shown = path.display();
+    let g = Gguf::open(&path).with_context(|| format!("loading {shown}"))?;
+    let tok =
+        Tokenizer::from_gguf(&g, path.parent()).with_context(|| format!("loading {shown}"))?;
     let ids = tok.encode(&text)?;
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())

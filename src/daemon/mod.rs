@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::engine::worker::{self, Progress};
 use crate::engine::Engine;
 use crate::frontend::mqtt::{self, MqttState};
-use crate::frontend::{unix, Context};
+use crate::frontend::{unix, Access, Context, Live};
 use crate::queue::{Queue, QueueStatus};
 use notify::Notifier;
 
@@ -165,16 +165,11 @@ impl Daemon {
                 }
             }
         };
-        let ctx = Arc::new(Context {
-            queue: queue.clone(),
-            limits: config.limits.clone(),
-            default_deadline_ms: config.queue.default_deadline_ms,
-            status: Box::new(status),
-        });
-        let access = unix::Access {
-            allowed_uids: config.socket.allowed_uids.clone(),
-            allowed_gids: config.socket.allowed_gids.clone(),
-        };
+        let ctx = Arc::new(Context::new(
+            queue.clone(),
+            live_settings(&config),
+            Box::new(status),
+        ));
         let grace = Duration::from_millis(config.shutdown.grace_ms);
         let Listener { socket, owned_path } = listener;
 
@@ -183,13 +178,7 @@ impl Daemon {
             let signals = signals();
             let listener =
                 tokio::net::UnixListener::from_std(socket).map_err(DaemonError::Runtime)?;
-            let server = tokio::spawn(unix::serve(
-                listener,
-                ctx.clone(),
-                access,
-                config.socket.max_connections,
-                shutdown_rx.clone(),
-            ));
+            let server = tokio::spawn(unix::serve(listener, ctx.clone(), shutdown_rx.clone()));
             let mqtt_task = match (mqtt, &mqtt_state) {
                 (Some(settings), Some(state)) => Some(tokio::spawn(mqtt::serve(
                     settings,
@@ -315,6 +304,24 @@ impl Daemon {
             "stopped"
         );
         result
+    }
+}
+
+/// The settings of `config` that SIGHUP may change while the daemon runs.
+pub fn live_settings(config: &Config) -> Live {
+    let s = &config.socket;
+    Live {
+        limits: config.limits.clone(),
+        default_deadline_ms: config.queue.default_deadline_ms,
+        access: Access {
+            allowed_uids: s.allowed_uids.clone(),
+            allowed_gids: s.allowed_gids.clone(),
+            admin_uids: s.admin_uids.clone(),
+            admin_gids: s.admin_gids.clone(),
+            max_connections: s.max_connections,
+            max_connections_per_uid: s.max_connections_per_uid,
+            idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+        },
     }
 }
 

@@ -29,7 +29,7 @@ use crate::api::{
     Completion, FinishReason, GenerateRequest, Message, Prompt, SessionInfo, Timing, Usage,
 };
 use crate::backend::{Backend, BackendError, OpenError, Vocabulary};
-use chat::{ChatError, ChatTemplate};
+use chat::{ChatError, ChatTemplate, Rendered};
 use sampler::Sampler;
 use session::{Session, SessionStore};
 use stream::TextStream;
@@ -60,6 +60,10 @@ pub enum EngineError {
     SessionUnknown(String),
     #[error("{0}")]
     BadRequest(String),
+    /// The sink said stop before anything ran (cancel or deadline while the prompt was
+    /// prepared); [`Engine::generate`] answers it as an empty completion with this reason.
+    #[error("interrupted ({})", .0.as_str())]
+    Interrupted(FinishReason),
 }
 
 fn vocab_mismatch(tokenizer: usize, model: usize) -> EngineError {
@@ -207,6 +211,13 @@ impl Engine {
         })
     }
 
+    /// The prompt ids of a chat as a request's are made: the template's structure yields
+    /// control tokens, the messages' content is tokenized as text.
+    pub fn chat_ids(&mut self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
+        let r = self.chat.render_marked(messages)?;
+        Ok(self.tokenize_chat(&r, &mut String::new())?.0)
+    }
+
     /// Takes `other`'s window and session limits (the sessions themselves stay behind: their
     /// caches belong to the other backend).
     pub fn adopt_settings(&mut self, other: &Engine) {
@@ -234,25 +245,47 @@ impl Engine {
         n_ctx - max_tokens.clamp(1, (n_ctx / 4).max(1))
     }
 
+    /// Tokens of a rendered chat, content tokenized as text; [`EngineError::Interrupted`]
+    /// when `sink` says stop between sections (it beats the engine's heartbeat as it is asked).
+    fn tokenize_chat(
+        &mut self,
+        r: &Rendered,
+        sink: &mut dyn Sink,
+    ) -> Result<(Vec<u32>, Vec<usize>), EngineError> {
+        let mut why = None;
+        let mut stop = || {
+            why = sink.interrupt();
+            why.is_some()
+        };
+        let out = self
+            .tokenizer
+            .encode_marked(&r.text, &r.ranges(), &mut stop)?;
+        match (out, why) {
+            (Some(t), _) => Ok(t),
+            (None, Some(w)) => Err(EngineError::Interrupted(w)),
+            (None, None) => Err(EngineError::Interrupted(FinishReason::Cancelled)),
+        }
+    }
+
     /// Tokens of `messages`, dropping the oldest turns while they exceed `budget`: the system
     /// prompt (a first message of role "system") and the last user turn (and what follows it)
-    /// always stay. Returns the kept messages, their tokens and the tokens dropped. Only when
-    /// even those do not fit the window is it an error.
+    /// always stay. Returns the kept messages, their text and tokens, and the tokens dropped.
+    /// Only when even those do not fit the window is it an error.
+    ///
+    /// Linear in the chat's size: the chat is rendered and tokenized once, each message's share
+    /// of the tokens read off the token offsets, and as many of the oldest turns dropped at once
+    /// as free the excess; the rest is rendered and tokenized again to check (once more at most
+    /// in practice, when a template adds text where turns were dropped). `sink` may interrupt
+    /// between steps.
     fn fit_messages(
-        &self,
+        &mut self,
         messages: &[Message],
         budget: usize,
+        sink: &mut dyn Sink,
     ) -> Result<(Vec<Message>, String, Vec<u32>, usize), EngineError> {
         if messages.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let render = |m: &[Message]| -> Result<(String, Vec<u32>), EngineError> {
-            let text = self.chat.render(m)?;
-            let ids = self.tokenizer.encode_prompt(&text)?;
-            Ok((text, ids))
-        };
-        let (mut text, mut ids) = render(messages)?;
-        let full = ids.len();
         let first = usize::from(messages[0].role == "system");
         let mut last_user = messages
             .iter()
@@ -260,11 +293,24 @@ impl Engine {
             .unwrap_or(messages.len() - 1)
             .max(first);
         let mut kept = messages.to_vec();
+        let mut r = self.chat.render_marked(&kept)?;
+        let (mut ids, mut starts) = self.tokenize_chat(&r, sink)?;
+        let full = ids.len();
         while ids.len() > budget && first < last_user {
-            // The oldest turn after the system prompt goes; the last user turn moves up one.
-            kept.remove(first);
-            last_user -= 1;
-            (text, ids) = render(&kept)?;
+            let counts = tokens_per_message(&r, &starts, kept.len());
+            let excess = ids.len() - budget;
+            let (mut k, mut freed) = (0, 0);
+            while first + k < last_user && (k == 0 || freed < excess) {
+                freed += counts[first + k];
+                k += 1;
+            }
+            kept.drain(first..first + k);
+            last_user -= k;
+            if let Some(why) = sink.interrupt() {
+                return Err(EngineError::Interrupted(why));
+            }
+            r = self.chat.render_marked(&kept)?;
+            (ids, starts) = self.tokenize_chat(&r, sink)?;
         }
         let n_ctx = self.backend.n_ctx();
         if ids.len() >= n_ctx {
@@ -274,7 +320,7 @@ impl Engine {
             });
         }
         let dropped = full.saturating_sub(ids.len());
-        Ok((kept, text, ids, dropped))
+        Ok((kept, r.text, ids, dropped))
     }
 
     /// Saves the resident session's cache into the store, so the backend can serve another.
@@ -292,7 +338,11 @@ impl Engine {
 
     /// Works out what to run for `req`: the session it continues (made resident), the tokens
     /// to feed, and where in the cache they start.
-    fn prepare(&mut self, req: &GenerateRequest) -> Result<Prepared, EngineError> {
+    fn prepare(
+        &mut self,
+        req: &GenerateRequest,
+        sink: &mut dyn Sink,
+    ) -> Result<Prepared, EngineError> {
         let budget = self.prompt_budget(req.max_tokens);
         let Some(sref) = &req.session else {
             self.park()?;
@@ -313,7 +363,7 @@ impl Engine {
                     (t.clone(), ids, 0)
                 }
                 Prompt::Messages(m) => {
-                    let (_, text, ids, dropped) = self.fit_messages(m, budget)?;
+                    let (_, text, ids, dropped) = self.fit_messages(m, budget, sink)?;
                     (text, ids, dropped)
                 }
             };
@@ -329,9 +379,13 @@ impl Engine {
                 "session: a session continues a chat; send messages, not prompt".into(),
             ));
         };
-        if self.resident.as_ref().is_none_or(|r| r.id != sref.id) {
+        if self
+            .resident
+            .as_ref()
+            .is_none_or(|r| r.id != sref.id || r.owner != sref.owner)
+        {
             self.park()?;
-            if let Some(mut s) = self.sessions.take(&sref.id) {
+            if let Some(mut s) = self.sessions.take(&sref.owner, &sref.id) {
                 self.backend.load(s.cached, &s.kv)?;
                 // Resident: its state lives in the backend now.
                 s.kv = Vec::new();
@@ -351,10 +405,33 @@ impl Engine {
         let mut all = prev;
         all.extend(new.iter().cloned());
         if let Some(s) = held {
-            let text = self.chat.render(&all)?;
-            if let Some(suffix) = text.strip_prefix(s.text.as_str()) {
+            let r = self.chat.render_marked(&all)?;
+            if let Some(suffix) = r.text.strip_prefix(s.text.as_str()) {
+                // The new turn's text, with its content ranges moved to the suffix.
+                let skip = s.text.len();
+                let part = Rendered {
+                    text: suffix.to_string(),
+                    content: r
+                        .content
+                        .iter()
+                        .filter(|(_, c)| c.end > skip)
+                        .map(|(i, c)| (*i, c.start.max(skip) - skip..c.end - skip))
+                        .collect(),
+                };
+                let bos = self.tokenizer.add_bos;
+                self.tokenizer.add_bos = false;
+                let suffix_ids = self.tokenize_chat(&part, sink);
+                self.tokenizer.add_bos = bos;
+                let suffix_ids = match suffix_ids {
+                    Ok((ids, _)) => ids,
+                    Err(e) => {
+                        // Interrupted: the session stays as it was.
+                        self.resident = Some(s);
+                        return Err(e);
+                    }
+                };
                 let mut feed = s.tokens[s.cached..].to_vec();
-                feed.extend(self.tokenizer.encode(suffix)?);
+                feed.extend(suffix_ids);
                 // With a window the cache slides to take the turn; without one it must fit.
                 let n_ctx = self.backend.n_ctx();
                 let room = match self.window {
@@ -369,15 +446,15 @@ impl Engine {
                         dropped: 0,
                         reused: s.cached,
                         messages: all,
-                        text,
+                        text: r.text,
                         session: Some(s),
                     });
                 }
             }
             tracing::debug!(session = %s.id, "session cache not reusable; prefilling the conversation again");
         }
-        let (kept, text, ids, dropped) = self.fit_messages(&all, budget)?;
-        let session = Session::new(&sref.id);
+        let (kept, text, ids, dropped) = self.fit_messages(&all, budget, sink)?;
+        let session = Session::new(&sref.owner, &sref.id);
         Ok(Prepared::fresh(Some(session), kept, text, ids, dropped))
     }
 
@@ -437,12 +514,16 @@ impl Engine {
         req: &GenerateRequest,
         sink: &mut dyn Sink,
     ) -> Result<Completion, EngineError> {
-        let result = self.generate_inner(req, sink);
-        if result.is_err() {
-            // The cache no longer matches any session's record of it.
-            self.resident = None;
+        match self.generate_inner(req, sink) {
+            // Stopped (cancel, deadline) while the prompt was prepared: nothing ran.
+            Err(EngineError::Interrupted(why)) => Ok(Completion::empty(why)),
+            Err(e) => {
+                // The cache no longer matches any session's record of it.
+                self.resident = None;
+                Err(e)
+            }
+            ok => ok,
         }
-        result
     }
 
     fn generate_inner(
@@ -451,7 +532,7 @@ impl Engine {
         sink: &mut dyn Sink,
     ) -> Result<Completion, EngineError> {
         let start = Instant::now();
-        let p = self.prepare(req)?;
+        let p = self.prepare(req, sink)?;
         let n_ctx = self.backend.n_ctx();
         self.sampler.reset(req.sampling.clone());
         let mut pos = p.pos;
@@ -578,6 +659,23 @@ impl Engine {
             session: session_info,
         })
     }
+}
+
+/// Tokens of each of `n` messages in a rendering: a token belongs to the message whose content
+/// is the first to end after the token starts (so the structure before a message's content is
+/// the message's); tokens after the last content (the assistant's opening) to none.
+fn tokens_per_message(r: &Rendered, starts: &[usize], n: usize) -> Vec<usize> {
+    let mut counts = vec![0; n];
+    let ends: Vec<(usize, usize)> = r.content.iter().map(|(i, c)| (c.end, *i)).collect();
+    for &s in starts {
+        let k = ends.partition_point(|&(end, _)| end <= s);
+        if let Some(&(_, i)) = ends.get(k) {
+            if let Some(c) = counts.get_mut(i) {
+                *c += 1;
+            }
+        }
+    }
+    counts
 }
 
 /// What [`Engine::prepare`] worked out for a request.

@@ -14,6 +14,8 @@ use crate::api::Message;
 #[derive(Debug, Default)]
 pub struct Session {
     pub id: String,
+    /// Whose it is: sessions of different owners are different sessions, whatever their ids.
+    pub owner: String,
     /// The conversation so far: the messages of every turn and the replies.
     pub messages: Vec<Message>,
     /// The text the cached tokens stand for, as the chat template rendered it, up to the end of
@@ -31,9 +33,10 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(id: &str) -> Session {
+    pub fn new(owner: &str, id: &str) -> Session {
         Session {
             id: id.into(),
+            owner: owner.into(),
             ..Default::default()
         }
     }
@@ -50,6 +53,7 @@ impl Session {
             + self.tokens.capacity() * 4
             + msgs
             + self.id.len()
+            + self.owner.len()
             + std::mem::size_of::<Session>()) as u64
     }
 }
@@ -77,9 +81,12 @@ impl SessionStore {
         self.max_count > 0
     }
 
-    /// Takes session `id` out of the store.
-    pub fn take(&mut self, id: &str) -> Option<Session> {
-        let i = self.saved.iter().position(|s| s.id == id)?;
+    /// Takes `owner`'s session `id` out of the store.
+    pub fn take(&mut self, owner: &str, id: &str) -> Option<Session> {
+        let i = self
+            .saved
+            .iter()
+            .position(|s| s.id == id && s.owner == owner)?;
         Some(self.saved.swap_remove(i))
     }
 

@@ -59,6 +59,8 @@ pub struct Tokenizer {
     /// Text of each token as stored (for special-token lookups).
     texts: Vec<String>,
     special: Vec<bool>,
+    /// Control tokens by their text, longest first, for [`Tokenizer::encode_marked`].
+    controls: Vec<(String, u32)>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     /// Tokens that end a generation.
@@ -178,6 +180,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner,
             pieces,
+            controls: controls(&tokens, &special),
             texts: tokens,
             special,
             bos,
@@ -252,6 +255,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner,
             pieces: byte_level_pieces(&tokens, &types),
+            controls: controls(&tokens, &special),
             texts: tokens,
             special,
             bos,
@@ -281,6 +285,99 @@ impl Tokenizer {
             .encode(text, false)
             .map_err(|e| TokenizerError::Library(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids of `text` where control tokens are parsed only outside `content` (byte ranges, in
+    /// order): chat content is text, whatever it spells. Also the byte offset in `text` where
+    /// each token starts. `stop` is asked between sections of text; `None` when it said stop.
+    /// BOS comes first when the model asks for it.
+    pub fn encode_marked(
+        &mut self,
+        text: &str,
+        content: &[std::ops::Range<usize>],
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Option<Marked>, TokenizerError> {
+        // Sections: text between the control tokens found outside content.
+        let mut cuts: Vec<(usize, usize, u32)> = Vec::new();
+        let mut structure = Vec::with_capacity(content.len() + 1);
+        let mut at = 0;
+        for r in content {
+            if r.start > at {
+                structure.push(at..r.start);
+            }
+            at = at.max(r.end);
+        }
+        if at < text.len() {
+            structure.push(at..text.len());
+        }
+        let bytes = text.as_bytes();
+        for r in structure {
+            let mut p = r.start;
+            while p < r.end {
+                let hit = self.controls.iter().find(|(t, _)| {
+                    bytes[p] == t.as_bytes()[0]
+                        && p + t.len() <= r.end
+                        && &bytes[p..p + t.len()] == t.as_bytes()
+                });
+                match hit {
+                    Some((t, id)) => {
+                        cuts.push((p, p + t.len(), *id));
+                        p += t.len();
+                    }
+                    None => p += 1,
+                }
+            }
+        }
+        self.inner.set_encode_special_tokens(true);
+        let out = self.encode_sections(text, &cuts, stop);
+        self.inner.set_encode_special_tokens(false);
+        let Some((mut ids, mut starts)) = out? else {
+            return Ok(None);
+        };
+        if let (true, Some(b)) = (self.add_bos, self.bos) {
+            if ids.first() != Some(&b) {
+                ids.insert(0, b);
+                starts.insert(0, 0);
+            }
+        }
+        Ok(Some((ids, starts)))
+    }
+
+    fn encode_sections(
+        &self,
+        text: &str,
+        cuts: &[(usize, usize, u32)],
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Option<Marked>, TokenizerError> {
+        let mut ids = Vec::new();
+        let mut starts = Vec::new();
+        let mut at = 0;
+        let ends =
+            cuts.iter()
+                .map(|&(s, e, id)| (s, e, Some(id)))
+                .chain([(text.len(), text.len(), None)]);
+        for (s, e, id) in ends {
+            if s > at {
+                if stop() {
+                    return Ok(None);
+                }
+                // Cuts fall on the ASCII bytes of control tokens' texts, or the end: char
+                // boundaries, so the slice is whole text.
+                let part = text.get(at..s).unwrap_or_default();
+                let enc = self
+                    .inner
+                    .encode(part, false)
+                    .map_err(|e| TokenizerError::Library(e.to_string()))?;
+                ids.extend_from_slice(enc.get_ids());
+                starts.extend(enc.get_offsets().iter().map(|&(o, _)| at + o));
+            }
+            if let Some(id) = id {
+                ids.push(id);
+                starts.push(s);
+            }
+            at = e;
+        }
+        Ok(Some((ids, starts)))
     }
 
     /// Ids of a prompt, with BOS first when the model asks for it and the text lacks it.
@@ -320,6 +417,22 @@ impl Tokenizer {
         }
         String::from_utf8_lossy(&bytes).into_owned()
     }
+}
+
+/// Token ids, and the byte offset in the text where each starts.
+pub type Marked = (Vec<u32>, Vec<usize>);
+
+/// Control tokens with a text, longest first (the longest match wins where texts overlap).
+fn controls(texts: &[String], special: &[bool]) -> Vec<(String, u32)> {
+    let mut c: Vec<(String, u32)> = texts
+        .iter()
+        .zip(special)
+        .enumerate()
+        .filter(|(_, (t, &s))| s && !t.is_empty())
+        .map(|(i, (t, _))| (t.clone(), i as u32))
+        .collect();
+    c.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+    c
 }
 
 fn strings(a: &[Value], what: &str) -> Result<Vec<String>, TokenizerError> {

@@ -164,7 +164,7 @@ fn run(mut engine: Engine, queue: &Queue, progress: &Progress, mut fallback: Opt
                 log(&job, &outcome);
                 // Counted before it is sent: a client that asks for status after its reply
                 // sees the request counted.
-                queue.finished(&job.id, &outcome);
+                queue.finished(&job, &outcome);
                 job.send(outcome);
             }
             None if queue.accepting() => continue,

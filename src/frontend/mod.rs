@@ -15,25 +15,120 @@ pub mod client;
 pub mod mqtt;
 pub mod unix;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::api::status::Status;
 use crate::api::Limits;
-use crate::queue::Queue;
+use crate::queue::{Caller, Queue};
+
+/// Who may use the socket, who may act on every peer's work, and how many connections are
+/// served: the `[socket]` keys that SIGHUP reloads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Access {
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub admin_uids: Vec<u32>,
+    pub admin_gids: Vec<u32>,
+    pub max_connections: usize,
+    pub max_connections_per_uid: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            admin_uids: Vec::new(),
+            admin_gids: Vec::new(),
+            max_connections: 64,
+            max_connections_per_uid: 16,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Access {
+    /// A peer is let in by its uid, its primary gid or one of its supplementary groups.
+    pub fn allows(&self, uid: u32, gids: &[u32]) -> bool {
+        (self.allowed_uids.is_empty() && self.allowed_gids.is_empty())
+            || self.allowed_uids.contains(&uid)
+            || gids.iter().any(|g| self.allowed_gids.contains(g))
+    }
+
+    /// An admin may cancel any request and sees every id in `status`.
+    pub fn is_admin(&self, uid: u32, gids: &[u32]) -> bool {
+        self.admin_uids.contains(&uid) || gids.iter().any(|g| self.admin_gids.contains(g))
+    }
+}
+
+/// What SIGHUP may change while the daemon runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
+    pub limits: Limits,
+    /// Applied to requests that name no deadline; 0: none.
+    pub default_deadline_ms: u64,
+    pub access: Access,
+}
 
 /// What every daemon front-end shares.
 pub struct Context {
     pub queue: Arc<Queue>,
-    pub limits: Limits,
-    /// Applied to requests that name no deadline; 0: none.
-    pub default_deadline_ms: u64,
+    live: RwLock<Live>,
     /// Builds the status reply.
-    pub status: Box<dyn Fn() -> Status + Send + Sync>,
+    status: Box<dyn Fn() -> Status + Send + Sync>,
 }
 
 impl Context {
+    pub fn new(
+        queue: Arc<Queue>,
+        live: Live,
+        status: Box<dyn Fn() -> Status + Send + Sync>,
+    ) -> Context {
+        Context {
+            queue,
+            live: RwLock::new(live),
+            status,
+        }
+    }
+
+    /// The settings in force now.
+    pub fn live(&self) -> Live {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts new settings in force (SIGHUP); requests already accepted keep what they got.
+    pub fn set_live(&self, live: Live) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = live;
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .limits
+            .clone()
+    }
+
+    /// The whole status, running request's id included (the daemon's own STATUS= line).
     pub fn status(&self) -> Status {
         (self.status)()
+    }
+
+    /// The status as `caller` may see it: the running request's id only when it is the
+    /// caller's peer's (or the caller is an admin).
+    pub fn status_for(&self, caller: Caller<'_>) -> Status {
+        let mut s = self.status();
+        if let Some(r) = &mut s.queue.running {
+            if !caller.admin && r.owner != *caller.owner.peer {
+                r.id = None;
+                if let Some(kv) = &mut s.kv {
+                    kv.id = None;
+                }
+            }
+        }
+        s
     }
 }
 

@@ -24,7 +24,7 @@ use crate::api::status::MqttInfo;
 use crate::api::wire::{self, Envelope, Incoming, Refusal, Response};
 use crate::api::{ErrorCode, Event};
 use crate::config::{BrokerUrl, MqttConfig};
-use crate::queue::{Job, Reply};
+use crate::queue::{Caller, Job, Owner, Reply};
 
 /// After shutdown, once every MQTT request has its terminal reply (the daemon's grace period
 /// decides how long that takes), how long the publisher may take to deliver what is left.
@@ -601,6 +601,33 @@ async fn run_loop(
     }
 }
 
+/// The channel of every MQTT request: MQTT requests share one id space (the socket's
+/// connections count up from 1).
+const MQTT_CHANNEL: u64 = u64::MAX;
+
+/// Who an MQTT message comes from. The broker's ACLs decide who may publish to a node's topics,
+/// so any MQTT client may cancel an MQTT request by its id; the peer is the reply topic, which
+/// keeps sessions (and the running id in `status`) apart per client: a client that cannot read
+/// a reply topic cannot read its sessions' answers either.
+struct MqttCaller(Owner);
+
+impl MqttCaller {
+    fn of(reply_topic: &Option<String>) -> MqttCaller {
+        let peer = match reply_topic {
+            Some(t) => format!("mqtt:{t}"),
+            None => "mqtt".to_string(),
+        };
+        MqttCaller(Owner::new(MQTT_CHANNEL, &peer))
+    }
+
+    fn as_caller(&self) -> Caller<'_> {
+        Caller {
+            owner: &self.0,
+            admin: false,
+        }
+    }
+}
+
 /// Handles received messages, in the event loop task: nothing here waits.
 struct Handler {
     ctx: Arc<Context>,
@@ -658,7 +685,8 @@ impl Handler {
                 )
             }
         };
-        let limits = &self.ctx.limits;
+        let live = self.ctx.live();
+        let limits = &live.limits;
         if m.payload.len() > limits.max_line_bytes {
             self.refused();
             answer(Response::error(
@@ -683,27 +711,32 @@ impl Handler {
                 ));
                 return;
             }
-            let state = self.ctx.queue.cancel(&id);
+            let state = self
+                .ctx
+                .queue
+                .cancel(MqttCaller::of(&topic).as_caller(), &id);
             if topic.is_some() {
                 answer(Response::Cancel { id, state });
             }
             return;
         }
         let now = Instant::now();
-        let parsed =
-            json.and_then(|v| wire::parse_value(v, limits, self.ctx.default_deadline_ms, now));
+        let parsed = json.and_then(|v| wire::parse_value(v, limits, live.default_deadline_ms, now));
         let g = match parsed {
             Err(r) => {
                 self.refused();
                 return answer(r.response());
             }
             Ok(Incoming::Status) => {
-                let mut status = self.ctx.status();
+                let mut status = self.ctx.status_for(MqttCaller::of(&topic).as_caller());
                 status.id = id_hint.clone();
                 return answer(Response::Status(Box::new(status)));
             }
             Ok(Incoming::Cancel { id }) => {
-                let state = self.ctx.queue.cancel(&id);
+                let state = self
+                    .ctx
+                    .queue
+                    .cancel(MqttCaller::of(&topic).as_caller(), &id);
                 return answer(Response::Cancel { id, state });
             }
             Ok(Incoming::Generate(g)) => g,
@@ -763,7 +796,7 @@ impl Handler {
             routes.insert(
                 id.clone(),
                 Route {
-                    topic,
+                    topic: topic.clone(),
                     correlation: m.correlation.clone(),
                     seq: 0,
                     pending: String::new(),
@@ -773,7 +806,8 @@ impl Handler {
             );
         }
         let g = *g;
-        let mut job = Job::new(&g.id, "mqtt", g.req, self.reply_tx.clone());
+        let owner = MqttCaller::of(&Some(topic.clone())).0;
+        let mut job = Job::new(&g.id, owner, "mqtt", g.req, self.reply_tx.clone());
         job.stream = g.stream;
         job.priority = priority;
         job.deadline = deadline;

@@ -2,31 +2,46 @@
 //!
 //! One tokio task per connection reads requests, hands them to the queue, and writes what comes
 //! back on the connection's reply channel, so a slow client only slows itself. Peers are checked
-//! with SO_PEERCRED against the configured uids and gids. When a client goes away (its socket
-//! hung up, or a write fails) its requests are cancelled; a client that only shut down its
-//! sending side (`nc -N`, `socat`) still gets its replies. On shutdown the accept loop stops and
-//! each connection ends once its last request has its terminal reply.
+//! with SO_PEERCRED against the configured uids and gids. A request belongs to its connection
+//! and its peer's uid: ids are unique per connection, cancel reaches the peer's own requests
+//! (an admin's: any), status shows others' work as counts, sessions are kept per uid.
+//!
+//! Connections are bounded in number (`socket.max_connections`, and per uid), and one with
+//! nothing in flight is closed after `socket.idle_timeout_ms` of silence: a connection beyond the
+//! limits is answered `too_many_connections` at once (a `status` request on it still answered),
+//! never left waiting. When a client goes away (its socket hung up, or a write fails) its
+//! requests are cancelled; a client that only shut down its sending side (`nc -N`, `socat`)
+//! still gets its replies. On shutdown the accept loop stops and each connection ends once its
+//! last request has its terminal reply.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::codec::{Decoder, LinesCodec, LinesCodecError};
 
-use super::{until_true, Context};
+use super::{until_true, Access, Context};
 use crate::api::wire::{self, Incoming, Refusal, Response};
 use crate::api::ErrorCode;
-use crate::queue::{Job, Reply};
+use crate::queue::{Caller, Job, Owner, Reply};
 
 /// How often a connection that has read EOF checks whether its peer hung up entirely.
 const HANGUP_POLL: Duration = Duration::from_millis(100);
+/// How long a connection beyond the limits may take to send a `status` request before it is
+/// answered `too_many_connections`.
+const OVER_LIMIT_WAIT: Duration = Duration::from_millis(250);
+/// Before closing a connection it refuses, the daemon reads (and drops) what the peer sent, for
+/// at most this long and this much, so that the peer reads the refusal instead of ECONNRESET.
+const DRAIN_FOR: Duration = Duration::from_secs(1);
+const DRAIN_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -45,22 +60,6 @@ pub enum SocketError {
     NoGroup { group: String },
     #[error("LISTEN_FDS: {0}")]
     Activation(String),
-}
-
-/// Who may connect, and the socket file's permissions.
-#[derive(Debug, Clone, Default)]
-pub struct Access {
-    pub allowed_uids: Vec<u32>,
-    pub allowed_gids: Vec<u32>,
-}
-
-impl Access {
-    /// A peer is let in by its uid, its primary gid or one of its supplementary groups.
-    fn allows(&self, uid: u32, gids: &[u32]) -> bool {
-        (self.allowed_uids.is_empty() && self.allowed_gids.is_empty())
-            || self.allowed_uids.contains(&uid)
-            || gids.iter().any(|g| self.allowed_gids.contains(g))
-    }
 }
 
 /// The peer's supplementary groups (SO_PEERGROUPS, Linux 4.13+), as they were when it connected;
@@ -165,7 +164,8 @@ pub fn bind(
     Ok(listener)
 }
 
-fn resolve_group(g: &str) -> Result<u32, SocketError> {
+/// The gid of `socket.group` (a name or a number).
+pub fn resolve_group(g: &str) -> Result<u32, SocketError> {
     if let Ok(n) = g.parse::<u32>() {
         return Ok(n);
     }
@@ -230,24 +230,71 @@ pub fn from_systemd() -> Result<Option<std::os::unix::net::UnixListener>, Socket
     Ok(Some(listener))
 }
 
+/// Connections open now, in all and per uid.
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    per_uid: HashMap<u32, usize>,
+}
+
+/// A connection's place in [`Counts`], given back when it ends.
+struct Slot {
+    counts: Arc<std::sync::Mutex<Counts>>,
+    uid: u32,
+}
+
+impl Slot {
+    /// A place for `uid`'s connection, or why there is none.
+    fn take(
+        counts: &Arc<std::sync::Mutex<Counts>>,
+        uid: u32,
+        access: &Access,
+    ) -> Result<Slot, String> {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = c.per_uid.get(&uid).copied().unwrap_or(0);
+        if c.total >= access.max_connections {
+            return Err(format!(
+                "{} connections are open; the limit is {} (socket.max_connections)",
+                c.total, access.max_connections
+            ));
+        }
+        if mine >= access.max_connections_per_uid {
+            return Err(format!(
+                "uid {uid} has {mine} connections open; the limit is {} (socket.max_connections_per_uid)",
+                access.max_connections_per_uid
+            ));
+        }
+        c.total += 1;
+        *c.per_uid.entry(uid).or_default() += 1;
+        Ok(Slot {
+            counts: counts.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` turns true, then waits for every connection to finish
-/// (each ends once its requests have their terminal replies).
-pub async fn serve(
-    listener: UnixListener,
-    ctx: Arc<Context>,
-    access: Access,
-    max_connections: usize,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let permits = Arc::new(Semaphore::new(max_connections));
+/// (each ends once its requests have their terminal replies). Access and limits are read from
+/// `ctx` at each connection, so a reload applies to the next one.
+pub async fn serve(listener: UnixListener, ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+    let counts = Arc::new(std::sync::Mutex::new(Counts::default()));
     let mut conns = JoinSet::new();
     let mut next_conn = 0u64;
     let mut backoff = Duration::from_millis(10);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = until_true(&mut shutdown) => break,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = until_true(&mut shutdown) => break,
@@ -269,23 +316,120 @@ pub async fn serve(
         next_conn += 1;
         let conn = next_conn;
         let ctx = ctx.clone();
-        let access = access.clone();
+        let counts = counts.clone();
         let shutdown = shutdown.clone();
         conns.spawn(async move {
-            let _permit = permit;
-            Connection::new(stream, ctx, conn)
-                .run(&access, shutdown)
-                .await;
+            admit(stream, ctx, conn, &counts, shutdown).await;
         });
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
 }
 
+/// Checks a new connection's peer against the access lists and the connection limits, then
+/// serves it, or answers why not and closes it.
+async fn admit(
+    mut stream: UnixStream,
+    ctx: Arc<Context>,
+    conn: u64,
+    counts: &Arc<std::sync::Mutex<Counts>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(conn, "no peer credentials: {e}; closing");
+            return;
+        }
+    };
+    let (uid, gid, pid) = (peer.uid(), peer.gid(), peer.pid().unwrap_or(0));
+    let mut gids = peer_groups(&stream);
+    gids.push(gid);
+    let access = ctx.live().access;
+    if !access.allows(uid, &gids) {
+        tracing::warn!(
+            conn,
+            uid,
+            gid,
+            pid,
+            "refused a connection: peer not in socket.allowed_uids / socket.allowed_gids"
+        );
+        let line = Response::error(
+            None,
+            ErrorCode::Forbidden,
+            format!("uid {uid} gid {gid} may not use this daemon (socket.allowed_uids, socket.allowed_gids)"),
+        )
+        .to_line();
+        refuse(&mut stream, &line).await;
+        return;
+    }
+    let owner = Owner::new(conn, &format!("uid:{uid}"));
+    let admin = access.is_admin(uid, &gids);
+    let slot = match Slot::take(counts, uid, &access) {
+        Ok(s) => s,
+        Err(why) => {
+            tracing::warn!(conn, uid, pid, "refused a connection: {why}");
+            over_limit(stream, &ctx, &owner, admin, &why).await;
+            return;
+        }
+    };
+    tracing::debug!(conn, uid, gid, pid, admin, "connection");
+    let _slot = slot;
+    Connection::new(stream, ctx, owner, admin)
+        .run(access.idle_timeout, shutdown)
+        .await;
+}
+
+/// A connection beyond the limits: a `status` request sent at once is answered (status always
+/// answers); anything else, or nothing within [`OVER_LIMIT_WAIT`], is answered
+/// `too_many_connections`. Then the connection is closed.
+async fn over_limit(mut stream: UnixStream, ctx: &Context, owner: &Owner, admin: bool, why: &str) {
+    let mut lines = LineReader::new(ctx.limits().max_line_bytes);
+    let first = tokio::time::timeout(OVER_LIMIT_WAIT, lines.next(&mut stream)).await;
+    let now = Instant::now();
+    let status = match first {
+        Ok(Ok(Read::Line(l))) => {
+            matches!(wire::parse(&l, &ctx.limits(), 0, now), Ok(Incoming::Status))
+        }
+        _ => false,
+    };
+    let line = if status {
+        Response::Status(Box::new(ctx.status_for(Caller { owner, admin }))).to_line()
+    } else {
+        Response::error(
+            None,
+            ErrorCode::TooManyConnections,
+            format!("{why}; try again when a connection closes"),
+        )
+        .to_line()
+    };
+    refuse(&mut stream, &line).await;
+}
+
+/// Writes a last line, shuts the sending side, and reads what the peer sent (bounded) before
+/// the socket closes, so the peer reads the line rather than a reset.
+async fn refuse(stream: &mut UnixStream, line: &str) {
+    let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
+    let _ = stream.shutdown().await;
+    let mut drained = 0;
+    let mut buf = [0u8; 8192];
+    let _ = tokio::time::timeout(DRAIN_FOR, async {
+        while drained < DRAIN_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
+
 struct Connection {
     stream: UnixStream,
     ctx: Arc<Context>,
-    conn: u64,
+    /// This connection (its channel: ids are unique in it) and its peer.
+    owner: Owner,
+    admin: bool,
     /// Ids of this connection's requests that have not had their terminal reply.
     pending: HashSet<Arc<str>>,
     tx: mpsc::UnboundedSender<Reply>,
@@ -302,105 +446,98 @@ enum Read {
 }
 
 impl Connection {
-    fn new(stream: UnixStream, ctx: Arc<Context>, conn: u64) -> Connection {
+    fn new(stream: UnixStream, ctx: Arc<Context>, owner: Owner, admin: bool) -> Connection {
         let (tx, rx) = mpsc::unbounded_channel();
         Connection {
             stream,
             ctx,
-            conn,
+            owner,
+            admin,
             pending: HashSet::new(),
             tx,
             rx,
         }
     }
 
-    async fn run(mut self, access: &Access, mut shutdown: watch::Receiver<bool>) {
-        let peer = match self.stream.peer_cred() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(conn = self.conn, "no peer credentials: {e}; closing");
-                return;
-            }
-        };
-        let (uid, gid, pid) = (peer.uid(), peer.gid(), peer.pid().unwrap_or(0));
-        let mut gids = peer_groups(&self.stream);
-        gids.push(gid);
-        if !access.allows(uid, &gids) {
-            tracing::warn!(
-                conn = self.conn,
-                uid,
-                gid,
-                pid,
-                "refused a connection: peer not in socket.allowed_uids / socket.allowed_gids"
-            );
-            let line = Response::error(
-                None,
-                ErrorCode::Forbidden,
-                format!("uid {uid} gid {gid} may not use this daemon (socket.allowed_uids, socket.allowed_gids)"),
-            )
-            .to_line();
-            let _ = self.write_line(&line).await;
-            return;
+    fn caller(&self) -> Caller<'_> {
+        Caller {
+            owner: &self.owner,
+            admin: self.admin,
         }
-        tracing::debug!(conn = self.conn, uid, gid, pid, "connection");
-        let max = self.ctx.limits.max_line_bytes;
+    }
+
+    async fn run(mut self, idle_timeout: Duration, mut shutdown: watch::Receiver<bool>) {
+        let conn = self.owner.channel;
+        let max = self.ctx.limits().max_line_bytes;
         let mut lines = LineReader::new(max);
         let mut eof = false;
         let mut hangup = tokio::time::interval(HANGUP_POLL);
         hangup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
+        // Silence is measured from the latest line, or the latest terminal reply.
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             if (eof || stopping) && self.pending.is_empty() {
                 break;
             }
+            let idle = !eof && self.pending.is_empty();
             tokio::select! {
-                r = lines.next(&mut self.stream), if !eof => match r {
-                    Ok(Read::Line(line)) => {
-                        if let Err(e) = self.handle(&line).await {
-                            tracing::debug!(conn = self.conn, "write failed: {e}");
+                r = lines.next(&mut self.stream), if !eof => {
+                    last_heard = tokio::time::Instant::now();
+                    match r {
+                        Ok(Read::Line(line)) => {
+                            if let Err(e) = self.handle(&line).await {
+                                tracing::debug!(conn, "write failed: {e}");
+                                break;
+                            }
+                        }
+                        Ok(Read::TooLong) => {
+                            let line = Response::error(None, ErrorCode::TooLarge, format!(
+                                "request line too long; the limit is {max} bytes (limits.max_line_bytes)")).to_line();
+                            if self.write_line(&line).await.is_err() { break; }
+                        }
+                        Ok(Read::NotText(e)) => {
+                            let line = Response::error(None, ErrorCode::BadRequest, format!(
+                                "malformed JSON: the request line is not UTF-8 ({e})")).to_line();
+                            if self.write_line(&line).await.is_err() { break; }
+                        }
+                        Ok(Read::Eof) => eof = true,
+                        Err(e) => {
+                            tracing::debug!(conn, "read failed: {e}");
                             break;
                         }
-                    }
-                    Ok(Read::TooLong) => {
-                        let line = Response::error(None, ErrorCode::TooLarge, format!(
-                            "request line too long; the limit is {max} bytes (limits.max_line_bytes)")).to_line();
-                        if self.write_line(&line).await.is_err() { break; }
-                    }
-                    Ok(Read::NotText(e)) => {
-                        let line = Response::error(None, ErrorCode::BadRequest, format!(
-                            "malformed JSON: the request line is not UTF-8 ({e})")).to_line();
-                        if self.write_line(&line).await.is_err() { break; }
-                    }
-                    Ok(Read::Eof) => eof = true,
-                    Err(e) => {
-                        tracing::debug!(conn = self.conn, "read failed: {e}");
-                        break;
                     }
                 },
                 Some(reply) = self.rx.recv() => {
                     let line = Response::event(&reply.id, &reply.event).to_line();
                     if reply.event.is_terminal() {
                         self.pending.remove(&reply.id);
+                        last_heard = tokio::time::Instant::now();
                     }
                     if let Err(e) = self.write_line(&line).await {
-                        tracing::debug!(conn = self.conn, "write failed: {e}");
+                        tracing::debug!(conn, "write failed: {e}");
                         break;
                     }
                 },
                 _ = hangup.tick(), if eof => {
                     if hung_up(&self.stream) { break; }
                 },
+                _ = tokio::time::sleep_until(last_heard + idle_timeout), if idle => {
+                    tracing::debug!(conn, "closing an idle connection (socket.idle_timeout_ms)");
+                    let line = Response::error(None, ErrorCode::IdleTimeout, format!(
+                        "no request for {} ms; closing (socket.idle_timeout_ms)",
+                        idle_timeout.as_millis())).to_line();
+                    refuse(&mut self.stream, &line).await;
+                    break;
+                },
                 _ = until_true(&mut shutdown), if !stopping => stopping = true,
             }
         }
         // Whatever is still pending has nobody to answer to.
-        for id in self.pending.drain() {
-            tracing::info!(
-                conn = self.conn,
-                id = &*id,
-                "client went away; cancelling its request"
-            );
-            self.ctx.queue.cancel(&id);
+        let pending: Vec<Arc<str>> = self.pending.drain().collect();
+        for id in pending {
+            tracing::info!(conn, id = &*id, "client went away; cancelling its request");
+            self.ctx.queue.cancel(self.caller(), &id);
         }
     }
 
@@ -415,31 +552,45 @@ impl Connection {
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
-        let ctx = &self.ctx;
-        let parsed = wire::parse(line, &ctx.limits, ctx.default_deadline_ms, Instant::now());
+        let ctx = self.ctx.clone();
+        let live = ctx.live();
+        let parsed = wire::parse(line, &live.limits, live.default_deadline_ms, Instant::now());
         let reply = match parsed {
             Err(r) => r.response(),
-            Ok(Incoming::Status) => Response::Status(Box::new(ctx.status())),
+            Ok(Incoming::Status) => Response::Status(Box::new(ctx.status_for(self.caller()))),
             Ok(Incoming::Cancel { id }) => {
-                let state = ctx.queue.cancel(&id);
+                let state = ctx.queue.cancel(self.caller(), &id);
                 Response::Cancel { id, state }
             }
             Ok(Incoming::Generate(g)) => {
                 if g.reply_to.is_some() {
-                    Refusal {
-                        id: Some(g.id),
-                        code: ErrorCode::BadRequest,
-                        message: "reply_to: only MQTT 3.1.1 requests name a reply topic".into(),
-                    }
+                    Refusal::new(
+                        Some(&g.id),
+                        ErrorCode::BadRequest,
+                        "reply_to: only MQTT 3.1.1 requests name a reply topic",
+                    )
+                    .response()
+                } else if self.pending.contains(g.id.as_str()) {
+                    // Refused here, so that the refusal (a terminal reply for this id) cannot
+                    // be taken for the original's.
+                    Refusal::new(
+                        Some(&g.id),
+                        ErrorCode::BadRequest,
+                        format!(
+                            "id {:?} is already in flight on this connection; ids are unique per connection until their terminal reply",
+                            g.id
+                        ),
+                    )
                     .response()
                 } else {
-                    let mut job = Job::new(&g.id, "unix", g.req, self.tx.clone());
+                    let mut job =
+                        Job::new(&g.id, self.owner.clone(), "unix", g.req, self.tx.clone());
                     job.stream = g.stream;
                     job.priority = g.priority.unwrap_or(0);
                     job.deadline = g.deadline;
                     let id = job.id.clone();
                     // Refusals come back on the reply channel like every other terminal reply.
-                    self.pending.insert(id.clone());
+                    self.pending.insert(id);
                     ctx.queue.submit(job);
                     return Ok(());
                 }

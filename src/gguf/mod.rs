@@ -24,6 +24,15 @@ const MAX_STRING: u64 = 16 << 20;
 const MAX_DIMS: u32 = 4;
 /// Deepest nesting of arrays inside arrays.
 const MAX_ARRAY_DEPTH: u32 = 2;
+/// The metadata may take in memory at most this many times the bytes it takes in the file, plus
+/// [`METADATA_SLACK`]: a real tokenizer (strings, i32 types, f32 scores) stays under 8x, and a
+/// crafted array of a billion one-byte values fails after a few MiB instead of growing 32x
+/// the file. Checked as the values are read, before anything is allocated for the next one.
+const METADATA_FACTOR: u64 = 8;
+const METADATA_SLACK: u64 = 1 << 20;
+/// Initial capacity of a list read from a count in the file; it grows as elements are read, so
+/// a count that lies costs nothing up front.
+const PREALLOC: usize = 4096;
 
 /// What is wrong with a GGUF file.
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +225,7 @@ impl Gguf {
             let mut r = Reader {
                 buf: &bytes,
                 pos: 0,
+                mem: 0,
             };
             let magic = r.take(4, "magic")?;
             if magic != b"GGUF" {
@@ -247,9 +257,10 @@ impl Gguf {
                 });
             }
             let mut metadata = HashMap::new();
-            let mut keys = Vec::with_capacity(n_kv as usize);
+            let mut keys = Vec::with_capacity((n_kv as usize).min(PREALLOC));
             for _ in 0..n_kv {
                 let key = r.string("metadata key")?;
+                r.charge(key.len() as u64 + 64)?;
                 let ty = r.u32("metadata value type")?;
                 let value = r.value(&key, ty, 0)?;
                 if metadata.insert(key.clone(), value).is_some() {
@@ -274,7 +285,7 @@ impl Gguf {
                     a
                 }
             };
-            let mut infos = Vec::with_capacity(n_tensors as usize);
+            let mut infos = Vec::with_capacity((n_tensors as usize).min(PREALLOC));
             for _ in 0..n_tensors {
                 let name = r.string("tensor name")?;
                 let n_dims = r.u32("tensor dimension count")?;
@@ -298,7 +309,7 @@ impl Gguf {
                 infos.push((name, dims, ty, offset));
             }
             let data_start = align_up(r.pos as u64, alignment);
-            let mut tensors = Vec::with_capacity(infos.len());
+            let mut tensors = Vec::with_capacity(infos.len().min(PREALLOC));
             for (name, dims, ty, rel) in infos {
                 let n_bytes = tensor_bytes(&name, &dims, ty)?;
                 if rel % alignment != 0 {
@@ -465,9 +476,28 @@ fn tensor_bytes(name: &str, dims: &[u64], ty: GgmlType) -> Result<u64, GgufError
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Bytes the metadata read so far takes in memory.
+    mem: u64,
 }
 
 impl<'a> Reader<'a> {
+    /// Counts `bytes` more of metadata in memory, refusing to pass the cap.
+    fn charge(&mut self, bytes: u64) -> Result<(), GgufError> {
+        self.mem += bytes;
+        let limit = METADATA_FACTOR * self.pos as u64 + METADATA_SLACK;
+        if self.mem > limit {
+            return Err(GgufError::Absurd {
+                what: format!(
+                    "metadata memory (bytes; at most {METADATA_FACTOR}x the {} bytes of metadata read so far, + 1 MiB)",
+                    self.pos
+                ),
+                value: self.mem,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], GgufError> {
         let len = self.buf.len() as u64;
         let end = (self.pos as u64).checked_add(n).filter(|&e| e <= len);
@@ -523,6 +553,7 @@ impl<'a> Reader<'a> {
     }
 
     fn value(&mut self, key: &str, ty: u32, depth: u32) -> Result<Value, GgufError> {
+        self.charge(std::mem::size_of::<Value>() as u64)?;
         Ok(match ty {
             0 => Value::U8(u8::from_le_bytes(self.arr(key)?)),
             1 => Value::I8(i8::from_le_bytes(self.arr(key)?)),
@@ -541,7 +572,11 @@ impl<'a> Reader<'a> {
                 }
                 Value::Bool(b == 1)
             }
-            8 => Value::String(self.string("metadata string")?),
+            8 => {
+                let v = self.string("metadata string")?;
+                self.charge(v.len() as u64)?;
+                Value::String(v)
+            }
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
                     return Err(GgufError::Absurd {
@@ -572,7 +607,7 @@ impl<'a> Reader<'a> {
                         limit: left / min_size,
                     });
                 }
-                let mut v = Vec::with_capacity(n as usize);
+                let mut v = Vec::with_capacity((n as usize).min(PREALLOC));
                 for _ in 0..n {
                     v.push(self.value(key, ety, depth + 1)?);
                 }

@@ -21,10 +21,36 @@ pub struct Reply {
 /// hold is bounded by the requests a front-end has in flight and their `max_tokens`.
 pub type ReplyTx = tokio::sync::mpsc::UnboundedSender<Reply>;
 
+/// Who a job belongs to. Ids are unique per `channel` (a socket connection, the MQTT
+/// front-end); `peer` is the principal behind it ("uid:1000", "mqtt"), whose requests it may
+/// cancel and whose sessions it shares.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub channel: u64,
+    pub peer: Arc<str>,
+}
+
+impl Owner {
+    pub fn new(channel: u64, peer: &str) -> Owner {
+        Owner {
+            channel,
+            peer: peer.into(),
+        }
+    }
+}
+
+/// Who asks to cancel or for status: an owner, and whether it may act on every peer's work.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub owner: &'a Owner,
+    pub admin: bool,
+}
+
 /// A request accepted from a front-end, on its way to the engine.
 #[derive(Debug)]
 pub struct Job {
     pub id: Arc<str>,
+    pub owner: Owner,
     /// "unix", "mqtt": for logs and status.
     pub frontend: &'static str,
     pub req: GenerateRequest,
@@ -39,9 +65,20 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn new(id: &str, frontend: &'static str, req: GenerateRequest, reply: ReplyTx) -> Job {
+    /// A job of `owner`'s; a session the request names becomes the owner's session.
+    pub fn new(
+        id: &str,
+        owner: Owner,
+        frontend: &'static str,
+        mut req: GenerateRequest,
+        reply: ReplyTx,
+    ) -> Job {
+        if let Some(s) = &mut req.session {
+            s.owner = owner.peer.to_string();
+        }
         Job {
             id: id.into(),
+            owner,
             frontend,
             req,
             stream: false,
@@ -83,13 +120,25 @@ pub struct QueueStatus {
     pub counters: Counters,
 }
 
+type Key = (u64, Arc<str>);
+
+struct Active {
+    peer: Arc<str>,
+    cancel: Arc<AtomicBool>,
+}
+
+fn key(job: &Job) -> Key {
+    (job.owner.channel, job.id.clone())
+}
+
 struct Inner {
     /// Waiting jobs; the next to run is the one with the highest (priority, -seq).
     waiting: Vec<(u64, Job)>,
     seq: u64,
-    /// Ids of waiting and running jobs, with their cancel flags.
-    active: HashMap<Arc<str>, Arc<AtomicBool>>,
-    running: Option<(Arc<str>, &'static str, Instant)>,
+    /// Waiting and running jobs by owner channel and id, with their owners' peers and cancel
+    /// flags.
+    active: HashMap<Key, Active>,
+    running: Option<(Arc<str>, Owner, &'static str, Instant)>,
     accepting: bool,
     counters: Counters,
 }
@@ -130,8 +179,8 @@ impl Queue {
     }
 
     /// Queues a job, or refuses it with its error reply sent: `shutting_down` after
-    /// [`Queue::close`], `bad_request` for an id already queued or running, `queue_full` when
-    /// `capacity` jobs are waiting.
+    /// [`Queue::close`], `bad_request` for an id its channel already has queued or running,
+    /// `queue_full` when `capacity` jobs are waiting.
     pub fn submit(&self, job: Job) -> Submit {
         let mut g = self.lock();
         g.counters.received += 1;
@@ -140,7 +189,7 @@ impl Queue {
                 ErrorCode::ShuttingDown,
                 "the daemon is shutting down".to_string(),
             ))
-        } else if g.active.contains_key(&job.id) {
+        } else if g.active.contains_key(&key(&job)) {
             Some((
                 ErrorCode::BadRequest,
                 format!("id {:?} is already queued or running", &*job.id),
@@ -164,7 +213,13 @@ impl Queue {
             return Submit::Refused(code);
         }
         g.counters.accepted += 1;
-        g.active.insert(job.id.clone(), job.cancel.clone());
+        g.active.insert(
+            key(&job),
+            Active {
+                peer: job.owner.peer.clone(),
+                cancel: job.cancel.clone(),
+            },
+        );
         let seq = g.seq;
         g.seq += 1;
         g.waiting.push((seq, job));
@@ -190,7 +245,7 @@ impl Queue {
                 .map(|(i, _)| i);
             if let Some(i) = best {
                 let (_, job) = g.waiting.swap_remove(i);
-                g.running = Some((job.id.clone(), job.frontend, now));
+                g.running = Some((job.id.clone(), job.owner.clone(), job.frontend, now));
                 drop(g);
                 self.changed.notify_all();
                 return Some(job);
@@ -216,9 +271,9 @@ impl Queue {
     }
 
     /// The engine's side: the job's terminal reply was sent.
-    pub fn finished(&self, id: &str, outcome: &Event) {
+    pub fn finished(&self, job: &Job, outcome: &Event) {
         let mut g = self.lock();
-        g.active.remove(id);
+        g.active.remove(&key(job));
         g.running = None;
         let c = &mut g.counters;
         match outcome {
@@ -256,7 +311,7 @@ impl Queue {
                 continue;
             }
             let (_, job) = g.waiting.swap_remove(i);
-            g.active.remove(&job.id);
+            g.active.remove(&key(&job));
             g.counters.deadline_queued += 1;
             let waited = now.saturating_duration_since(job.arrived).as_millis();
             job.send(Event::Error(
@@ -268,28 +323,49 @@ impl Queue {
         }
     }
 
-    /// Cancels a waiting job (answered at once) or flags the running one.
-    pub fn cancel(&self, id: &str) -> CancelState {
+    /// Cancels `id` for `caller`: a job of the caller's own channel with that id; failing
+    /// that, the caller's peer's jobs with that id on its other channels (an admin's: anyone's).
+    /// A waiting job is answered at once, the running one flagged. Another peer's job is
+    /// `unknown` to a caller that is not an admin, exactly as an id that does not exist.
+    pub fn cancel(&self, caller: Caller<'_>, id: &str) -> CancelState {
         let mut g = self.lock();
-        if let Some(i) = g.waiting.iter().position(|(_, j)| &*j.id == id) {
-            let (_, job) = g.waiting.swap_remove(i);
-            g.active.remove(id);
-            g.counters.done += 1;
-            g.counters.cancelled += 1;
-            drop(g);
-            job.send(Event::Done(Box::new(Completion::empty(
-                FinishReason::Cancelled,
-            ))));
-            self.changed.notify_all();
-            return CancelState::Queued;
-        }
-        match g.active.get(id) {
-            Some(flag) => {
-                flag.store(true, Ordering::Relaxed);
-                CancelState::Running
+        let own = (caller.owner.channel, Arc::<str>::from(id));
+        let targets: Vec<Key> = if g.active.contains_key(&own) {
+            vec![own]
+        } else {
+            g.active
+                .iter()
+                .filter(|((_, i), a)| &**i == id && (caller.admin || a.peer == caller.owner.peer))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let mut state = CancelState::Unknown;
+        let mut answered = Vec::new();
+        for k in targets {
+            if let Some(i) = g.waiting.iter().position(|(_, j)| key(j) == k) {
+                let (_, job) = g.waiting.swap_remove(i);
+                g.active.remove(&k);
+                g.counters.done += 1;
+                g.counters.cancelled += 1;
+                answered.push(job);
+                state = CancelState::Queued;
+            } else if let Some(a) = g.active.get(&k) {
+                a.cancel.store(true, Ordering::Relaxed);
+                if state == CancelState::Unknown {
+                    state = CancelState::Running;
+                }
             }
-            None => CancelState::Unknown,
         }
+        drop(g);
+        if !answered.is_empty() {
+            for job in answered {
+                job.send(Event::Done(Box::new(Completion::empty(
+                    FinishReason::Cancelled,
+                ))));
+            }
+            self.changed.notify_all();
+        }
+        state
     }
 
     /// Stops taking jobs: later submissions are refused `shutting_down`, and [`Queue::next`]
@@ -306,7 +382,7 @@ impl Queue {
         g.accepting = false;
         let waiting = std::mem::take(&mut g.waiting);
         for (_, job) in waiting {
-            g.active.remove(&job.id);
+            g.active.remove(&key(&job));
             g.counters.failed += 1;
             job.send(Event::Error(
                 ErrorCode::ShuttingDown,
@@ -314,8 +390,8 @@ impl Queue {
                     .into(),
             ));
         }
-        for flag in g.active.values() {
-            flag.store(true, Ordering::Relaxed);
+        for a in g.active.values() {
+            a.cancel.store(true, Ordering::Relaxed);
         }
         drop(g);
         self.changed.notify_all();
@@ -344,11 +420,15 @@ impl Queue {
             depth: g.waiting.len(),
             capacity: self.capacity,
             accepting: g.accepting,
-            running: g.running.as_ref().map(|(id, frontend, since)| Running {
-                id: id.to_string(),
-                frontend: frontend.to_string(),
-                elapsed_ms: since.elapsed().as_millis() as u64,
-            }),
+            running: g
+                .running
+                .as_ref()
+                .map(|(id, owner, frontend, since)| Running {
+                    id: Some(id.to_string()),
+                    owner: owner.peer.to_string(),
+                    frontend: frontend.to_string(),
+                    elapsed_ms: since.elapsed().as_millis() as u64,
+                }),
             counters: g.counters.clone(),
         }
     }
@@ -361,9 +441,26 @@ mod tests {
     use super::*;
     use crate::api::Prompt;
 
+    fn owner() -> Owner {
+        Owner::new(1, "uid:1000")
+    }
+
+    fn me() -> Caller<'static> {
+        static OWNER: std::sync::OnceLock<Owner> = std::sync::OnceLock::new();
+        Caller {
+            owner: OWNER.get_or_init(owner),
+            admin: false,
+        }
+    }
+
     fn job(id: &str, tx: &mpsc::UnboundedSender<Reply>) -> Job {
+        job_of(id, owner(), tx)
+    }
+
+    fn job_of(id: &str, owner: Owner, tx: &mpsc::UnboundedSender<Reply>) -> Job {
         Job::new(
             id,
+            owner,
             "test",
             GenerateRequest::new(Prompt::Raw("x".into())),
             tx.clone(),
@@ -403,10 +500,10 @@ mod tests {
         let next = q.next(Duration::ZERO).expect("a job");
         assert_eq!(&*next.id, "high");
         q.finished(
-            &next.id,
+            &next,
             &Event::Done(Box::new(Completion::empty(FinishReason::Stop))),
         );
-        assert_eq!(q.cancel("a"), CancelState::Queued);
+        assert_eq!(q.cancel(me(), "a"), CancelState::Queued);
         let r = terminal(&mut rx);
         assert!(
             matches!(&r.event, Event::Done(c) if c.finish_reason == FinishReason::Cancelled),
@@ -414,9 +511,9 @@ mod tests {
         );
         let running = q.next(Duration::ZERO).expect("low");
         assert_eq!(&*running.id, "low");
-        assert_eq!(q.cancel("low"), CancelState::Running);
+        assert_eq!(q.cancel(me(), "low"), CancelState::Running);
         assert!(running.cancelled());
-        assert_eq!(q.cancel("nobody"), CancelState::Unknown);
+        assert_eq!(q.cancel(me(), "nobody"), CancelState::Unknown);
 
         // A deadline that passes in the queue is answered `deadline` and the job never runs.
         let mut late = job("late", &tx);
@@ -444,5 +541,66 @@ mod tests {
             (c.done, c.cancelled, c.deadline_queued, c.failed),
             (2, 1, 1, 1)
         );
+    }
+
+    /// Ids are per channel; cancel reaches the caller's own jobs (an admin's: anyone's); a
+    /// session names the owner's session; status names the running job's owner.
+    #[test]
+    fn jobs_belong_to_their_owners() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue::new(8);
+        let alice = Owner::new(1, "uid:1000");
+        let alice2 = Owner::new(2, "uid:1000");
+        let bob = Owner::new(3, "uid:1001");
+        // The same id on three channels: three jobs.
+        for o in [&alice, &alice2, &bob] {
+            assert_eq!(q.submit(job_of("r1", o.clone(), &tx)), Submit::Queued);
+        }
+        // Bob's channel cancels its own r1 only.
+        let bob_c = Caller {
+            owner: &bob,
+            admin: false,
+        };
+        assert_eq!(q.cancel(bob_c, "r1"), CancelState::Queued);
+        let r = terminal(&mut rx);
+        assert!(matches!(r.event, Event::Done(_)));
+        assert!(rx.try_recv().is_err(), "only bob's job was answered");
+        // Bob from another channel cannot reach alice's jobs: they are unknown to him.
+        let bob_elsewhere = Owner::new(9, "uid:1001");
+        let c = Caller {
+            owner: &bob_elsewhere,
+            admin: false,
+        };
+        assert_eq!(q.cancel(c, "r1"), CancelState::Unknown);
+        assert_eq!(q.status().depth, 2);
+        // Alice from a third channel reaches both of hers.
+        let alice3 = Owner::new(4, "uid:1000");
+        let c = Caller {
+            owner: &alice3,
+            admin: false,
+        };
+        assert_eq!(q.cancel(c, "r1"), CancelState::Queued);
+        terminal(&mut rx);
+        terminal(&mut rx);
+        assert_eq!(q.status().depth, 0);
+        // An admin reaches anyone's.
+        assert_eq!(q.submit(job_of("r2", alice.clone(), &tx)), Submit::Queued);
+        let running = q.next(Duration::ZERO).expect("r2");
+        assert_eq!(q.status().running.expect("running").owner, "uid:1000");
+        let admin = Caller {
+            owner: &bob_elsewhere,
+            admin: true,
+        };
+        assert_eq!(q.cancel(admin, "r2"), CancelState::Running);
+        assert!(running.cancelled());
+        // The session a request names becomes its owner's.
+        let mut req = GenerateRequest::new(Prompt::Messages(vec![]));
+        req.session = Some(crate::api::SessionRef {
+            id: "kitchen".into(),
+            owner: "forged".into(),
+            history: None,
+        });
+        let j = Job::new("s", bob.clone(), "test", req, tx.clone());
+        assert_eq!(j.req.session.expect("session").owner, "uid:1001");
     }
 }

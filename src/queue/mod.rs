@@ -10,4 +10,4 @@
 
 mod jobs;
 
-pub use jobs::{Job, Queue, QueueStatus, Reply, ReplyTx, Submit};
+pub use jobs::{Caller, Job, Owner, Queue, QueueStatus, Reply, ReplyTx, Submit};

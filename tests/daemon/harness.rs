@@ -217,10 +217,42 @@ fn merge_sections(text: &str) -> String {
     out
 }
 
-/// One connection, a JSON value per line.
+/// Relays stdin to a Unix socket and the socket to stdout, connected as whoever runs it
+/// (`setpriv` sets another uid); stdin's end shuts the socket's sending side. A read error
+/// (ECONNRESET) is printed as a line `RELAY-ERROR <what>`.
+const RELAY: &str = r#"
+import socket, sys, threading
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+def up():
+    for line in sys.stdin.buffer:
+        try:
+            s.sendall(line)
+        except OSError:
+            break
+    try:
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+threading.Thread(target=up, daemon=True).start()
+out = sys.stdout.buffer
+while True:
+    try:
+        b = s.recv(65536)
+    except OSError as e:
+        out.write(("RELAY-ERROR %s\n" % e).encode()); out.flush(); break
+    if not b:
+        break
+    out.write(b); out.flush()
+"#;
+
+/// One connection, a JSON value per line: a socket of this process, or one another uid opened
+/// (through `setpriv` and a relay).
 pub struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: BufReader<Box<dyn std::io::Read + Send>>,
+    writer: Option<Box<dyn Write + Send>>,
+    socket: Option<UnixStream>,
+    relay: Option<Child>,
 }
 
 impl Client {
@@ -230,8 +262,33 @@ impl Client {
         s.set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
         Client {
-            reader: BufReader::new(s.try_clone().expect("clone")),
-            writer: s,
+            reader: BufReader::new(Box::new(s.try_clone().expect("clone"))),
+            writer: Some(Box::new(s.try_clone().expect("clone"))),
+            socket: Some(s),
+            relay: None,
+        }
+    }
+
+    /// A connection opened by uid `uid` (gid the same, no supplementary groups), with
+    /// `setpriv` as CI runs as root. Waits until the connection is made.
+    pub fn connect_as(path: &Path, uid: u32) -> Client {
+        let mut child = Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .args(["--clear-groups", "/usr/bin/python3", "-u", "-c", RELAY])
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("setpriv (util-linux) and python3");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        Client {
+            reader: BufReader::new(Box::new(stdout)),
+            writer: Some(Box::new(stdin)),
+            socket: None,
+            relay: Some(child),
         }
     }
 
@@ -240,16 +297,34 @@ impl Client {
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.try_send_raw(bytes).expect("send");
+    }
+
+    /// Bytes as they are, no newline added.
+    pub fn write_bytes(&mut self, bytes: &[u8]) {
+        let w = self.writer.as_mut().expect("the sending side is open");
+        w.write_all(bytes).expect("send");
+        w.flush().expect("send");
+    }
+
+    pub fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let mut b = bytes.to_vec();
         b.push(b'\n');
-        self.writer.write_all(&b).expect("send");
+        let w = self.writer.as_mut().expect("the sending side is open");
+        w.write_all(&b)?;
+        w.flush()
     }
 
     pub fn recv(&mut self) -> Value {
+        let line = self.recv_line().expect("connection closed");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+    }
+
+    /// The next line, or `None` at the end of the connection.
+    pub fn recv_line(&mut self) -> Option<String> {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).expect("read reply");
-        assert!(n > 0, "connection closed");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+        (n > 0).then_some(line)
     }
 
     /// Reads until the terminal reply of `id`; returns it and the streamed text of `id`.
@@ -269,10 +344,21 @@ impl Client {
         }
     }
 
-    pub fn shutdown_write(&self) {
-        self.writer
-            .shutdown(std::net::Shutdown::Write)
-            .expect("shutdown");
+    /// Shuts the sending side (the relay does it when its stdin closes).
+    pub fn shutdown_write(&mut self) {
+        self.writer = None;
+        if let Some(s) = &self.socket {
+            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.relay {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
