@@ -178,7 +178,7 @@ fn request_line_mutations_never_panic() {
         let mut rng = Rng::new(seed);
         let mut line = corpus[(rng.next_u64() as usize) % corpus.len()].clone();
         for _ in 0..1 + rng.next_u64() % 4 {
-            if rng.next_u64() % 3 == 0 {
+            if rng.next_u64().is_multiple_of(3) {
                 let p = PIECES[(rng.next_u64() as usize) % PIECES.len()].as_bytes();
                 let at = (rng.next_u64() as usize) % (line.len() + 1);
                 line.splice(at..at, p.iter().copied());
