@@ -53,7 +53,7 @@ fn main() -> ExitCode {
     // The daemon logs at the level of its config (set up once the config is read); the tools
     // only warn.
     if !matches!(cli.cmd, Cmd::Serve(_)) {
-        app::init_logging("warn");
+        let _ = app::init_logging("warn");
     }
     let result = match cli.cmd {
         Cmd::Ask(a) => app::ask::run(a),

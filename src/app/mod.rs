@@ -58,6 +58,11 @@ pub fn error_line(e: &anyhow::Error) -> String {
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     use edgellm::api::ErrorCode;
     for cause in e.chain() {
+        if let Some(edgellm::daemon::DaemonError::ModelChanged(_)) =
+            cause.downcast_ref::<edgellm::daemon::DaemonError>()
+        {
+            return edgellm::daemon::guard::EXIT_MODEL_CHANGED as u8;
+        }
         let engine_error = match cause.downcast_ref::<cli::AskError>() {
             Some(cli::AskError::Engine(ee)) => Some(ee),
             _ => cause.downcast_ref::<EngineError>(),
@@ -115,32 +120,41 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 /// the journal with each event's priority (so `journalctl -p warning` filters), through
 /// tracing-journald; elsewhere, or when the journal's socket cannot be reached, to stderr
 /// (without timestamps or colours under journald, which adds its own).
-pub fn init_logging(filter: &str) {
+pub fn init_logging(filter: &str) -> edgellm::daemon::SetLogFilter {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    use tracing_subscriber::{reload, EnvFilter, Layer};
+    let from_env = std::env::var("RUST_LOG").is_ok();
+    let initial = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let (filter_layer, handle) = reload::Layer::new(initial);
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    if journald {
-        if let Ok(layer) = tracing_journald::layer() {
-            let layer = layer.with_syslog_identifier("edgellm".into());
-            tracing_subscriber::registry()
-                .with(filter)
-                .with(layer)
-                .init();
-            return;
+    let journal_layer = journald
+        .then(|| tracing_journald::layer().ok())
+        .flatten()
+        .map(|l| l.with_syslog_identifier("edgellm".into()));
+    let fmt_layer = journal_layer.is_none().then(|| {
+        let ansi = !journald && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let l = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi);
+        if journald {
+            l.without_time().boxed()
+        } else {
+            l.boxed()
         }
-    }
-    let ansi = !journald && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    if journald {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(journal_layer)
+        .with(fmt_layer)
+        .try_init();
+    Box::new(move |f: &str| {
+        if from_env {
+            return Err("RUST_LOG is set and overrides log.filter".into());
+        }
+        let new = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        handle.reload(new).map_err(|e| e.to_string())
+    })
 }
 
 #[derive(Args, Clone)]

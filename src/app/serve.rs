@@ -13,7 +13,7 @@ use edgellm::backend::{self, is_onnx_dir, BackendChoice, LoadSpec};
 use edgellm::config::{Config, ConfigError};
 use edgellm::daemon::budget::{self, own_cgroup_limit, Budget};
 use edgellm::daemon::notify::Notifier;
-use edgellm::daemon::{Daemon, Listener};
+use edgellm::daemon::{guard, Daemon, Listener, Reload};
 use edgellm::engine::{worker, Engine, Window};
 use edgellm::frontend::{mqtt, unix};
 
@@ -113,6 +113,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
+    let as_loaded = cfg.clone();
     if let Some(s) = a.socket {
         cfg.socket.path = s;
     }
@@ -128,10 +129,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         cfg.mqtt.node = n;
     }
     cfg.validate().map_err(|message| ConfigError::Invalid {
-        path: a.config.unwrap_or_else(|| PathBuf::from("command line")),
+        path: a
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("command line")),
         message,
     })?;
-    init_logging(&cfg.log.filter);
+    let set_log_filter = init_logging(&cfg.log.filter);
     let mqtt = if cfg.mqtt.enabled {
         Some(mqtt::Settings::from_config(
             &cfg.mqtt,
@@ -168,6 +172,16 @@ pub fn run(a: ServeArgs) -> Result<()> {
         );
         budget.check().map_err(anyhow::Error::msg)?;
         tracing::info!("{}", budget.summary());
+    }
+    // The int4 engine's GGUF is mapped: guarded against changes in place.
+    let mapped = match opened.backend.vocabulary() {
+        edgellm::backend::Vocabulary::Gguf { gguf, .. } => gguf.mapped_range(),
+        _ => None,
+    };
+    let model_file = mapped.and_then(|_| guard::ModelFile::new(&opened.path));
+    if model_file.is_some() {
+        guard::install_sigbus_handler(&opened.path, mapped)
+            .context("installing the SIGBUS handler")?;
     }
     let mut engine = Engine::from_backend(opened.backend)
         .with_context(|| format!("loading {}", opened.path.display()))?;
@@ -220,6 +234,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         notifier: Notifier::from_env(),
         mqtt,
         budget,
+        model_file,
+        reload: a.config.map(|path| Reload {
+            path,
+            loaded: as_loaded,
+            set_log_filter,
+        }),
     };
     daemon.warm_up()?;
     daemon.run(std::future::pending())?;

@@ -9,6 +9,7 @@
 //! terminal reply, and the process exits 0.
 
 pub mod budget;
+pub mod guard;
 pub mod notify;
 
 use std::future::Future;
@@ -34,6 +35,8 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 const REAP_EVERY: Duration = Duration::from_millis(20);
 /// After the grace period and the cancel, how long the engine may take to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the mapped model file is checked for changes in place.
+const MODEL_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,6 +51,9 @@ pub enum DaemonError {
         "the engine did not stop within {0:?} of the end of the grace period; exiting without it"
     )]
     EngineStuck(Duration),
+    /// The model file was truncated or rewritten in place while mapped.
+    #[error("{0}")]
+    ModelChanged(String),
 }
 
 /// The running request's use of the window: positions filled, their share of it, and
@@ -87,6 +93,123 @@ pub struct Daemon {
     pub fallback_reason: Option<String>,
     /// Builds the int4 engine should ONNX Runtime fail while running.
     pub fallback: Option<worker::Fallback>,
+    /// The model file mapped, watched for changes in place.
+    pub model_file: Option<guard::ModelFile>,
+    /// What SIGHUP re-reads.
+    pub reload: Option<Reload>,
+}
+
+/// Sets the log filter while the daemon runs; the error says why it cannot.
+pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What SIGHUP reloads from: the config file, as it was read at start (before command-line
+/// overrides), and the log filter's handle.
+pub struct Reload {
+    pub path: PathBuf,
+    pub loaded: Config,
+    pub set_log_filter: SetLogFilter,
+}
+
+/// Keys SIGHUP applies while the daemon runs; any other key that changed waits for a restart.
+const RELOADABLE: [&str; 14] = [
+    "limits.max_tokens",
+    "limits.default_max_tokens",
+    "limits.max_line_bytes",
+    "limits.max_messages",
+    "queue.default_deadline_ms",
+    "socket.allowed_uids",
+    "socket.allowed_gids",
+    "socket.admin_uids",
+    "socket.admin_gids",
+    "socket.max_connections",
+    "socket.max_connections_per_uid",
+    "socket.idle_timeout_ms",
+    "log.filter",
+    "shutdown.grace_ms",
+];
+
+/// `section.key` → value of every key of a config.
+fn flatten(c: &Config) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(c) {
+        for (section, v) in sections {
+            match v {
+                serde_json::Value::Object(keys) => {
+                    for (k, v) in keys {
+                        out.insert(format!("{section}.{k}"), v.to_string());
+                    }
+                }
+                v => {
+                    out.insert(section, v.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Re-reads the config file on SIGHUP: applies the reloadable keys, logs each that changed and
+/// those that need a restart; a file that no longer parses changes nothing.
+fn reload(r: &mut Reload, ctx: &Context, grace: &mut Duration) {
+    let new = match Config::load(&r.path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: {e}; keeping the settings in force");
+            return;
+        }
+    };
+    let (old_keys, new_keys) = (flatten(&r.loaded), flatten(&new));
+    let changed: Vec<&String> = new_keys
+        .iter()
+        .filter(|(k, v)| old_keys.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .collect();
+    if changed.is_empty() {
+        tracing::info!(config = %r.path.display(), "SIGHUP: configuration unchanged");
+        return;
+    }
+    if new.log.filter != r.loaded.log.filter {
+        if let Err(e) = (r.set_log_filter)(&new.log.filter) {
+            tracing::warn!("SIGHUP: log.filter not changed: {e}");
+        }
+    }
+    let mut live = ctx.live();
+    let fresh = live_settings(&new);
+    live.limits = fresh.limits;
+    live.default_deadline_ms = fresh.default_deadline_ms;
+    live.access = fresh.access;
+    ctx.set_live(live);
+    *grace = Duration::from_millis(new.shutdown.grace_ms);
+    for k in &changed {
+        let (was, now) = (
+            old_keys.get(*k).map_or("(unset)", String::as_str),
+            new_keys.get(*k).map_or("(unset)", String::as_str),
+        );
+        if RELOADABLE.contains(&k.as_str()) {
+            tracing::info!("SIGHUP: {k} = {now} (was {was})");
+        } else {
+            tracing::warn!("SIGHUP: {k} = {now} (was {was}) needs a restart to take effect");
+        }
+    }
+    // What needs a restart still runs as it was, and is reported again at the next reload.
+    r.loaded = merge_reloadable(&r.loaded, &new);
+}
+
+/// `running` with the reloadable keys of `new`.
+fn merge_reloadable(running: &Config, new: &Config) -> Config {
+    let mut c = running.clone();
+    c.limits = new.limits.clone();
+    c.queue.default_deadline_ms = new.queue.default_deadline_ms;
+    c.socket.allowed_uids = new.socket.allowed_uids.clone();
+    c.socket.allowed_gids = new.socket.allowed_gids.clone();
+    c.socket.admin_uids = new.socket.admin_uids.clone();
+    c.socket.admin_gids = new.socket.admin_gids.clone();
+    c.socket.max_connections = new.socket.max_connections;
+    c.socket.max_connections_per_uid = new.socket.max_connections_per_uid;
+    c.socket.idle_timeout_ms = new.socket.idle_timeout_ms;
+    c.log.filter = new.log.filter.clone();
+    c.shutdown.grace_ms = new.shutdown.grace_ms;
+    c
 }
 
 impl Daemon {
@@ -119,6 +242,8 @@ impl Daemon {
             budget,
             fallback_reason,
             fallback,
+            model_file,
+            reload: mut reloader,
         } = self;
         let mqtt_state = mqtt.as_ref().map(|_| Arc::new(MqttState::default()));
         let info = engine.backend.info();
@@ -170,12 +295,15 @@ impl Daemon {
             live_settings(&config),
             Box::new(status),
         ));
-        let grace = Duration::from_millis(config.shutdown.grace_ms);
+        let mut grace = Duration::from_millis(config.shutdown.grace_ms);
         let Listener { socket, owned_path } = listener;
 
         let result = rt.block_on(async {
             let (shutdown_tx, shutdown_rx) = watch::channel(false);
             let signals = signals();
+            // Installed before READY, as the others: a SIGHUP never kills the daemon.
+            let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(DaemonError::Runtime)?;
             let listener =
                 tokio::net::UnixListener::from_std(socket).map_err(DaemonError::Runtime)?;
             let server = tokio::spawn(unix::serve(listener, ctx.clone(), shutdown_rx.clone()));
@@ -247,9 +375,32 @@ impl Daemon {
                 })
             };
 
-            tokio::select! {
-                s = signals => tracing::info!("{s}: shutting down"),
-                _ = stop => tracing::info!("shutting down"),
+            tokio::pin!(signals);
+            tokio::pin!(stop);
+            let mut model_check = tokio::time::interval(MODEL_CHECK_EVERY);
+            let mut fatal = None;
+            loop {
+                tokio::select! {
+                    s = &mut signals => {
+                        tracing::info!("{s}: shutting down");
+                        break;
+                    }
+                    _ = &mut stop => {
+                        tracing::info!("shutting down");
+                        break;
+                    }
+                    Some(()) = hangups.recv() => match &mut reloader {
+                        Some(r) => reload(r, &ctx, &mut grace),
+                        None => tracing::info!("SIGHUP: the daemon was started without --config; nothing to reload"),
+                    },
+                    _ = model_check.tick() => {
+                        if let Some(Err(e)) = model_file.as_ref().map(guard::ModelFile::check) {
+                            tracing::error!("{e}; stopping for the service manager to restart the daemon");
+                            fatal = Some(e);
+                            break;
+                        }
+                    }
+                }
             }
             notifier.send("STOPPING=1");
             let _ = shutdown_tx.send(true);
@@ -290,7 +441,10 @@ impl Daemon {
             if !joined {
                 return Err(DaemonError::EngineStuck(STOP_TIMEOUT));
             }
-            Ok(())
+            match fatal {
+                Some(e) => Err(DaemonError::ModelChanged(e)),
+                None => Ok(()),
+            }
         });
         if let Some(p) = &owned_path {
             let _ = std::fs::remove_file(p);

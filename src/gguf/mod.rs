@@ -371,6 +371,14 @@ impl Gguf {
         matches!(self.bytes, Bytes::Mapped(_))
     }
 
+    /// Where the file is mapped in this process (start address, length), when it is.
+    pub fn mapped_range(&self) -> Option<(usize, usize)> {
+        match &self.bytes {
+            Bytes::Mapped(m) => Some((m.as_ptr() as usize, m.len())),
+            _ => None,
+        }
+    }
+
     /// Number of bytes of the file (mapped, not resident).
     pub fn file_len(&self) -> u64 {
         self.bytes.len() as u64

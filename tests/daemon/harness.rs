@@ -166,6 +166,12 @@ impl TestDaemon {
         }
     }
 
+    /// Sends `sig` and waits for the exit.
+    pub fn wait_exit_after(&mut self, sig: nix::sys::signal::Signal) -> ExitStatus {
+        self.signal(sig);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
     /// SIGTERM and wait; the exit status.
     pub fn stop(mut self) -> (ExitStatus, String) {
         self.signal(nix::sys::signal::Signal::SIGTERM);

@@ -219,6 +219,8 @@ fn wedged_engine_stops_the_watchdog_pings() {
         budget: budget(&plan, 0, 0, None),
         fallback_reason: None,
         fallback: None,
+        model_file: None,
+        reload: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || {

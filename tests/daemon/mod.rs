@@ -7,3 +7,4 @@ pub mod harness;
 mod lib_level;
 mod peers;
 mod service;
+mod signals;

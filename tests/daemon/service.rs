@@ -909,4 +909,12 @@ fn units_pass_systemd_analyze() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{line}"));
     assert!(level <= 2.0, "{line}");
+    // The allow-lists and per-uid ownership see real uids: no user namespace in the unit.
+    let unit = std::fs::read_to_string(dir.join("edgellm.service")).expect("unit");
+    assert!(
+        !unit
+            .lines()
+            .any(|l| l.trim_start().starts_with("PrivateUsers=")),
+        "PrivateUsers= maps every peer to nobody and defeats socket.allowed_uids"
+    );
 }
