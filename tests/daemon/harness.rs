@@ -227,7 +227,7 @@ fn merge_sections(text: &str) -> String {
 /// (`setpriv` sets another uid); stdin's end shuts the socket's sending side. A read error
 /// (ECONNRESET) is printed as a line `RELAY-ERROR <what>`.
 const RELAY: &str = r#"
-import socket, sys, threading
+import os, socket, sys, threading
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
 def up():
@@ -250,6 +250,8 @@ while True:
     if not b:
         break
     out.write(b); out.flush()
+out.flush()
+os._exit(0)
 "#;
 
 /// One connection, a JSON value per line: a socket of this process, or one another uid opened
