@@ -27,7 +27,8 @@ export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 export CARGO_TARGET_DIR="$root/target/cross"
 export RUSTFLAGS="-D warnings"
-cross=(cargo test --release --target aarch64-unknown-linux-gnu --lib --test tests -- kernels:: gguf_errors:: engine::)
+# The crafted-file test runs the native `edgellm` binary and measures it: the x86 run has it.
+cross=(cargo test --release --target aarch64-unknown-linux-gnu --lib --test tests -- kernels:: gguf_errors:: engine:: --skip gguf_errors::a_crafted_array)
 
 step "aarch64 tests under qemu, default CPU (dotprod)"
 "${cross[@]}"

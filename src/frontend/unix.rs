@@ -42,6 +42,9 @@ const OVER_LIMIT_WAIT: Duration = Duration::from_millis(250);
 /// at most this long and this much, so that the peer reads the refusal instead of ECONNRESET.
 const DRAIN_FOR: Duration = Duration::from_secs(1);
 const DRAIN_BYTES: usize = 1 << 20;
+/// Refused connections given that time at once; beyond, a refusal is written and the
+/// connection closed at once, so a flood of refused connections cannot hold the descriptors.
+const REFUSING_AT_ONCE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -291,6 +294,7 @@ impl Drop for Slot {
 /// `ctx` at each connection, so a reload applies to the next one.
 pub async fn serve(listener: UnixListener, ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let counts = Arc::new(std::sync::Mutex::new(Counts::default()));
+    let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING_AT_ONCE));
     let mut conns = JoinSet::new();
     let mut next_conn = 0u64;
     let mut backoff = Duration::from_millis(10);
@@ -317,9 +321,10 @@ pub async fn serve(listener: UnixListener, ctx: Arc<Context>, mut shutdown: watc
         let conn = next_conn;
         let ctx = ctx.clone();
         let counts = counts.clone();
+        let refusing = refusing.clone();
         let shutdown = shutdown.clone();
         conns.spawn(async move {
-            admit(stream, ctx, conn, &counts, shutdown).await;
+            admit(stream, ctx, conn, &counts, &refusing, shutdown).await;
         });
     }
     drop(listener);
@@ -333,6 +338,7 @@ async fn admit(
     ctx: Arc<Context>,
     conn: u64,
     counts: &Arc<std::sync::Mutex<Counts>>,
+    refusing: &Arc<tokio::sync::Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
     let peer = match stream.peer_cred() {
@@ -360,7 +366,12 @@ async fn admit(
             format!("uid {uid} gid {gid} may not use this daemon (socket.allowed_uids, socket.allowed_gids)"),
         )
         .to_line();
-        refuse(&mut stream, &line).await;
+        match refusing.try_acquire() {
+            Ok(_p) => refuse(&mut stream, &line).await,
+            Err(_) => {
+                let _ = stream.try_write(format!("{line}\n").as_bytes());
+            }
+        }
         return;
     }
     let owner = Owner::new(conn, &format!("uid:{uid}"));
@@ -369,7 +380,13 @@ async fn admit(
         Ok(s) => s,
         Err(why) => {
             tracing::warn!(conn, uid, pid, "refused a connection: {why}");
-            over_limit(stream, &ctx, &owner, admin, &why).await;
+            match refusing.try_acquire() {
+                Ok(_p) => over_limit(stream, &ctx, &owner, admin, &why).await,
+                Err(_) => {
+                    let line = Response::error(None, ErrorCode::TooManyConnections, why).to_line();
+                    let _ = stream.try_write(format!("{line}\n").as_bytes());
+                }
+            }
             return;
         }
     };
