@@ -835,3 +835,194 @@ chmod 644 *.key"
     let s = wait_mqtt(&refused, false);
     assert_eq!(s["mqtt"]["connected"], false, "{s}");
 }
+
+/// Hostile reply topics (3.1.1's `reply_to`): NUL, over 65,535 bytes, wildcards, this node's and
+/// another node's control topics, a group's request topic — each refused before anything runs,
+/// logged, and the node keeps its one connection and answers a normal request right after.
+#[test]
+fn hostile_reply_topics_are_refused_and_the_node_keeps_serving() {
+    let broker = Broker::start("mqtt-hostile", "allow_anonymous true");
+    let dir = temp_dir("mqtt-hostile-model");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let d = daemon("mqtt-hostile-daemon", &model, &broker, "protocol = 3\n");
+    wait_mqtt(&d, true);
+    // Every topic a hostile reply could land on but the request topic (the peer's own big
+    // requests would come back there).
+    let p = Peer::connect(
+        broker.port,
+        "t-hostile",
+        &[
+            "edgellm/replies/#",
+            "edgellm/+/cancel",
+            "edgellm/+/status",
+            "edgellm/group/#",
+        ],
+    )
+    .subscribed(4);
+    let long_topic = format!("edgellm/replies/{}", "x".repeat(70_000));
+    let hostile = [
+        "edgellm/replies/a\u{0}b",
+        long_topic.as_str(),
+        "edgellm/replies/+",
+        "edgellm/n1/cancel",
+        "edgellm/other/cancel",
+        "edgellm/n1/status",
+        "edgellm/n1/request",
+        "edgellm/group/g1/request",
+    ];
+    for (i, t) in hostile.iter().enumerate() {
+        let id = format!("h{i}");
+        p.request(
+            REQ,
+            &json!({"id": id, "prompt": "Hi", "max_tokens": 2, "reply_to": t}),
+            None,
+            None,
+        );
+    }
+    // A normal request right after is answered; nothing was published on a hostile topic.
+    let req =
+        json!({"id": "fine", "prompt": "Hi", "max_tokens": 2, "reply_to": "edgellm/replies/fine"});
+    p.request(REQ, &req, None, None);
+    let mut got = Vec::new();
+    loop {
+        let g = p
+            .next(Duration::from_secs(30))
+            .expect("the normal request's reply");
+        let done = g.topic == "edgellm/replies/fine" && g.body["type"] == "done";
+        got.push(g);
+        if done {
+            break;
+        }
+    }
+    for g in &got {
+        let published_by_daemon = g.body["type"].is_string();
+        assert!(
+            !published_by_daemon || g.topic == "edgellm/replies/fine",
+            "a reply went to {:?}: {:?}",
+            g.topic.chars().take(60).collect::<String>(),
+            g.body
+        );
+    }
+    let s = d.status();
+    assert_eq!(s["mqtt"]["connects"], 1, "no reconnect: {s}");
+    assert!(
+        s["mqtt"]["refused"].as_u64().unwrap_or(0) >= hostile.len() as u64,
+        "{s}"
+    );
+    assert_eq!(
+        s["requests"]["received"], 1,
+        "only the normal request ran: {s}"
+    );
+    let log = d.log();
+    assert_eq!(
+        log.matches("is not allowed").count(),
+        hostile.len(),
+        "{log}"
+    );
+    assert!(log.contains("control topic"), "{log}");
+    assert!(log.contains("contains NUL"), "{log}");
+}
+
+/// A retained request is never run (at start, or at a restart): logged, refused, and cleared
+/// from the broker.
+#[test]
+fn retained_requests_never_run_and_are_cleared() {
+    let broker = Broker::start("mqtt-retained", "allow_anonymous true");
+    let port = broker.port.to_string();
+    let req = json!({"id": "ret", "prompt": "Hi", "max_tokens": 2,
+                     "reply_to": "edgellm/replies/ret"});
+    let st = Command::new("mosquitto_pub")
+        .args([
+            "-V", "mqttv311", "-q", "1", "-r", "-p", &port, "-t", REQ, "-m",
+        ])
+        .arg(req.to_string())
+        .status()
+        .expect("mosquitto_pub");
+    assert!(st.success());
+    let dir = temp_dir("mqtt-retained-model");
+    let model = synth_file(&dir, &SynthSpec::default());
+    for run in 0..2 {
+        let d = daemon(
+            &format!("mqtt-retained-daemon-{run}"),
+            &model,
+            &broker,
+            "protocol = 3\n",
+        );
+        wait_mqtt(&d, true);
+        std::thread::sleep(Duration::from_millis(500));
+        let s = d.status();
+        assert_eq!(s["requests"]["received"], 0, "run {run}: {s}");
+        if run == 0 {
+            assert!(
+                d.log().contains("a retained request was not run"),
+                "{}",
+                d.log()
+            );
+        }
+        let (status, _) = d.stop();
+        assert!(status.success());
+    }
+    // Nothing is retained on the request topic any more.
+    let out = Command::new("mosquitto_sub")
+        .args([
+            "-V", "mqttv311", "-p", &port, "-t", REQ, "-C", "1", "-W", "2",
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Status and cancel over MQTT 3.1.1, with `reply_to` in the payload.
+#[test]
+fn status_and_cancel_over_mqtt311() {
+    let broker = Broker::start("mqtt-v311-ops", "allow_anonymous true");
+    let d = long_daemon("mqtt-v311-ops-daemon", &broker, "protocol = 3\n");
+    let p = Peer::connect(broker.port, "t-v311-ops", &["edgellm/replies/#"]).subscribed(1);
+    p.request(
+        REQ,
+        &json!({"op": "status", "id": "st", "reply_to": "edgellm/replies/st"}),
+        None,
+        None,
+    );
+    let g = p.next(Duration::from_secs(10)).expect("status reply");
+    assert_eq!(
+        (g.topic.as_str(), &g.body["type"]),
+        ("edgellm/replies/st", &json!("status"))
+    );
+    let mut l = long("L", 1000);
+    l["reply_to"] = json!("edgellm/replies/L");
+    p.request(REQ, &l, None, None);
+    let first = p.next(Duration::from_secs(20)).expect("tokens");
+    assert_eq!(first.body["id"], "L");
+    p.request(
+        "edgellm/n1/cancel",
+        &json!({"id": "L", "reply_to": "edgellm/replies/ack"}),
+        None,
+        None,
+    );
+    let mut got = Vec::new();
+    while !got
+        .iter()
+        .any(|g: &Got| g.topic == "edgellm/replies/L" && g.body["type"] == "done")
+    {
+        got.push(p.next(Duration::from_secs(30)).expect("replies"));
+    }
+    if !got.iter().any(|g| g.topic == "edgellm/replies/ack") {
+        got.push(p.next(Duration::from_secs(5)).expect("cancel ack"));
+    }
+    let ack = got
+        .iter()
+        .find(|g| g.topic == "edgellm/replies/ack")
+        .expect("ack");
+    assert_eq!(ack.body["state"], "running", "{:?}", ack.body);
+    let done = got
+        .iter()
+        .find(|g| g.topic == "edgellm/replies/L" && g.body["type"] == "done")
+        .expect("done");
+    assert_eq!(done.body["finish_reason"], "cancelled");
+    drop(d);
+}

@@ -74,9 +74,14 @@ pub enum Operation {
     Status {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
+        /// MQTT 3.1.1's reply topic; other front-ends refuse it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<String>,
     },
     Cancel {
         id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<String>,
     },
 }
 
@@ -236,8 +241,13 @@ pub struct Generate {
 #[derive(Debug, Clone)]
 pub enum Incoming {
     Generate(Box<Generate>),
-    Status,
-    Cancel { id: String },
+    Status {
+        reply_to: Option<String>,
+    },
+    Cancel {
+        id: String,
+        reply_to: Option<String>,
+    },
 }
 
 /// A request that cannot be accepted, with what to answer.
@@ -362,11 +372,14 @@ pub fn parse_value(
     let (id, _) = Envelope::of(&value);
     let id = id.as_deref();
     if let Some(op) = obj.get("op") {
-        if let Some(k) = obj.keys().find(|k| *k != "op" && *k != "id") {
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !matches!(k.as_str(), "op" | "id" | "reply_to"))
+        {
             return Err(Refusal::new(
                 id,
                 ErrorCode::BadRequest,
-                format!("unknown field `{k}` in an op request: allowed `op`, `id`"),
+                format!("unknown field `{k}` in an op request: allowed `op`, `id`, `reply_to`"),
             ));
         }
         if !matches!(op.as_str(), Some("status" | "cancel")) {
@@ -377,8 +390,8 @@ pub fn parse_value(
             ));
         }
         return match Operation::deserialize(&value) {
-            Ok(Operation::Status { .. }) => Ok(Incoming::Status),
-            Ok(Operation::Cancel { id }) => Ok(Incoming::Cancel { id }),
+            Ok(Operation::Status { reply_to, .. }) => Ok(Incoming::Status { reply_to }),
+            Ok(Operation::Cancel { id, reply_to }) => Ok(Incoming::Cancel { id, reply_to }),
             Err(_) => Err(Refusal::new(
                 id,
                 ErrorCode::BadRequest,
@@ -590,7 +603,7 @@ mod tests {
         }
         assert!(matches!(
             parse(br#"{"op":"cancel","id":"r1"}"#, &limits, 0, now),
-            Ok(Incoming::Cancel { id }) if id == "r1"
+            Ok(Incoming::Cancel { id, .. }) if id == "r1"
         ));
     }
 

@@ -67,7 +67,13 @@ fn read_reply(reader: &mut BufReader<UnixStream>) -> Result<Response, ClientErro
 
 /// The daemon's status reply.
 pub fn status(stream: &mut UnixStream) -> Result<Status, ClientError> {
-    let mut reader = send(stream, &Operation::Status { id: None })?;
+    let mut reader = send(
+        stream,
+        &Operation::Status {
+            id: None,
+            reply_to: None,
+        },
+    )?;
     match read_reply(&mut reader)? {
         Response::Status(s) => Ok(*s),
         other => Err(ClientError::Protocol(other.to_line())),

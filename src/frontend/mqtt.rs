@@ -26,6 +26,12 @@ use crate::api::{ErrorCode, Event};
 use crate::config::{BrokerUrl, MqttConfig};
 use crate::queue::{Caller, Job, Owner, Reply};
 
+/// The longest topic name MQTT can carry.
+const MAX_TOPIC_BYTES: usize = 65_535;
+/// Requests answered lately, remembered to recognise the broker's redelivery of one (QoS 1,
+/// DUP set) after its reply went out.
+const RECENT: usize = 1024;
+
 /// After shutdown, once every MQTT request has its terminal reply (the daemon's grace period
 /// decides how long that takes), how long the publisher may take to deliver what is left.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,6 +66,8 @@ pub struct Settings {
     /// The CA (PEM) and optionally a client certificate and key (PEM), for mqtts://.
     tls: Option<(Vec<u8>, Option<ClientAuth>)>,
     pub reply_prefixes: Vec<String>,
+    /// `mqtt.prefix`: control topics of every node are `<prefix>/<node>/request|cancel|status`.
+    pub prefix: String,
     pub keep_alive: Duration,
     pub backoff: (Duration, Duration),
     pub coalesce: (Duration, usize),
@@ -179,6 +187,7 @@ impl Settings {
             credentials,
             tls,
             reply_prefixes,
+            prefix: c.prefix.clone(),
             keep_alive: Duration::from_secs(c.keep_alive_s),
             backoff: (
                 Duration::from_millis(c.reconnect_min_ms),
@@ -190,12 +199,48 @@ impl Settings {
         })
     }
 
-    fn reply_allowed(&self, topic: &str) -> bool {
-        !topic.contains(['+', '#'])
-            && self
-                .reply_prefixes
-                .iter()
-                .any(|p| topic.starts_with(p.as_str()))
+    /// Whether replies may be published on `topic`, checked before anything runs: a topic the
+    /// broker would refuse (NUL, wildcards, over 65,535 bytes) breaks the connection under
+    /// 3.1.1, and a control topic (any node's `request`, `cancel`, `status`) would make the
+    /// reply a command. The error says why, for the log.
+    fn check_reply_topic(&self, topic: &str) -> Result<(), String> {
+        if topic.is_empty() {
+            return Err("empty".into());
+        }
+        if topic.len() > MAX_TOPIC_BYTES {
+            return Err(format!(
+                "{} bytes; MQTT allows {MAX_TOPIC_BYTES}",
+                topic.len()
+            ));
+        }
+        if topic.contains('\0') {
+            return Err("contains NUL".into());
+        }
+        if topic.contains(['+', '#']) {
+            return Err("contains a wildcard (+ or #)".into());
+        }
+        if !self
+            .reply_prefixes
+            .iter()
+            .any(|p| topic.starts_with(p.as_str()))
+        {
+            return Err(format!(
+                "outside mqtt.reply_prefixes {:?}",
+                self.reply_prefixes
+            ));
+        }
+        if let Some(rest) = topic
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            let levels: Vec<&str> = rest.split('/').collect();
+            let control = matches!(levels.last(), Some(&("request" | "cancel" | "status")))
+                && (levels.len() == 2 || (levels.len() == 3 && levels[0] == "group"));
+            if control {
+                return Err("a control topic of the daemons (request, cancel or status)".into());
+            }
+        }
+        Ok(())
     }
 
     fn transport(&self) -> Transport {
@@ -264,6 +309,10 @@ struct Out {
 /// A received publish, from either protocol version.
 struct Msg {
     topic: String,
+    /// Sent retained: a stored message the broker hands every new subscriber.
+    retain: bool,
+    /// Set by the broker on a QoS 1 redelivery.
+    dup: bool,
     payload: bytes::Bytes,
     response_topic: Option<String>,
     correlation: Option<bytes::Bytes>,
@@ -348,6 +397,8 @@ impl EventLoop {
                             .map(|(_, v)| v.clone());
                         Ok(Polled::Message(Msg {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            retain: p.retain,
+                            dup: p.dup,
                             payload: p.payload,
                             response_topic: props.response_topic,
                             correlation: props.correlation_data,
@@ -356,6 +407,19 @@ impl EventLoop {
                         }))
                     }
                     Ok(E::Outgoing(rumqttc::Outgoing::Disconnect)) => Ok(Polled::Disconnected),
+                    Ok(E::Incoming(I::PubAck(a))) => {
+                        use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+                        if !matches!(a.reason, R::Success | R::NoMatchingSubscribers) {
+                            // Refused once, dropped: never retried.
+                            let why = a.properties.and_then(|p| p.reason_string);
+                            tracing::warn!(
+                                "mqtt: the broker refused a message of ours ({:?}{}); dropped",
+                                a.reason,
+                                why.map(|w| format!(": {w}")).unwrap_or_default()
+                            );
+                        }
+                        Ok(Polled::Other)
+                    }
                     Ok(_) => Ok(Polled::Other),
                     Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
                         Err(format!("the broker refused the connection: {code:?}"))
@@ -369,6 +433,8 @@ impl EventLoop {
                     Ok(E::Incoming(I::ConnAck(_))) => Ok(Polled::Connected),
                     Ok(E::Incoming(I::Publish(p))) => Ok(Polled::Message(Msg {
                         topic: p.topic,
+                        retain: p.retain,
+                        dup: p.dup,
                         payload: p.payload,
                         response_topic: None,
                         correlation: None,
@@ -440,9 +506,58 @@ struct Route {
     pending: String,
     pending_tokens: usize,
     pending_since: Option<Instant>,
+    /// The request as it came (reply topic and payload), to recognise a redelivery of it.
+    digest: u64,
 }
 
-type Routes = Arc<Mutex<HashMap<Arc<str>, Route>>>;
+/// Routes of the requests in flight, and the digests of those answered lately.
+#[derive(Default)]
+struct RouteTable {
+    live: HashMap<Arc<str>, Route>,
+    recent: VecDeque<(Arc<str>, u64)>,
+}
+
+impl std::ops::Deref for RouteTable {
+    type Target = HashMap<Arc<str>, Route>;
+    fn deref(&self) -> &Self::Target {
+        &self.live
+    }
+}
+
+impl std::ops::DerefMut for RouteTable {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.live
+    }
+}
+
+impl RouteTable {
+    /// The request's route is done: remembered for a while by its digest.
+    fn finish(&mut self, id: &Arc<str>) {
+        if let Some(r) = self.live.remove(id) {
+            if self.recent.len() >= RECENT {
+                self.recent.pop_front();
+            }
+            self.recent.push_back((id.clone(), r.digest));
+        }
+    }
+
+    /// Whether `id` with `digest` is in flight or was answered lately.
+    fn seen(&self, id: &str, digest: u64) -> bool {
+        self.live.get(id).is_some_and(|r| r.digest == digest)
+            || self.recent.iter().any(|(i, d)| &**i == id && *d == digest)
+    }
+}
+
+/// What identifies one delivery of a request: its reply topic and its bytes.
+fn digest(topic: &str, payload: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut h);
+    payload.hash(&mut h);
+    h.finish()
+}
+
+type Routes = Arc<Mutex<RouteTable>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -656,25 +771,60 @@ impl Handler {
             return;
         }
         self.state.update(|st| st.requests += 1);
+        if m.retain {
+            // A retained request would run again at every restart and for every new node.
+            self.refused();
+            tracing::warn!(
+                topic = %m.topic,
+                "mqtt: a retained request was not run (requests must not be retained); clearing it from the broker"
+            );
+            if !m.payload.is_empty() {
+                let _ = self.out_tx.send(Out {
+                    topic: m.topic.clone(),
+                    payload: Vec::new(),
+                    retain: true,
+                    correlation: None,
+                    made: Instant::now(),
+                });
+            }
+            return;
+        }
         // The payload is read once: its envelope (id, 3.1.1 reply topic) first, so that even a
         // request that fails to parse further is answered where it asked.
         let json = wire::read_json(&m.payload);
         let (id_hint, payload_reply_to) = json.as_ref().map(Envelope::of).unwrap_or_default();
-        // The reply topic: MQTT 5's response topic, else the payload's `reply_to` (3.1.1).
-        let reply_to = m.response_topic.clone().or(payload_reply_to);
-        let topic = match reply_to {
-            Some(t) if s.reply_allowed(&t) => Some(t),
-            Some(t) => {
-                self.refused();
-                tracing::warn!(
-                    id = id_hint.as_deref().unwrap_or(""),
-                    "mqtt: refused a request whose reply topic {t:?} is outside mqtt.reply_prefixes {:?}",
-                    s.reply_prefixes
-                );
-                return;
+        // The reply topic: MQTT 5's response topic, else the payload's `reply_to` (3.1.1). Both
+        // are checked before anything runs; a refused one is logged (shortened, escaped), and
+        // answered on the other when that one is valid.
+        let mut candidates = [m.response_topic.clone(), payload_reply_to];
+        let mut topic = None;
+        let mut why_not = None;
+        for t in candidates.iter_mut().filter_map(Option::take) {
+            match s.check_reply_topic(&t) {
+                Ok(()) if topic.is_none() => topic = Some(t),
+                Ok(()) => {}
+                Err(why) if topic.is_none() && why_not.is_none() => why_not = Some((t, why)),
+                Err(_) => {}
             }
-            None => None,
-        };
+        }
+        if let Some((t, why)) = why_not {
+            self.refused();
+            let shown: String = t.chars().take(120).collect();
+            tracing::warn!(
+                id = id_hint.as_deref().unwrap_or(""),
+                "mqtt: refused a request whose reply topic {shown:?}{} is not allowed: {why}",
+                if shown.len() < t.len() { "…" } else { "" }
+            );
+            if let Some(valid) = topic {
+                let reply = Response::error(
+                    id_hint.as_deref(),
+                    ErrorCode::BadRequest,
+                    format!("reply_to: not an allowed reply topic ({why})"),
+                );
+                self.publish(&valid, &m.correlation, reply.to_line());
+            }
+            return;
+        }
         let answer = |reply: Response| match &topic {
             Some(t) => self.publish(t, &m.correlation, reply.to_line()),
             None => {
@@ -727,12 +877,12 @@ impl Handler {
                 self.refused();
                 return answer(r.response());
             }
-            Ok(Incoming::Status) => {
+            Ok(Incoming::Status { .. }) => {
                 let mut status = self.ctx.status_for(MqttCaller::of(&topic).as_caller());
                 status.id = id_hint.clone();
                 return answer(Response::Status(Box::new(status)));
             }
-            Ok(Incoming::Cancel { id }) => {
+            Ok(Incoming::Cancel { id, .. }) => {
                 let state = self
                     .ctx
                     .queue
@@ -785,6 +935,12 @@ impl Handler {
         let id: Arc<str> = g.id.as_str().into();
         {
             let mut routes = lock(&self.routes);
+            let digest = digest(&topic, &m.payload);
+            if m.dup && routes.seen(&id, digest) {
+                // The broker's redelivery (QoS 1, DUP) of a request already taken: run once.
+                tracing::debug!(id = %g.id, "mqtt: a redelivered request was already taken");
+                return;
+            }
             if routes.contains_key(&id) {
                 drop(routes);
                 let line = refuse(
@@ -802,6 +958,7 @@ impl Handler {
                     pending: String::new(),
                     pending_tokens: 0,
                     pending_since: None,
+                    digest,
                 },
             );
         }
@@ -950,7 +1107,7 @@ fn on_reply(
             flush_route(&r.id, route, outbox);
             let o = message(route, &Response::event(&r.id, &terminal));
             outbox.push_back(o);
-            routes.remove(&r.id);
+            routes.finish(&r.id);
         }
     }
 }
@@ -961,5 +1118,75 @@ fn flush_due(routes: &Routes, every: Duration, outbox: &mut VecDeque<Out>) {
         if route.pending_since.is_some_and(|t| t.elapsed() >= every) {
             flush_route(id, route, outbox);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        let c = MqttConfig {
+            node: "n1".into(),
+            ..Default::default()
+        };
+        Settings::from_config(&c, 65536).expect("settings")
+    }
+
+    #[test]
+    fn reply_topics_are_checked_before_anything_runs() {
+        let s = settings();
+        assert_eq!(s.check_reply_topic("edgellm/replies/a"), Ok(()));
+        assert_eq!(s.check_reply_topic("edgellm/n1/replies"), Ok(()));
+        for bad in [
+            "",
+            "edgellm/replies/a\0b",
+            "edgellm/replies/+",
+            "edgellm/replies/#",
+            "other/replies",
+            "edgellm/n1/request",
+            "edgellm/n2/cancel",
+            "edgellm/n1/status",
+            "edgellm/group/kitchen/request",
+            "edgellm/group/kitchen/cancel",
+        ] {
+            assert!(s.check_reply_topic(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("edgellm/{}", "x".repeat(MAX_TOPIC_BYTES));
+        assert!(s.check_reply_topic(&long).is_err());
+    }
+
+    /// A redelivered request (same reply topic and bytes) is recognised while it runs and for a
+    /// while after its reply; another request with the same id is not.
+    #[test]
+    fn redeliveries_are_recognised() {
+        let mut t = RouteTable::default();
+        let id: Arc<str> = "r1".into();
+        let d = digest("edgellm/replies/a", b"{\"id\":\"r1\"}");
+        t.insert(
+            id.clone(),
+            Route {
+                topic: "edgellm/replies/a".into(),
+                correlation: None,
+                seq: 0,
+                pending: String::new(),
+                pending_tokens: 0,
+                pending_since: None,
+                digest: d,
+            },
+        );
+        assert!(t.seen("r1", d));
+        assert!(!t.seen("r1", digest("edgellm/replies/b", b"{\"id\":\"r1\"}")));
+        t.finish(&id);
+        assert!(t.is_empty());
+        assert!(t.seen("r1", d), "remembered after its reply");
+        for i in 0..RECENT {
+            let other: Arc<str> = format!("x{i}").into();
+            t.recent.push_back((other, 0));
+            if t.recent.len() > RECENT {
+                t.recent.pop_front();
+            }
+        }
+        assert!(!t.seen("r1", d), "forgotten after RECENT others");
     }
 }

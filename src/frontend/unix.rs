@@ -406,7 +406,10 @@ async fn over_limit(mut stream: UnixStream, ctx: &Context, owner: &Owner, admin:
     let now = Instant::now();
     let status = match first {
         Ok(Ok(Read::Line(l))) => {
-            matches!(wire::parse(&l, &ctx.limits(), 0, now), Ok(Incoming::Status))
+            matches!(
+                wire::parse(&l, &ctx.limits(), 0, now),
+                Ok(Incoming::Status { reply_to: None })
+            )
         }
         _ => false,
     };
@@ -574,8 +577,20 @@ impl Connection {
         let parsed = wire::parse(line, &live.limits, live.default_deadline_ms, Instant::now());
         let reply = match parsed {
             Err(r) => r.response(),
-            Ok(Incoming::Status) => Response::Status(Box::new(ctx.status_for(self.caller()))),
-            Ok(Incoming::Cancel { id }) => {
+            Ok(
+                Incoming::Status { reply_to: Some(_) }
+                | Incoming::Cancel {
+                    reply_to: Some(_), ..
+                },
+            ) => Response::error(
+                None,
+                ErrorCode::BadRequest,
+                "reply_to: only MQTT 3.1.1 requests name a reply topic",
+            ),
+            Ok(Incoming::Status { .. }) => {
+                Response::Status(Box::new(ctx.status_for(self.caller())))
+            }
+            Ok(Incoming::Cancel { id, .. }) => {
                 let state = ctx.queue.cancel(self.caller(), &id);
                 Response::Cancel { id, state }
             }
