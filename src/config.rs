@@ -136,6 +136,13 @@ pub struct MqttConfig {
     pub coalesce_ms: u64,
     pub coalesce_tokens: usize,
     pub reply_hold_ms: u64,
+    /// Home Assistant MQTT discovery: a device per node, its sensors fed by a state topic.
+    pub discovery: bool,
+    pub discovery_prefix: String,
+    /// On a clean stop, remove the discovery configs (empty retained messages).
+    pub discovery_remove_on_stop: bool,
+    /// How often the state topic is published while connected, seconds.
+    pub state_interval_s: u64,
 }
 
 impl Default for MqttConfig {
@@ -161,6 +168,10 @@ impl Default for MqttConfig {
             coalesce_ms: 50,
             coalesce_tokens: 16,
             reply_hold_ms: 60_000,
+            discovery: false,
+            discovery_prefix: "homeassistant".into(),
+            discovery_remove_on_stop: false,
+            state_interval_s: 5,
         }
     }
 }
@@ -322,6 +333,7 @@ const RANGES: &[(&str, u64, u64)] = &[
     ("mqtt.coalesce_ms", 0, 10_000),
     ("mqtt.coalesce_tokens", 1, 1024),
     ("mqtt.reply_hold_ms", 0, 86_400_000),
+    ("mqtt.state_interval_s", 1, 3600),
     ("queue.capacity", 1, 4096),
     ("queue.default_deadline_ms", 0, 86_400_000),
     ("limits.max_tokens", 1, 65536),
@@ -392,6 +404,7 @@ impl Config {
             m.coalesce_ms,
             m.coalesce_tokens as u64,
             m.reply_hold_ms,
+            m.state_interval_s,
             self.queue.capacity as u64,
             self.queue.default_deadline_ms,
             self.limits.max_tokens as u64,
@@ -493,6 +506,7 @@ impl Config {
         };
         topic_part("mqtt.prefix", &m.prefix, false)?;
         topic_part("mqtt.node", &m.node, true)?;
+        topic_part("mqtt.discovery_prefix", &m.discovery_prefix, false)?;
         let sources = [&m.password, &m.password_file, &m.password_env]
             .iter()
             .filter(|s| !s.is_empty())

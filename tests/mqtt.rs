@@ -1026,3 +1026,92 @@ fn status_and_cancel_over_mqtt311() {
     assert_eq!(done.body["finish_reason"], "cancelled");
     drop(d);
 }
+
+/// Home Assistant discovery: retained configs for the node's device with the keys Home
+/// Assistant requires, a state topic published while connected that feeds them, and the configs
+/// removed on a clean stop when configured so — all through a real mosquitto.
+#[test]
+fn home_assistant_discovery_configs_and_state() {
+    let broker = Broker::start("mqtt-ha", "allow_anonymous true");
+    let dir = temp_dir("mqtt-ha-model");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let p = Peer::connect(
+        broker.port,
+        "t-ha",
+        &["homeassistant/#", "edgellm/n1/state"],
+    )
+    .subscribed(2);
+    let d = daemon(
+        "mqtt-ha-daemon",
+        &model,
+        &broker,
+        "discovery = true\ndiscovery_remove_on_stop = true\nstate_interval_s = 1\n",
+    );
+    wait_mqtt(&d, true);
+    let mut configs = std::collections::BTreeMap::new();
+    let mut states = Vec::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while configs.len() < 5 || states.is_empty() {
+        assert!(Instant::now() < until, "{configs:?} {states:?}");
+        let Some(g) = p.next(Duration::from_secs(5)) else {
+            continue;
+        };
+        if g.topic.starts_with("homeassistant/") {
+            configs.insert(g.topic.clone(), g.body.clone());
+        } else {
+            states.push(g.body.clone());
+        }
+    }
+    for (topic, c) in &configs {
+        assert!(
+            topic.starts_with("homeassistant/sensor/edgellm_n1/") && topic.ends_with("/config"),
+            "{topic}"
+        );
+        for key in [
+            "name",
+            "unique_id",
+            "state_topic",
+            "availability_topic",
+            "device",
+        ] {
+            assert!(!c[key].is_null(), "{topic} lacks {key}: {c}");
+        }
+        assert_eq!(c["availability_topic"], "edgellm/n1/status");
+        assert_eq!(c["device"]["identifiers"][0], "edgellm_n1");
+        assert_eq!(c["device"]["model"], "synth.gguf");
+    }
+    let uniques: std::collections::BTreeSet<_> = configs
+        .values()
+        .map(|c| c["unique_id"].to_string())
+        .collect();
+    assert_eq!(uniques.len(), 5, "unique ids");
+    let s = &states[0];
+    for key in ["queue_depth", "last_decode_tps", "requests_served", "model"] {
+        assert!(!s[key].is_null(), "state lacks {key}: {s}");
+    }
+    // The state follows the daemon: a request served shows up.
+    let mut c = d.connect();
+    c.send(&json!({"id": "x", "prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(c.recv()["type"], "done");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let g = p.next(Duration::from_secs(5)).expect("state messages");
+        if g.topic == "edgellm/n1/state" && g.body["requests_served"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < until, "requests_served never 1");
+    }
+    // A clean stop removes the configs.
+    let (status, _) = d.stop();
+    assert!(status.success());
+    let port = broker.port.to_string();
+    let out = Command::new("mosquitto_sub")
+        .args(["-p", &port, "-t", "homeassistant/#", "-C", "1", "-W", "2"])
+        .output()
+        .expect("mosquitto_sub");
+    assert!(
+        out.stdout.is_empty(),
+        "retained configs left: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

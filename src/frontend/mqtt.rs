@@ -20,7 +20,7 @@ use rumqttc::{QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
 
 use super::{until_true, Context};
-use crate::api::status::MqttInfo;
+use crate::api::status::{MqttInfo, Status};
 use crate::api::wire::{self, Envelope, Incoming, Refusal, Response};
 use crate::api::{ErrorCode, Event};
 use crate::config::{BrokerUrl, MqttConfig};
@@ -62,6 +62,11 @@ pub struct Settings {
     pub request_topic: String,
     pub cancel_topic: String,
     pub status_topic: String,
+    /// The node's state (queue depth, speed, requests served), for Home Assistant.
+    pub state_topic: String,
+    pub state_every: Duration,
+    /// Home Assistant discovery: its prefix, and whether a clean stop removes the configs.
+    pub discovery: Option<(String, bool)>,
     credentials: Option<(String, String)>,
     /// The CA (PEM) and optionally a client certificate and key (PEM), for mqtts://.
     tls: Option<(Vec<u8>, Option<ClientAuth>)>,
@@ -182,6 +187,11 @@ impl Settings {
             request_topic: format!("{base}/request"),
             cancel_topic: format!("{base}/cancel"),
             status_topic: format!("{base}/status"),
+            state_topic: format!("{base}/state"),
+            state_every: Duration::from_secs(c.state_interval_s),
+            discovery: c
+                .discovery
+                .then(|| (c.discovery_prefix.clone(), c.discovery_remove_on_stop)),
             node,
             client_id,
             credentials,
@@ -563,6 +573,113 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The sensors of a node's Home Assistant device: object id, name, value template (`None`: the
+/// availability topic's own payload), unit.
+const SENSORS: [(&str, &str, Option<&str>, Option<&str>); 5] = [
+    ("availability", "Availability", None, None),
+    (
+        "queue_depth",
+        "Queue depth",
+        Some("{{ value_json.queue_depth }}"),
+        None,
+    ),
+    (
+        "decode_tps",
+        "Decode speed",
+        Some("{{ value_json.last_decode_tps }}"),
+        Some("tok/s"),
+    ),
+    (
+        "requests_served",
+        "Requests served",
+        Some("{{ value_json.requests_served }}"),
+        None,
+    ),
+    ("model", "Model", Some("{{ value_json.model }}"), None),
+];
+
+/// Home Assistant's discovery configs for this node (retained), or with `remove` the empty
+/// retained messages that delete them.
+fn discovery_messages(s: &Settings, status: &Status, remove: bool) -> Vec<Out> {
+    let Some((prefix, _)) = &s.discovery else {
+        return Vec::new();
+    };
+    // Home Assistant's node ids are letters, digits, '_' and '-'.
+    let node_id: String = s
+        .node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let device = serde_json::json!({
+        "identifiers": [format!("edgellm_{node_id}")],
+        "name": format!("edgellm {}", s.node),
+        "manufacturer": "edgellm",
+        "model": status.model,
+        "sw_version": status.version,
+    });
+    SENSORS
+        .iter()
+        .map(|(object, name, template, unit)| {
+            let topic = format!("{prefix}/sensor/edgellm_{node_id}/{object}/config");
+            let payload = if remove {
+                Vec::new()
+            } else {
+                let mut c = serde_json::json!({
+                    "name": name,
+                    "unique_id": format!("edgellm_{node_id}_{object}"),
+                    "state_topic": if template.is_some() { &s.state_topic } else { &s.status_topic },
+                    "availability_topic": s.status_topic,
+                    "payload_available": "online",
+                    "payload_not_available": "offline",
+                    "device": device,
+                    "origin": {"name": "edgellm", "sw_version": status.version},
+                });
+                if let Some(t) = template {
+                    c["value_template"] = serde_json::json!(t);
+                }
+                if let Some(u) = unit {
+                    c["unit_of_measurement"] = serde_json::json!(u);
+                    c["state_class"] = serde_json::json!("measurement");
+                }
+                c.to_string().into_bytes()
+            };
+            Out {
+                topic,
+                payload,
+                retain: true,
+                correlation: None,
+                made: Instant::now(),
+            }
+        })
+        .collect()
+}
+
+/// The state topic's message: what the sensors show.
+fn state_message(s: &Settings, status: &Status) -> Out {
+    let payload = serde_json::json!({
+        "queue_depth": status.queue.depth,
+        "running": status.queue.running.is_some(),
+        "last_decode_tps": status.last_decode_tps,
+        "requests_served": status.requests.done,
+        "model": status.model,
+        "backend": status.backend,
+        "uptime_s": status.uptime_s,
+    });
+    Out {
+        topic: s.state_topic.clone(),
+        payload: payload.to_string().into_bytes(),
+        retain: false,
+        correlation: None,
+        made: Instant::now(),
+    }
+}
+
 /// Runs the MQTT front-end until `shutdown`, then delivers what is left, says `offline` and
 /// disconnects.
 pub async fn serve(
@@ -594,6 +711,27 @@ pub async fn serve(
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Out>();
     let (connected_tx, connected_rx) = watch::channel(false);
     let (finish_tx, finish_rx) = watch::channel(false);
+    // The state topic, every few seconds while connected (Home Assistant's sensors read it).
+    let stater = settings.discovery.is_some().then(|| {
+        let (ctx, out_tx, s) = (ctx.clone(), out_tx.clone(), settings.clone());
+        let mut connected = connected_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(s.state_every);
+            loop {
+                tick.tick().await;
+                if !*connected.borrow_and_update() {
+                    if connected.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                if out_tx.send(state_message(&s, &ctx.status())).is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    let ctx_for_stop = ctx.clone();
     let handler = Handler {
         ctx,
         settings: settings.clone(),
@@ -617,8 +755,20 @@ pub async fn serve(
         shutdown,
     };
     publisher(&settings, &client, routes, inputs, &state).await;
+    if let Some(t) = stater {
+        t.abort();
+    }
     // Clean stop: `offline` (retained) replaces the `online` of this run, then disconnect.
     if state.connected() {
+        if settings
+            .discovery
+            .as_ref()
+            .is_some_and(|(_, remove)| *remove)
+        {
+            for o in discovery_messages(&settings, &ctx_for_stop.status(), true) {
+                client.try_publish(&o);
+            }
+        }
         client.try_publish(&Out {
             topic: settings.status_topic.clone(),
             payload: b"offline".to_vec(),
@@ -689,6 +839,13 @@ async fn run_loop(
                     correlation: None,
                     made: Instant::now(),
                 });
+                let status = handler.ctx.status();
+                for o in discovery_messages(s, &status, false) {
+                    client.try_publish(&o);
+                }
+                if s.discovery.is_some() {
+                    client.try_publish(&state_message(s, &status));
+                }
                 let _ = connected.send(true);
             }
             Ok(Polled::Message(m)) => handler.on_message(m),
