@@ -179,7 +179,7 @@ fn connections_are_bounded_and_idle_ones_closed() {
     let d = public_daemon(
         "peers-conns",
         &model,
-        "[socket]\nmax_connections = 3\nmax_connections_per_uid = 2\nidle_timeout_ms = 1500\n",
+        "[socket]\nmax_connections = 3\nmax_connections_per_uid = 2\nidle_timeout_ms = 3000\n",
     );
     let status = |c: &mut Client| {
         c.send(&json!({"op": "status"}));
