@@ -537,32 +537,41 @@ fn mqtt5_expiry_cancel_and_duplicates() {
         Some("edgellm/replies/ack"),
         None,
     );
-    let mut got = Vec::new();
-    while !got
-        .iter()
-        .any(|g: &Got| g.topic == "edgellm/replies/c" && g.body["type"] == "done")
-    {
-        got.push(p.next(Duration::from_secs(30)).expect("replies to c1"));
-    }
-    // The cancel ack may come after the done.
-    if !got.iter().any(|g| g.topic == "edgellm/replies/ack") {
-        got.push(p.next(Duration::from_secs(5)).expect("cancel ack"));
-    }
+    let (got, ack, done) = cancelled(&p, "edgellm/replies/c", "edgellm/replies/ack");
     let dup = got
         .iter()
         .find(|g| g.topic == "edgellm/replies/dup")
         .expect("duplicate refused");
     assert_eq!(dup.body["code"], "bad_request");
+    assert_eq!(ack.body["state"], "running");
+    assert_eq!(done.body["finish_reason"], "cancelled");
+}
+
+/// After a cancel: the messages until the request's `done` on `topic` and the cancel's ack on
+/// `ack_topic` (in either order), with the ack and the done.
+fn cancelled(p: &Peer, topic: &str, ack_topic: &str) -> (Vec<Got>, Got, Got) {
+    let mut got = Vec::new();
+    while !got
+        .iter()
+        .any(|g: &Got| g.topic == topic && g.body["type"] == "done")
+    {
+        got.push(p.next(Duration::from_secs(30)).expect("replies"));
+    }
+    // The cancel ack may come after the done.
+    if !got.iter().any(|g| g.topic == ack_topic) {
+        got.push(p.next(Duration::from_secs(5)).expect("cancel ack"));
+    }
     let ack = got
         .iter()
-        .find(|g| g.topic == "edgellm/replies/ack")
+        .find(|g| g.topic == ack_topic)
+        .cloned()
         .expect("cancel ack");
-    assert_eq!(ack.body["state"], "running");
     let done = got
         .iter()
-        .find(|g| g.topic == "edgellm/replies/c" && g.body["type"] == "done")
-        .expect("cancelled reply");
-    assert_eq!(done.body["finish_reason"], "cancelled");
+        .find(|g| g.topic == topic && g.body["type"] == "done")
+        .cloned()
+        .expect("done");
+    (got, ack, done)
 }
 
 /// MQTT 3.1.1 (config `protocol = 3`): the request names `reply_to`; mosquitto's own clients.
@@ -1004,25 +1013,8 @@ fn status_and_cancel_over_mqtt311() {
         None,
         None,
     );
-    let mut got = Vec::new();
-    while !got
-        .iter()
-        .any(|g: &Got| g.topic == "edgellm/replies/L" && g.body["type"] == "done")
-    {
-        got.push(p.next(Duration::from_secs(30)).expect("replies"));
-    }
-    if !got.iter().any(|g| g.topic == "edgellm/replies/ack") {
-        got.push(p.next(Duration::from_secs(5)).expect("cancel ack"));
-    }
-    let ack = got
-        .iter()
-        .find(|g| g.topic == "edgellm/replies/ack")
-        .expect("ack");
+    let (_, ack, done) = cancelled(&p, "edgellm/replies/L", "edgellm/replies/ack");
     assert_eq!(ack.body["state"], "running", "{:?}", ack.body);
-    let done = got
-        .iter()
-        .find(|g| g.topic == "edgellm/replies/L" && g.body["type"] == "done")
-        .expect("done");
     assert_eq!(done.body["finish_reason"], "cancelled");
     drop(d);
 }
