@@ -173,12 +173,7 @@ fn reload(r: &mut Reload, ctx: &Context, grace: &mut Duration) {
             tracing::warn!("SIGHUP: log.filter not changed: {e}");
         }
     }
-    let mut live = ctx.live();
-    let fresh = live_settings(&new);
-    live.limits = fresh.limits;
-    live.default_deadline_ms = fresh.default_deadline_ms;
-    live.access = fresh.access;
-    ctx.set_live(live);
+    ctx.set_live(live_settings(&new));
     *grace = Duration::from_millis(new.shutdown.grace_ms);
     for k in &changed {
         let (was, now) = (
@@ -463,19 +458,10 @@ impl Daemon {
 
 /// The settings of `config` that SIGHUP may change while the daemon runs.
 pub fn live_settings(config: &Config) -> Live {
-    let s = &config.socket;
     Live {
         limits: config.limits.clone(),
         default_deadline_ms: config.queue.default_deadline_ms,
-        access: Access {
-            allowed_uids: s.allowed_uids.clone(),
-            allowed_gids: s.allowed_gids.clone(),
-            admin_uids: s.admin_uids.clone(),
-            admin_gids: s.admin_gids.clone(),
-            max_connections: s.max_connections,
-            max_connections_per_uid: s.max_connections_per_uid,
-            idle_timeout: Duration::from_millis(s.idle_timeout_ms),
-        },
+        access: Access::of(&config.socket),
     }
 }
 

@@ -215,7 +215,7 @@ impl Engine {
     /// control tokens, the messages' content is tokenized as text.
     pub fn chat_ids(&mut self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
         let r = self.chat.render_marked(messages)?;
-        Ok(self.tokenize_chat(&r, &mut String::new())?.0)
+        Ok(self.tokenize_chat(&r, true, &mut String::new())?.0)
     }
 
     /// Takes `other`'s window and session limits (the sessions themselves stay behind: their
@@ -245,11 +245,13 @@ impl Engine {
         n_ctx - max_tokens.clamp(1, (n_ctx / 4).max(1))
     }
 
-    /// Tokens of a rendered chat, content tokenized as text; [`EngineError::Interrupted`]
-    /// when `sink` says stop between sections (it beats the engine's heartbeat as it is asked).
+    /// Tokens of a rendered chat, content tokenized as text (with BOS when it is a `prompt`'s
+    /// start and the model asks for one); [`EngineError::Interrupted`] when `sink` says stop
+    /// between sections (it beats the engine's heartbeat as it is asked).
     fn tokenize_chat(
         &mut self,
         r: &Rendered,
+        prompt: bool,
         sink: &mut dyn Sink,
     ) -> Result<(Vec<u32>, Vec<usize>), EngineError> {
         let mut why = None;
@@ -259,7 +261,7 @@ impl Engine {
         };
         let out = self
             .tokenizer
-            .encode_marked(&r.text, &r.ranges(), &mut stop)?;
+            .encode_marked(&r.text, &r.ranges(), prompt, &mut stop)?;
         match (out, why) {
             (Some(t), _) => Ok(t),
             (None, Some(w)) => Err(EngineError::Interrupted(w)),
@@ -294,7 +296,7 @@ impl Engine {
             .max(first);
         let mut kept = messages.to_vec();
         let mut r = self.chat.render_marked(&kept)?;
-        let (mut ids, mut starts) = self.tokenize_chat(&r, sink)?;
+        let (mut ids, mut starts) = self.tokenize_chat(&r, true, sink)?;
         let full = ids.len();
         while ids.len() > budget && first < last_user {
             let counts = tokens_per_message(&r, &starts, kept.len());
@@ -310,7 +312,7 @@ impl Engine {
                 return Err(EngineError::Interrupted(why));
             }
             r = self.chat.render_marked(&kept)?;
-            (ids, starts) = self.tokenize_chat(&r, sink)?;
+            (ids, starts) = self.tokenize_chat(&r, true, sink)?;
         }
         let n_ctx = self.backend.n_ctx();
         if ids.len() >= n_ctx {
@@ -418,11 +420,8 @@ impl Engine {
                         .map(|(i, c)| (*i, c.start.max(skip) - skip..c.end - skip))
                         .collect(),
                 };
-                let bos = self.tokenizer.add_bos;
-                self.tokenizer.add_bos = false;
-                let suffix_ids = self.tokenize_chat(&part, sink);
-                self.tokenizer.add_bos = bos;
-                let suffix_ids = match suffix_ids {
+                // The suffix continues the cached prompt: no BOS.
+                let suffix_ids = match self.tokenize_chat(&part, false, sink) {
                     Ok((ids, _)) => ids,
                     Err(e) => {
                         // Interrupted: the session stays as it was.

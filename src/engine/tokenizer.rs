@@ -290,11 +290,12 @@ impl Tokenizer {
     /// Ids of `text` where control tokens are parsed only outside `content` (byte ranges, in
     /// order): chat content is text, whatever it spells. Also the byte offset in `text` where
     /// each token starts. `stop` is asked between sections of text; `None` when it said stop.
-    /// BOS comes first when the model asks for it.
+    /// With `prompt` (the text starts a prompt) BOS comes first when the model asks for it.
     pub fn encode_marked(
         &mut self,
         text: &str,
         content: &[std::ops::Range<usize>],
+        prompt: bool,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Option<Marked>, TokenizerError> {
         // Sections: text between the control tokens found outside content.
@@ -334,11 +335,9 @@ impl Tokenizer {
         let Some((mut ids, mut starts)) = out? else {
             return Ok(None);
         };
-        if let (true, Some(b)) = (self.add_bos, self.bos) {
-            if ids.first() != Some(&b) {
-                ids.insert(0, b);
-                starts.insert(0, 0);
-            }
+        if let Some(b) = self.missing_bos(&ids).filter(|_| prompt) {
+            ids.insert(0, b);
+            starts.insert(0, 0);
         }
         Ok(Some((ids, starts)))
     }
@@ -383,12 +382,16 @@ impl Tokenizer {
     /// Ids of a prompt, with BOS first when the model asks for it and the text lacks it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let mut ids = self.encode(text)?;
-        if let (true, Some(b)) = (self.add_bos, self.bos) {
-            if ids.first() != Some(&b) {
-                ids.insert(0, b);
-            }
+        if let Some(b) = self.missing_bos(&ids) {
+            ids.insert(0, b);
         }
         Ok(ids)
+    }
+
+    /// The BOS a prompt starting with `ids` lacks, when the model asks for one.
+    fn missing_bos(&self, ids: &[u32]) -> Option<u32> {
+        self.bos
+            .filter(|&b| self.add_bos && ids.first() != Some(&b))
     }
 
     /// Bytes the token stands for in output text (empty for control tokens).

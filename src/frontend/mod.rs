@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use crate::api::status::Status;
 use crate::api::Limits;
+use crate::config::SocketConfig;
 use crate::queue::{Caller, Queue};
 
 /// Who may use the socket, who may act on every peer's work, and how many connections are
@@ -35,21 +36,20 @@ pub struct Access {
     pub idle_timeout: Duration,
 }
 
-impl Default for Access {
-    fn default() -> Self {
+impl Access {
+    /// The access settings of the `[socket]` table.
+    pub fn of(s: &SocketConfig) -> Access {
         Access {
-            allowed_uids: Vec::new(),
-            allowed_gids: Vec::new(),
-            admin_uids: Vec::new(),
-            admin_gids: Vec::new(),
-            max_connections: 64,
-            max_connections_per_uid: 16,
-            idle_timeout: Duration::from_secs(60),
+            allowed_uids: s.allowed_uids.clone(),
+            allowed_gids: s.allowed_gids.clone(),
+            admin_uids: s.admin_uids.clone(),
+            admin_gids: s.admin_gids.clone(),
+            max_connections: s.max_connections,
+            max_connections_per_uid: s.max_connections_per_uid,
+            idle_timeout: Duration::from_millis(s.idle_timeout_ms),
         }
     }
-}
 
-impl Access {
     /// A peer is let in by its uid, its primary gid or one of its supplementary groups.
     pub fn allows(&self, uid: u32, gids: &[u32]) -> bool {
         (self.allowed_uids.is_empty() && self.allowed_gids.is_empty())
