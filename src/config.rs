@@ -143,6 +143,9 @@ pub struct MqttConfig {
     pub discovery_remove_on_stop: bool,
     /// How often the state topic is published while connected, seconds.
     pub state_interval_s: u64,
+    /// A fleet group: the node also takes requests from `<prefix>/group/<group>/request`
+    /// through an MQTT 5 shared subscription (empty: none).
+    pub group: String,
 }
 
 impl Default for MqttConfig {
@@ -172,6 +175,7 @@ impl Default for MqttConfig {
             discovery_prefix: "homeassistant".into(),
             discovery_remove_on_stop: false,
             state_interval_s: 5,
+            group: String::new(),
         }
     }
 }
@@ -507,6 +511,13 @@ impl Config {
         topic_part("mqtt.prefix", &m.prefix, false)?;
         topic_part("mqtt.node", &m.node, true)?;
         topic_part("mqtt.discovery_prefix", &m.discovery_prefix, false)?;
+        topic_part("mqtt.group", &m.group, true)?;
+        if !m.group.is_empty() && m.protocol != 5 {
+            return Err(format!(
+                "mqtt.group = {:?}: fleet groups are MQTT 5 shared subscriptions; set mqtt.protocol = 5",
+                m.group
+            ));
+        }
         let sources = [&m.password, &m.password_file, &m.password_env]
             .iter()
             .filter(|s| !s.is_empty())

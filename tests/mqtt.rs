@@ -1107,3 +1107,196 @@ fn home_assistant_discovery_configs_and_state() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A node of the fleet `kitchen`, in `dir` (so that it can be started again there): the real
+/// model, one thread.
+fn fleet_node(dir: &Path, broker: &Broker, node: &str) -> TestDaemon {
+    let config = format!(
+        "[mqtt]\nenabled = true\nurl = \"{}\"\nnode = \"{node}\"\ngroup = \"kitchen\"\nreconnect_min_ms = 100\nreconnect_max_ms = 400\n[model]\nn_ctx = 1024\nthreads = 1\n[limits]\nmax_tokens = 1000\n",
+        broker.url()
+    );
+    let d = TestDaemon::spawn(dir, &default_model(), &config, &[]).wait_ready();
+    wait_mqtt(&d, true);
+    d
+}
+
+const GROUP_REQ: &str = "edgellm/group/kitchen/request";
+
+/// Terminal replies (not tokens) by id, read until `want` ids have one and then for `quiet`
+/// more, so that a second answer to any of them would be seen.
+fn terminals(
+    p: &Peer,
+    want: usize,
+    quiet: Duration,
+) -> std::collections::HashMap<String, Vec<Value>> {
+    let mut by_id: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    let mut until: Option<Instant> = None;
+    loop {
+        let left = match until {
+            Some(u) => u.saturating_duration_since(Instant::now()),
+            None => Duration::from_secs(120),
+        };
+        let Some(g) = p.next(left) else {
+            assert!(
+                until.is_some(),
+                "only {} of {want} answered: {by_id:?}",
+                by_id.len()
+            );
+            return by_id;
+        };
+        if g.body["type"] == "token" {
+            continue;
+        }
+        let id = g.body["id"].as_str().unwrap_or("").to_string();
+        by_id.entry(id).or_default().push(g.body);
+        if by_id.len() >= want && until.is_none() {
+            until = Some(Instant::now() + quiet);
+        }
+    }
+}
+
+/// Three nodes in the group `kitchen` on one mosquitto (MQTT 5 shared subscription). 24
+/// requests to the group are each answered exactly once, by at least two nodes, every reply
+/// naming its node. A group cancel reaches the node running the request, which alone answers.
+/// A node SIGKILLed mid-request had not acknowledged the request to the broker: restarted
+/// (same client id, persistent session), it gets the request again and answers it, once.
+#[test]
+fn a_fleet_group_shares_requests_and_survives_a_killed_node() {
+    let broker = Broker::start("mqtt-fleet", "allow_anonymous true");
+    let dirs: Vec<PathBuf> = (1..=3)
+        .map(|i| temp_dir(&format!("mqtt-fleet-n{i}")))
+        .collect();
+    let mut nodes: Vec<TestDaemon> = (1..=3)
+        .map(|i| fleet_node(&dirs[i - 1], &broker, &format!("n{i}")))
+        .collect();
+    for d in &nodes {
+        assert_eq!(d.status()["mqtt"]["group"], "kitchen");
+    }
+    // The shared subscriptions follow the connect; give the broker a moment to take them.
+    std::thread::sleep(Duration::from_millis(500));
+    let p = Peer::connect(broker.port, "t-fleet", &["edgellm/replies/fleet/#"]).subscribed(1);
+    for i in 0..24 {
+        let req = json!({"id": format!("g{i}"), "prompt": "Hi", "max_tokens": 4});
+        p.request(
+            GROUP_REQ,
+            &req,
+            Some(&format!("edgellm/replies/fleet/g{i}")),
+            None,
+        );
+    }
+    let got = terminals(&p, 24, Duration::from_secs(1));
+    let mut by_node: std::collections::HashMap<String, usize> = Default::default();
+    for i in 0..24 {
+        let replies = &got[&format!("g{i}")];
+        assert_eq!(
+            replies.len(),
+            1,
+            "g{i} answered {} times: {replies:?}",
+            replies.len()
+        );
+        assert_eq!(replies[0]["type"], "done", "{replies:?}");
+        let node = replies[0]["node"].as_str().expect("node").to_string();
+        assert!(["n1", "n2", "n3"].contains(&node.as_str()), "{node}");
+        *by_node.entry(node).or_default() += 1;
+    }
+    assert!(
+        by_node.len() >= 2,
+        "one node took every request: {by_node:?}"
+    );
+    eprintln!("24 group requests by node: {by_node:?}");
+
+    // A cancel sent to the group: only the node running the request answers.
+    p.request(
+        GROUP_REQ,
+        &long("c1", 900),
+        Some("edgellm/replies/fleet/c1"),
+        None,
+    );
+    let first = p.next(Duration::from_secs(30)).expect("first tokens");
+    assert_eq!(
+        (first.body["id"].as_str(), first.body["type"].as_str()),
+        (Some("c1"), Some("token"))
+    );
+    let runner = first.body["node"].as_str().expect("node").to_string();
+    p.request(
+        "edgellm/group/kitchen/cancel",
+        &json!({"id": "c1"}),
+        Some("edgellm/replies/fleet/c1-ack"),
+        None,
+    );
+    // The cancel's reply and the request's done, both under the id c1.
+    let got = terminals(&p, 1, Duration::from_secs(1));
+    let c1 = &got["c1"];
+    let of = |t: &str| -> Vec<&Value> { c1.iter().filter(|v| v["type"] == t).collect() };
+    let (done, acks) = (of("done"), of("cancel"));
+    assert_eq!(
+        (done.len(), acks.len(), c1.len()),
+        (1, 1, 2),
+        "one node answers a group cancel: {c1:?}"
+    );
+    assert_eq!(done[0]["finish_reason"], "cancelled", "{c1:?}");
+    assert_eq!(acks[0]["node"], runner.as_str());
+    assert_eq!(acks[0]["state"], "running");
+
+    // A node killed mid-request: the request comes back to it from the broker.
+    p.request(
+        GROUP_REQ,
+        &long("k1", 300),
+        Some("edgellm/replies/fleet/k1"),
+        None,
+    );
+    let first = loop {
+        let g = p.next(Duration::from_secs(30)).expect("first tokens of k1");
+        if g.body["id"] == "k1" {
+            break g;
+        }
+    };
+    let victim = first.body["node"].as_str().expect("node").to_string();
+    let i: usize = victim[1..].parse().expect("node number");
+    nodes[i - 1].signal(nix::sys::signal::Signal::SIGKILL);
+    nodes[i - 1].wait_exit(Duration::from_secs(10));
+    nodes[i - 1] = fleet_node(&dirs[i - 1], &broker, &victim);
+    let got = terminals(&p, 1, Duration::from_secs(2));
+    let k1 = &got["k1"];
+    assert_eq!(k1.len(), 1, "k1 answered {} times: {k1:?}", k1.len());
+    assert_eq!(k1[0]["type"], "done", "{k1:?}");
+    assert_eq!(k1[0]["usage"]["completion_tokens"], 300, "{k1:?}");
+    eprintln!("k1: killed on {victim}, answered by {}", k1[0]["node"]);
+    let log = nodes[i - 1].log();
+    assert!(log.contains("mqtt: connected"), "{log}");
+}
+
+/// A burst larger than the queue: what the broker hands over past the queue's capacity
+/// (mosquitto 2.0 sends past our receive maximum) waits, unacknowledged, for room instead of
+/// being answered `queue_full`, in order; a cancel reaches a request still waiting there.
+#[test]
+fn a_burst_past_the_queue_waits_for_room() {
+    let broker = Broker::start("mqtt-burst", "allow_anonymous true");
+    let d = long_daemon("mqtt-burst-daemon", &broker, "[queue]\ncapacity = 2\n");
+    let p = Peer::connect(broker.port, "t-burst", &["edgellm/replies/burst/#"]).subscribed(1);
+    for i in 0..10 {
+        let req = json!({"id": format!("b{i}"), "prompt": "Once upon a time", "max_tokens": 24,
+                         "ignore_eos": true, "temperature": 0});
+        p.request(REQ, &req, Some("edgellm/replies/burst/r"), None);
+    }
+    p.request(
+        "edgellm/n1/cancel",
+        &json!({"id": "b9"}),
+        Some("edgellm/replies/burst/ack"),
+        None,
+    );
+    let got = terminals(&p, 10, Duration::from_secs(1));
+    for i in 0..10 {
+        let id = format!("b{i}");
+        let replies: Vec<&Value> = got[&id].iter().filter(|v| v["type"] != "cancel").collect();
+        assert_eq!(replies.len(), 1, "{id}: {replies:?}");
+        assert_eq!(replies[0]["type"], "done", "{id} was refused: {replies:?}");
+        let want = if i == 9 { "cancelled" } else { "length" };
+        assert_eq!(replies[0]["finish_reason"], want, "{id}: {replies:?}");
+    }
+    let ack: Vec<&Value> = got["b9"].iter().filter(|v| v["type"] == "cancel").collect();
+    assert_eq!(ack.len(), 1, "{got:?}");
+    assert_eq!(ack[0]["state"], "queued");
+    let s = d.status();
+    assert_eq!(s["requests"]["queue_full"], 0, "{s}");
+}

@@ -188,6 +188,9 @@ pub struct MqttInfo {
     pub connected: bool,
     pub broker: String,
     pub node: String,
+    /// The fleet group (`mqtt.group`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub protocol: String,
     pub connects: u64,
     pub last_error: Option<String>,

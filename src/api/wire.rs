@@ -210,15 +210,23 @@ impl Response {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// The MQTT message: the reply with its per-request sequence number.
-    pub fn to_line_with_seq(&self, seq: u64) -> String {
+    /// The MQTT message: the reply with its per-request sequence number (replies to a running
+    /// request have one) and the node that produced it.
+    pub fn to_mqtt(&self, seq: Option<u64>, node: &str) -> String {
         #[derive(Serialize)]
         struct Sequenced<'a> {
             #[serde(flatten)]
             reply: &'a Response,
-            seq: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            seq: Option<u64>,
+            node: &'a str,
         }
-        serde_json::to_string(&Sequenced { reply: self, seq }).unwrap_or_default()
+        serde_json::to_string(&Sequenced {
+            reply: self,
+            seq,
+            node,
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -619,8 +627,12 @@ mod tests {
         let t = Response::event("r1", &Event::Token("hi".into()));
         assert_eq!(t.to_line(), r#"{"type":"token","id":"r1","text":"hi"}"#);
         assert_eq!(
-            t.to_line_with_seq(3),
-            r#"{"type":"token","id":"r1","text":"hi","seq":3}"#
+            t.to_mqtt(Some(3), "n1"),
+            r#"{"type":"token","id":"r1","text":"hi","seq":3,"node":"n1"}"#
+        );
+        assert_eq!(
+            e.to_mqtt(None, "n1"),
+            r#"{"type":"error","id":null,"code":"too_large","message":"too big","node":"n1"}"#
         );
         let c = Response::Cancel {
             id: "r1".into(),

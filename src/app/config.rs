@@ -30,7 +30,7 @@ pub fn run(a: ConfigArgs) -> Result<()> {
             unix::resolve_group(g).map_err(|e| UsageError(format!("{}: {e}", p.display())))?;
         }
         if c.mqtt.enabled {
-            mqtt::Settings::from_config(&c.mqtt, c.limits.max_line_bytes)
+            mqtt::Settings::from_config(&c.mqtt, c.limits.max_line_bytes, c.queue.capacity)
                 .map_err(|e| UsageError(format!("{}: {e}", p.display())))?;
         }
         eprintln!("{}: valid", p.display());

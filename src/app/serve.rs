@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// MQTT node id in the topics (overrides mqtt.node)
     #[arg(long)]
     node: Option<String>,
+    /// MQTT fleet group: also take requests sent to the group (overrides mqtt.group)
+    #[arg(long)]
+    group: Option<String>,
     /// Print the memory budget (weights, KV cache, scratch, sessions) and its limit, and
     /// exit: 0 when it fits, 1 when it does not
     #[arg(long)]
@@ -128,6 +131,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Some(n) = a.node {
         cfg.mqtt.node = n;
     }
+    if let Some(g) = a.group {
+        cfg.mqtt.group = g;
+    }
     cfg.validate().map_err(|message| ConfigError::Invalid {
         path: a
             .config
@@ -140,6 +146,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         Some(mqtt::Settings::from_config(
             &cfg.mqtt,
             cfg.limits.max_line_bytes,
+            cfg.queue.capacity,
         )?)
     } else {
         None

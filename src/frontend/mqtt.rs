@@ -1,7 +1,13 @@
 //! The MQTT front-end (rumqttc; MQTT 5, or 3.1.1 from config): the same JSON requests as the
 //! socket, on `<prefix>/<node>/request`; cancels on `<prefix>/<node>/cancel`; availability on
 //! `<prefix>/<node>/status` (retained `online`, and `offline` as the last will and on a clean
-//! stop).
+//! stop). With `mqtt.group` the node also takes the group's requests, through an MQTT 5 shared
+//! subscription to `<prefix>/group/<group>/request`: the broker gives each to one node of the
+//! group. Every reply names the node.
+//!
+//! Requests are acknowledged to the broker (manual acks, persistent session) only once their
+//! terminal reply is published: a node killed mid-request gets it again when it comes back.
+//! Anything not run (refusals, cancels, status) is acknowledged at once.
 //!
 //! Two tasks. The event loop task polls rumqttc continuously and never blocks: a request is
 //! parsed, checked and put on the queue in place. The publisher task turns the engine's replies
@@ -22,9 +28,9 @@ use tokio::sync::{mpsc, watch};
 use super::{until_true, Context};
 use crate::api::status::{MqttInfo, Status};
 use crate::api::wire::{self, Envelope, Incoming, Refusal, Response};
-use crate::api::{ErrorCode, Event};
+use crate::api::{CancelState, Completion, ErrorCode, Event, FinishReason};
 use crate::config::{BrokerUrl, MqttConfig};
-use crate::queue::{Caller, Job, Owner, Reply};
+use crate::queue::{Caller, Job, Owner, Queue, Reply};
 
 /// The longest topic name MQTT can carry.
 const MAX_TOPIC_BYTES: usize = 65_535;
@@ -67,6 +73,11 @@ pub struct Settings {
     pub state_every: Duration,
     /// Home Assistant discovery: its prefix, and whether a clean stop removes the configs.
     pub discovery: Option<(String, bool)>,
+    /// The fleet group this node serves too.
+    pub group: Option<Group>,
+    /// Unacknowledged requests the broker may hand us at once (MQTT 5 receive maximum): the
+    /// queue's capacity; the broker keeps the rest.
+    pub receive_max: u16,
     credentials: Option<(String, String)>,
     /// The CA (PEM) and optionally a client certificate and key (PEM), for mqtts://.
     tls: Option<(Vec<u8>, Option<ClientAuth>)>,
@@ -81,6 +92,19 @@ pub struct Settings {
     /// messages for us instead of breaking the connection; under 3.1.1 a larger one costs a
     /// reconnect. Requests between `limits.max_line_bytes` and this are answered `too_large`.
     pub max_packet: usize,
+}
+
+/// A fleet group's topics.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub name: String,
+    /// `<prefix>/group/<name>/request`: where clients send the group's requests.
+    pub request_topic: String,
+    /// `$share/<name>/<request_topic>`: the shared subscription that takes them.
+    pub shared_subscription: String,
+    /// `<prefix>/group/<name>/cancel`: a plain subscription, so that a cancel reaches every
+    /// node of the group; the node that has the id answers.
+    pub cancel_topic: String,
 }
 
 impl std::fmt::Debug for Settings {
@@ -100,8 +124,12 @@ impl std::fmt::Debug for Settings {
 
 impl Settings {
     /// Resolves the node name, credentials and TLS files of `mqtt.*`; `max_request_bytes` is
-    /// `limits.max_line_bytes`.
-    pub fn from_config(c: &MqttConfig, max_request_bytes: usize) -> Result<Settings, MqttError> {
+    /// `limits.max_line_bytes`, `queue_capacity` is `queue.capacity`.
+    pub fn from_config(
+        c: &MqttConfig,
+        max_request_bytes: usize,
+        queue_capacity: usize,
+    ) -> Result<Settings, MqttError> {
         let broker = BrokerUrl::parse(&c.url).map_err(MqttError::Config)?;
         let node = if c.node.is_empty() {
             hostname()
@@ -192,6 +220,16 @@ impl Settings {
             discovery: c
                 .discovery
                 .then(|| (c.discovery_prefix.clone(), c.discovery_remove_on_stop)),
+            group: (!c.group.is_empty()).then(|| {
+                let base = format!("{}/group/{}", c.prefix, c.group);
+                Group {
+                    name: c.group.clone(),
+                    request_topic: format!("{base}/request"),
+                    shared_subscription: format!("$share/{}/{base}/request", c.group),
+                    cancel_topic: format!("{base}/cancel"),
+                }
+            }),
+            receive_max: queue_capacity.clamp(1, usize::from(u16::MAX)) as u16,
             node,
             client_id,
             credentials,
@@ -251,6 +289,11 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// How many requests may wait for room on the queue (see [`RouteTable::held`]).
+    fn held_max(&self) -> usize {
+        4 * usize::from(self.receive_max)
     }
 
     fn transport(&self) -> Transport {
@@ -316,8 +359,28 @@ struct Out {
     made: Instant,
 }
 
+/// What acknowledges one received message to the broker: its packet id and QoS, and the
+/// connection it came on (an ack is only good on that connection; after a reconnect the broker
+/// delivers the message again, and that delivery's ack is the one to send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ack {
+    pkid: u16,
+    exactly_once: bool,
+    connection: u64,
+}
+
+/// What the publisher sends, in order: a message, or the ack of a request once the messages
+/// before it (its terminal reply) are out.
+#[derive(Debug, Clone)]
+enum Item {
+    Publish(Out),
+    Ack(Ack),
+}
+
 /// A received publish, from either protocol version.
 struct Msg {
+    /// `None` for QoS 0, which is never acknowledged.
+    ack: Option<Ack>,
     topic: String,
     /// Sent retained: a stored message the broker hands every new subscriber.
     retain: bool,
@@ -370,6 +433,31 @@ impl Client {
         }
     }
 
+    fn try_ack(&self, a: Ack) -> bool {
+        match self {
+            Client::V5(c) => {
+                let qos = if a.exactly_once {
+                    QoS5::ExactlyOnce
+                } else {
+                    QoS5::AtLeastOnce
+                };
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new("", qos, Vec::new(), None);
+                p.pkid = a.pkid;
+                c.try_ack(&p).is_ok()
+            }
+            Client::V4(c) => {
+                let qos = if a.exactly_once {
+                    QoS::ExactlyOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                let mut p = rumqttc::Publish::new("", qos, Vec::new());
+                p.pkid = a.pkid;
+                c.try_ack(&p).is_ok()
+            }
+        }
+    }
+
     fn try_subscribe(&self, topic: &str) -> bool {
         match self {
             Client::V5(c) => c.try_subscribe(topic, QoS5::AtLeastOnce).is_ok(),
@@ -406,6 +494,7 @@ impl EventLoop {
                             .find(|(k, _)| k == "priority")
                             .map(|(_, v)| v.clone());
                         Ok(Polled::Message(Msg {
+                            ack: ack_of(p.pkid, p.qos as u8),
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
                             retain: p.retain,
                             dup: p.dup,
@@ -442,6 +531,7 @@ impl EventLoop {
                 match l.poll().await {
                     Ok(E::Incoming(I::ConnAck(_))) => Ok(Polled::Connected),
                     Ok(E::Incoming(I::Publish(p))) => Ok(Polled::Message(Msg {
+                        ack: ack_of(p.pkid, p.qos as u8),
                         topic: p.topic,
                         retain: p.retain,
                         dup: p.dup,
@@ -463,6 +553,15 @@ impl EventLoop {
     }
 }
 
+/// The ack a received message needs (QoS 1 or 2); its connection is filled in by the loop.
+fn ack_of(pkid: u16, qos: u8) -> Option<Ack> {
+    (qos > 0).then_some(Ack {
+        pkid,
+        exactly_once: qos == 2,
+        connection: 0,
+    })
+}
+
 fn connect(s: &Settings) -> (Client, EventLoop) {
     // Sessions survive a reconnect (QoS 1 requests sent while we were away are delivered
     // after it); subscriptions are renewed at every connect anyway.
@@ -471,6 +570,8 @@ fn connect(s: &Settings) -> (Client, EventLoop) {
         let mut o = rumqttc::v5::MqttOptions::new(&s.client_id, &s.broker.host, s.broker.port);
         o.set_keep_alive(s.keep_alive)
             .set_clean_start(false)
+            .set_manual_acks(true)
+            .set_receive_maximum(Some(s.receive_max))
             .set_session_expiry_interval(Some(SESSION_EXPIRY_S))
             .set_max_packet_size(Some(s.max_packet as u32))
             .set_transport(s.transport())
@@ -490,6 +591,7 @@ fn connect(s: &Settings) -> (Client, EventLoop) {
         let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.broker.host, s.broker.port);
         o.set_keep_alive(s.keep_alive)
             .set_clean_session(false)
+            .set_manual_acks(true)
             // Outgoing: a done reply carries the whole text.
             .set_max_packet_size(s.max_packet, 16 << 20)
             .set_transport(s.transport())
@@ -518,13 +620,22 @@ struct Route {
     pending_since: Option<Instant>,
     /// The request as it came (reply topic and payload), to recognise a redelivery of it.
     digest: u64,
+    /// Sent to the broker after the terminal reply.
+    ack: Option<Ack>,
 }
 
-/// Routes of the requests in flight, and the digests of those answered lately.
+/// Routes of the requests in flight, the digests of those answered lately, and the requests
+/// held back while the queue is full.
 #[derive(Default)]
 struct RouteTable {
     live: HashMap<Arc<str>, Route>,
     recent: VecDeque<(Arc<str>, u64)>,
+    /// Taken from the broker but not yet on the queue, oldest first: the queue was full. Not
+    /// acknowledged either, as every request in flight. A broker that honours our receive
+    /// maximum (the queue's capacity) never fills this; mosquitto 2.0 sends past it (each ack
+    /// lets up to a receive maximum more through), so a burst waits here rather than being
+    /// answered `queue_full` — up to `held_max`, beyond which the queue answers.
+    held: VecDeque<Job>,
 }
 
 impl std::ops::Deref for RouteTable {
@@ -541,6 +652,38 @@ impl std::ops::DerefMut for RouteTable {
 }
 
 impl RouteTable {
+    /// Puts the job on the queue, or holds it back while the queue is full (in order, up to
+    /// `held_max`; beyond, the queue answers `queue_full`).
+    fn submit(&mut self, queue: &Queue, job: Job, held_max: usize) {
+        if self.held.is_empty() && queue.has_room() || self.held.len() >= held_max {
+            queue.submit(job);
+        } else {
+            self.held.push_back(job);
+        }
+    }
+
+    /// Moves held jobs to the queue while it has room (at shutdown: all, to be refused).
+    fn release(&mut self, queue: &Queue) {
+        while !self.held.is_empty() && queue.has_room() {
+            if let Some(job) = self.held.pop_front() {
+                queue.submit(job);
+            }
+        }
+    }
+
+    /// Cancels a held job: answered `cancelled` at once, as a waiting one.
+    fn cancel_held(&mut self, id: &str) -> bool {
+        let Some(i) = self.held.iter().position(|j| &*j.id == id) else {
+            return false;
+        };
+        if let Some(job) = self.held.remove(i) {
+            job.send(Event::Done(Box::new(Completion::empty(
+                FinishReason::Cancelled,
+            ))));
+        }
+        true
+    }
+
     /// The request's route is done: remembered for a while by its digest.
     fn finish(&mut self, id: &Arc<str>) {
         if let Some(r) = self.live.remove(id) {
@@ -696,20 +839,23 @@ pub async fn serve(
             settings.broker.port
         );
         s.node = settings.node.clone();
+        s.group = settings.group.as_ref().map(|g| g.name.clone());
         s.protocol = if settings.v5 { "5" } else { "3.1.1" }.to_string();
     });
     tracing::info!(
         broker = %lock(&state.inner).broker,
         node = %settings.node,
         requests = %settings.request_topic,
+        group = settings.group.as_ref().map(|g| g.request_topic.as_str()).unwrap_or(""),
         "mqtt: connecting"
     );
     let (client, eventloop) = connect(&settings);
     let client = Arc::new(client);
     let routes: Routes = Arc::default();
     let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Out>();
-    let (connected_tx, connected_rx) = watch::channel(false);
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Item>();
+    // The connection's number while connected (1, 2, … at each connect), 0 while not.
+    let (connected_tx, connected_rx) = watch::channel(0u64);
     let (finish_tx, finish_rx) = watch::channel(false);
     // The state topic, every few seconds while connected (Home Assistant's sensors read it).
     let stater = settings.discovery.is_some().then(|| {
@@ -719,13 +865,16 @@ pub async fn serve(
             let mut tick = tokio::time::interval(s.state_every);
             loop {
                 tick.tick().await;
-                if !*connected.borrow_and_update() {
+                if *connected.borrow_and_update() == 0 {
                     if connected.changed().await.is_err() {
                         return;
                     }
                     continue;
                 }
-                if out_tx.send(state_message(&s, &ctx.status())).is_err() {
+                if out_tx
+                    .send(Item::Publish(state_message(&s, &ctx.status())))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -754,7 +903,14 @@ pub async fn serve(
         connected: connected_rx,
         shutdown,
     };
-    publisher(&settings, &client, routes, inputs, &state).await;
+    publisher(
+        &settings,
+        &client,
+        (routes, &ctx_for_stop.queue),
+        inputs,
+        &state,
+    )
+    .await;
     if let Some(t) = stater {
         t.abort();
     }
@@ -793,13 +949,14 @@ async fn run_loop(
     mut eventloop: EventLoop,
     client: Arc<Client>,
     handler: Handler,
-    connected: watch::Sender<bool>,
+    connected: watch::Sender<u64>,
     mut finish: watch::Receiver<bool>,
     state: Arc<MqttState>,
 ) {
     let s = &handler.settings;
     let mut backoff = s.backoff.0;
     let mut failures = 0u64;
+    let mut connection = 0u64;
     loop {
         let polled = tokio::select! {
             p = eventloop.poll() => p,
@@ -830,8 +987,13 @@ async fn run_loop(
                     st.connects += 1;
                     st.last_error = None;
                 });
+                connection += 1;
                 client.try_subscribe(&s.request_topic);
                 client.try_subscribe(&s.cancel_topic);
+                if let Some(g) = &s.group {
+                    client.try_subscribe(&g.shared_subscription);
+                    client.try_subscribe(&g.cancel_topic);
+                }
                 client.try_publish(&Out {
                     topic: s.status_topic.clone(),
                     payload: b"online".to_vec(),
@@ -846,12 +1008,17 @@ async fn run_loop(
                 if s.discovery.is_some() {
                     client.try_publish(&state_message(s, &status));
                 }
-                let _ = connected.send(true);
+                let _ = connected.send(connection);
             }
-            Ok(Polled::Message(m)) => handler.on_message(m),
+            Ok(Polled::Message(mut m)) => {
+                if let Some(a) = &mut m.ack {
+                    a.connection = connection;
+                }
+                handler.on_message(m)
+            }
             Ok(Polled::Disconnected) | Ok(Polled::Other) => {}
             Err(e) => {
-                let _ = connected.send(false);
+                let _ = connected.send(0);
                 failures += 1;
                 // The first failure of an outage, and a changed reason, are worth a line; the
                 // rest of a long outage is one line a minute at most, by the backoff's cap.
@@ -906,26 +1073,44 @@ struct Handler {
     settings: Settings,
     routes: Routes,
     reply_tx: mpsc::UnboundedSender<Reply>,
-    out_tx: mpsc::UnboundedSender<Out>,
+    out_tx: mpsc::UnboundedSender<Item>,
     state: Arc<MqttState>,
 }
 
 impl Handler {
-    fn publish(&self, topic: &str, correlation: &Option<bytes::Bytes>, payload: String) {
-        let _ = self.out_tx.send(Out {
+    fn publish(&self, topic: &str, correlation: &Option<bytes::Bytes>, reply: &Response) {
+        let _ = self.out_tx.send(Item::Publish(Out {
             topic: topic.to_string(),
-            payload: payload.into_bytes(),
+            payload: reply.to_mqtt(None, &self.settings.node).into_bytes(),
             retain: false,
             correlation: correlation.clone(),
             made: Instant::now(),
-        });
+        }));
     }
 
+    /// Handles a received message and acknowledges it to the broker: at once, unless it became
+    /// a request in flight, whose ack waits for its terminal reply.
     fn on_message(&self, m: Msg) {
+        let ack = m.ack;
+        if !self.take(m) {
+            if let Some(a) = ack {
+                let _ = self.out_tx.send(Item::Ack(a));
+            }
+        }
+    }
+
+    /// Handles a received message; true when it is (or already was) a request in flight.
+    fn take(&self, m: Msg) -> bool {
         let s = &self.settings;
-        let is_cancel = m.topic == s.cancel_topic;
-        if m.topic != s.request_topic && !is_cancel {
-            return;
+        let group = s.group.as_ref();
+        let from_group =
+            group.is_some_and(|g| m.topic == g.request_topic || m.topic == g.cancel_topic);
+        let is_cancel =
+            m.topic == s.cancel_topic || group.is_some_and(|g| m.topic == g.cancel_topic);
+        let is_request =
+            m.topic == s.request_topic || group.is_some_and(|g| m.topic == g.request_topic);
+        if !is_request && !is_cancel {
+            return false;
         }
         self.state.update(|st| st.requests += 1);
         if m.retain {
@@ -936,15 +1121,15 @@ impl Handler {
                 "mqtt: a retained request was not run (requests must not be retained); clearing it from the broker"
             );
             if !m.payload.is_empty() {
-                let _ = self.out_tx.send(Out {
+                let _ = self.out_tx.send(Item::Publish(Out {
                     topic: m.topic.clone(),
                     payload: Vec::new(),
                     retain: true,
                     correlation: None,
                     made: Instant::now(),
-                });
+                }));
             }
-            return;
+            return false;
         }
         // The payload is read once: its envelope (id, 3.1.1 reply topic) first, so that even a
         // request that fails to parse further is answered where it asked.
@@ -978,12 +1163,12 @@ impl Handler {
                     ErrorCode::BadRequest,
                     format!("reply_to: not an allowed reply topic ({why})"),
                 );
-                self.publish(&valid, &m.correlation, reply.to_line());
+                self.publish(&valid, &m.correlation, &reply);
             }
-            return;
+            return false;
         }
         let answer = |reply: Response| match &topic {
-            Some(t) => self.publish(t, &m.correlation, reply.to_line()),
+            Some(t) => self.publish(t, &m.correlation, &reply),
             None => {
                 tracing::warn!(
                     id = id_hint.as_deref().unwrap_or(""),
@@ -1005,8 +1190,28 @@ impl Handler {
                     limits.max_line_bytes
                 ),
             ));
-            return;
+            return false;
         }
+        // A cancel sent to the group reaches every node of it: the node that has the request
+        // answers, the others stay silent.
+        let cancel = |id: String| {
+            let mut routes = lock(&self.routes);
+            if from_group && !routes.contains_key(id.as_str()) {
+                tracing::debug!(%id, "mqtt: a group cancel for a request not here");
+                return;
+            }
+            let state = if routes.cancel_held(&id) {
+                CancelState::Queued
+            } else {
+                drop(routes);
+                self.ctx
+                    .queue
+                    .cancel(MqttCaller::of(&topic).as_caller(), &id)
+            };
+            if topic.is_some() {
+                answer(Response::Cancel { id, state });
+            }
+        };
         if is_cancel {
             let id = id_hint.clone().unwrap_or_default();
             if id.is_empty() {
@@ -1016,35 +1221,28 @@ impl Handler {
                     ErrorCode::BadRequest,
                     "id: a cancel needs the id (a string) of the request to cancel",
                 ));
-                return;
+            } else {
+                cancel(id);
             }
-            let state = self
-                .ctx
-                .queue
-                .cancel(MqttCaller::of(&topic).as_caller(), &id);
-            if topic.is_some() {
-                answer(Response::Cancel { id, state });
-            }
-            return;
+            return false;
         }
         let now = Instant::now();
         let parsed = json.and_then(|v| wire::parse_value(v, limits, live.default_deadline_ms, now));
         let g = match parsed {
             Err(r) => {
                 self.refused();
-                return answer(r.response());
+                answer(r.response());
+                return false;
             }
             Ok(Incoming::Status { .. }) => {
                 let mut status = self.ctx.status_for(MqttCaller::of(&topic).as_caller());
                 status.id = id_hint.clone();
-                return answer(Response::Status(Box::new(status)));
+                answer(Response::Status(Box::new(status)));
+                return false;
             }
             Ok(Incoming::Cancel { id, .. }) => {
-                let state = self
-                    .ctx
-                    .queue
-                    .cancel(MqttCaller::of(&topic).as_caller(), &id);
-                return answer(Response::Cancel { id, state });
+                cancel(id);
+                return false;
             }
             Ok(Incoming::Generate(g)) => g,
         };
@@ -1054,31 +1252,28 @@ impl Handler {
                 id = %g.id,
                 "mqtt: request names no reply topic (MQTT 5 response topic, or reply_to); not run"
             );
-            return;
+            return false;
         };
         let refuse = |code, message: String| {
             self.refused();
-            Refusal {
+            let reply = Refusal {
                 id: Some(g.id.clone()),
                 code,
                 message,
             }
-            .response()
-            .to_line()
+            .response();
+            self.publish(&topic, &m.correlation, &reply);
         };
         let priority = match (g.priority, &m.priority) {
             (Some(p), _) => p,
             (None, Some(p)) => match p.trim().parse::<i32>() {
                 Ok(p) if wire::check_priority(p).is_ok() => p,
                 _ => {
-                    return self.publish(
-                        &topic,
-                        &m.correlation,
-                        refuse(
-                            ErrorCode::BadRequest,
-                            format!("user property priority = {p:?}: allowed -100..=100"),
-                        ),
-                    )
+                    refuse(
+                        ErrorCode::BadRequest,
+                        format!("user property priority = {p:?}: allowed -100..=100"),
+                    );
+                    return false;
                 }
             },
             (None, None) => 0,
@@ -1093,18 +1288,27 @@ impl Handler {
         {
             let mut routes = lock(&self.routes);
             let digest = digest(&topic, &m.payload);
-            if m.dup && routes.seen(&id, digest) {
+            if m.dup {
                 // The broker's redelivery (QoS 1, DUP) of a request already taken: run once.
-                tracing::debug!(id = %g.id, "mqtt: a redelivered request was already taken");
-                return;
+                // One in flight is acknowledged after its reply, on the connection this
+                // delivery came on; one answered lately at once.
+                if let Some(r) = routes.live.get_mut(&id).filter(|r| r.digest == digest) {
+                    tracing::debug!(id = %g.id, "mqtt: a redelivered request is in flight");
+                    r.ack = m.ack.or(r.ack);
+                    return true;
+                }
+                if routes.seen(&id, digest) {
+                    tracing::debug!(id = %g.id, "mqtt: a redelivered request was answered");
+                    return false;
+                }
             }
             if routes.contains_key(&id) {
                 drop(routes);
-                let line = refuse(
+                refuse(
                     ErrorCode::BadRequest,
                     format!("id {:?} is already queued or running", g.id),
                 );
-                return self.publish(&topic, &m.correlation, line);
+                return false;
             }
             routes.insert(
                 id.clone(),
@@ -1116,6 +1320,7 @@ impl Handler {
                     pending_tokens: 0,
                     pending_since: None,
                     digest,
+                    ack: m.ack,
                 },
             );
         }
@@ -1126,7 +1331,8 @@ impl Handler {
         job.priority = priority;
         job.deadline = deadline;
         // A refusal comes back through the publisher like any terminal reply.
-        self.ctx.queue.submit(job);
+        lock(&self.routes).submit(&self.ctx.queue, job, self.settings.held_max());
+        true
     }
 
     fn refused(&self) {
@@ -1138,17 +1344,20 @@ impl Handler {
 struct Inputs {
     /// The engine's replies to MQTT requests.
     replies: mpsc::UnboundedReceiver<Reply>,
-    /// Messages the event loop task answers at once (refusals, status, cancel acks).
-    immediate: mpsc::UnboundedReceiver<Out>,
-    connected: watch::Receiver<bool>,
+    /// What the event loop task answers at once (refusals, status, cancel replies, and the acks
+    /// of messages not run).
+    immediate: mpsc::UnboundedReceiver<Item>,
+    /// The connection's number, 0 while disconnected.
+    connected: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
 }
 
-/// Turns replies into messages and publishes them when the broker is there.
+/// Turns replies into messages and publishes them when the broker is there; sends each
+/// request's ack after its terminal reply.
 async fn publisher(
     s: &Settings,
     client: &Client,
-    routes: Routes,
+    (routes, queue): (Routes, &Queue),
     inputs: Inputs,
     state: &MqttState,
 ) {
@@ -1158,9 +1367,11 @@ async fn publisher(
         mut connected,
         mut shutdown,
     } = inputs;
-    let mut outbox: VecDeque<Out> = VecDeque::new();
-    let (coalesce_every, coalesce_tokens) = s.coalesce;
-    let tick_every = coalesce_every.clamp(Duration::from_millis(5), Duration::from_millis(100));
+    let mut outbox: VecDeque<Item> = VecDeque::new();
+    let tick_every = s
+        .coalesce
+        .0
+        .clamp(Duration::from_millis(5), Duration::from_millis(100));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping = false;
@@ -1168,35 +1379,50 @@ async fn publisher(
     let mut answered_since: Option<Instant> = None;
     loop {
         tokio::select! {
-            Some(r) = replies.recv() => on_reply(r, &routes, coalesce_every, coalesce_tokens, &mut outbox),
+            Some(r) = replies.recv() => on_reply(r, &routes, s, &mut outbox),
             Some(o) = immediate.recv() => outbox.push_back(o),
             _ = tick.tick() => {
-                flush_due(&routes, coalesce_every, &mut outbox);
+                flush_due(&routes, s, &mut outbox);
             }
             _ = connected.changed() => {}
             _ = until_true(&mut shutdown), if !stopping => {
                 stopping = true;
             }
         }
-        // Publish what the broker can take now; drop what waited too long.
-        if *connected.borrow() {
-            while let Some(o) = outbox.front() {
-                if !client.try_publish(o) {
+        // Requests held back while the queue was full go on as it empties (on every reply, and
+        // at least every tick).
+        lock(&routes).release(queue);
+        // Publish what the broker can take now; drop what waited too long, and acks meant for
+        // a connection that is gone (the broker delivers those requests again).
+        let connection = *connected.borrow();
+        if connection != 0 {
+            while let Some(item) = outbox.front() {
+                let sent = match item {
+                    Item::Publish(o) => client.try_publish(o),
+                    Item::Ack(a) => a.connection != connection || client.try_ack(*a),
+                };
+                if !sent {
                     break; // the client's queue is full: next tick
                 }
-                outbox.pop_front();
-                state.update(|st| st.published += 1);
+                if let Some(Item::Publish(_)) = outbox.pop_front() {
+                    state.update(|st| st.published += 1);
+                }
             }
         }
-        while outbox.front().is_some_and(|o| o.made.elapsed() > s.hold) {
-            if let Some(o) = outbox.pop_front() {
-                state.update(|st| st.dropped_replies += 1);
-                tracing::warn!(
-                    topic = %o.topic,
-                    "mqtt: dropped a reply held {} ms while the broker was away (mqtt.reply_hold_ms)",
-                    o.made.elapsed().as_millis()
-                );
+        loop {
+            match outbox.front() {
+                Some(Item::Ack(a)) if a.connection != connection => {}
+                Some(Item::Publish(o)) if o.made.elapsed() > s.hold => {
+                    state.update(|st| st.dropped_replies += 1);
+                    tracing::warn!(
+                        topic = %o.topic,
+                        "mqtt: dropped a reply held {} ms while the broker was away (mqtt.reply_hold_ms)",
+                        o.made.elapsed().as_millis()
+                    );
+                }
+                _ => break,
             }
+            outbox.pop_front();
         }
         if stopping && lock(&routes).is_empty() {
             let since = *answered_since.get_or_insert_with(Instant::now);
@@ -1211,19 +1437,19 @@ async fn publisher(
     }
 }
 
-fn message(route: &mut Route, body: &Response) -> Out {
-    let payload = body.to_line_with_seq(route.seq);
+fn message(route: &mut Route, body: &Response, node: &str) -> Item {
+    let payload = body.to_mqtt(Some(route.seq), node);
     route.seq += 1;
-    Out {
+    Item::Publish(Out {
         topic: route.topic.clone(),
         payload: payload.into_bytes(),
         retain: false,
         correlation: route.correlation.clone(),
         made: Instant::now(),
-    }
+    })
 }
 
-fn flush_route(id: &str, route: &mut Route, outbox: &mut VecDeque<Out>) {
+fn flush_route(id: &str, route: &mut Route, node: &str, outbox: &mut VecDeque<Item>) {
     if route.pending_tokens == 0 {
         return;
     }
@@ -1236,17 +1462,13 @@ fn flush_route(id: &str, route: &mut Route, outbox: &mut VecDeque<Out>) {
             id: id.to_string(),
             text,
         },
+        node,
     );
     outbox.push_back(o);
 }
 
-fn on_reply(
-    r: Reply,
-    routes: &Routes,
-    every: Duration,
-    max_tokens: usize,
-    outbox: &mut VecDeque<Out>,
-) {
+fn on_reply(r: Reply, routes: &Routes, s: &Settings, outbox: &mut VecDeque<Item>) {
+    let (every, max_tokens) = s.coalesce;
     let mut routes = lock(routes);
     let Some(route) = routes.get_mut(&r.id) else {
         return;
@@ -1257,23 +1479,29 @@ fn on_reply(
             route.pending_tokens += 1;
             route.pending_since.get_or_insert_with(Instant::now);
             if route.pending_tokens >= max_tokens || every.is_zero() {
-                flush_route(&r.id, route, outbox);
+                flush_route(&r.id, route, &s.node, outbox);
             }
         }
         terminal => {
-            flush_route(&r.id, route, outbox);
-            let o = message(route, &Response::event(&r.id, &terminal));
+            flush_route(&r.id, route, &s.node, outbox);
+            let o = message(route, &Response::event(&r.id, &terminal), &s.node);
             outbox.push_back(o);
+            if let Some(a) = route.ack {
+                outbox.push_back(Item::Ack(a));
+            }
             routes.finish(&r.id);
         }
     }
 }
 
-fn flush_due(routes: &Routes, every: Duration, outbox: &mut VecDeque<Out>) {
+fn flush_due(routes: &Routes, s: &Settings, outbox: &mut VecDeque<Item>) {
     let mut routes = lock(routes);
     for (id, route) in routes.iter_mut() {
-        if route.pending_since.is_some_and(|t| t.elapsed() >= every) {
-            flush_route(id, route, outbox);
+        if route
+            .pending_since
+            .is_some_and(|t| t.elapsed() >= s.coalesce.0)
+        {
+            flush_route(id, route, &s.node, outbox);
         }
     }
 }
@@ -1287,7 +1515,7 @@ mod tests {
             node: "n1".into(),
             ..Default::default()
         };
-        Settings::from_config(&c, 65536).expect("settings")
+        Settings::from_config(&c, 65536, 64).expect("settings")
     }
 
     #[test]
@@ -1330,6 +1558,7 @@ mod tests {
                 pending_tokens: 0,
                 pending_since: None,
                 digest: d,
+                ack: None,
             },
         );
         assert!(t.seen("r1", d));

@@ -178,6 +178,13 @@ impl Queue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a job submitted now would not be refused for a full queue (it would be queued,
+    /// or refused for another reason).
+    pub fn has_room(&self) -> bool {
+        let g = self.lock();
+        !g.accepting || g.waiting.len() < self.capacity
+    }
+
     /// Queues a job, or refuses it with its error reply sent: `shutting_down` after
     /// [`Queue::close`], `bad_request` for an id its channel already has queued or running,
     /// `queue_full` when `capacity` jobs are waiting.

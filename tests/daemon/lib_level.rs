@@ -64,6 +64,10 @@ fn config_defaults_are_the_documented_file_and_errors_name_the_key() {
     assert!(e.contains("mqtt.url = \"http://x\""), "{e}");
     let e = parse_err("[mqtt]\npassword = \"a\"\npassword_env = \"B\"\n");
     assert!(e.contains("at most one"), "{e}");
+    let e = parse_err("[mqtt]\ngroup = \"kitchen/+\"\n");
+    assert!(e.contains("mqtt.group = \"kitchen/+\""), "{e}");
+    let e = parse_err("[mqtt]\ngroup = \"kitchen\"\nprotocol = 3\n");
+    assert!(e.contains("mqtt.group") && e.contains("protocol = 5"), "{e}");
     assert!(matches!(
         Config::parse("[queue]\ncapacity = 0\n", Path::new("x")),
         Err(ConfigError::Invalid { .. })
