@@ -67,7 +67,10 @@ fn config_defaults_are_the_documented_file_and_errors_name_the_key() {
     let e = parse_err("[mqtt]\ngroup = \"kitchen/+\"\n");
     assert!(e.contains("mqtt.group = \"kitchen/+\""), "{e}");
     let e = parse_err("[mqtt]\ngroup = \"kitchen\"\nprotocol = 3\n");
-    assert!(e.contains("mqtt.group") && e.contains("protocol = 5"), "{e}");
+    assert!(
+        e.contains("mqtt.group") && e.contains("protocol = 5"),
+        "{e}"
+    );
     assert!(matches!(
         Config::parse("[queue]\ncapacity = 0\n", Path::new("x")),
         Err(ConfigError::Invalid { .. })
