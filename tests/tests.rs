@@ -7,6 +7,7 @@
 //! - `mqtt`: the MQTT front-end against real mosquitto brokers.
 //! - `ort`: the ONNX Runtime backend on real ONNX Runtime and onnxruntime-genai's model.
 //! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
+//! - `qwen`: the second real model (Qwen2.5-Coder-0.5B Q4_K_M) against llama.cpp's reference.
 
 mod common;
 mod daemon;
@@ -15,4 +16,5 @@ mod fuzz;
 mod gguf_errors;
 mod mqtt;
 mod ort;
+mod qwen;
 mod smollm2;
