@@ -190,21 +190,26 @@ fn reload(r: &mut Reload, ctx: &Context, grace: &mut Duration) {
     r.loaded = merge_reloadable(&r.loaded, &new);
 }
 
-/// `running` with the reloadable keys of `new`.
+/// `running` with the reloadable keys of `new` ([`RELOADABLE`], the one list of them), taken
+/// through the config's serialized form.
 fn merge_reloadable(running: &Config, new: &Config) -> Config {
-    let mut c = running.clone();
-    c.limits = new.limits.clone();
-    c.queue.default_deadline_ms = new.queue.default_deadline_ms;
-    c.socket.allowed_uids = new.socket.allowed_uids.clone();
-    c.socket.allowed_gids = new.socket.allowed_gids.clone();
-    c.socket.admin_uids = new.socket.admin_uids.clone();
-    c.socket.admin_gids = new.socket.admin_gids.clone();
-    c.socket.max_connections = new.socket.max_connections;
-    c.socket.max_connections_per_uid = new.socket.max_connections_per_uid;
-    c.socket.idle_timeout_ms = new.socket.idle_timeout_ms;
-    c.log.filter = new.log.filter.clone();
-    c.shutdown.grace_ms = new.shutdown.grace_ms;
-    c
+    let (Ok(mut merged), Ok(new)) = (serde_json::to_value(running), serde_json::to_value(new))
+    else {
+        return running.clone();
+    };
+    for key in RELOADABLE {
+        if let Some((section, k)) = key.split_once('.') {
+            if let Some(v) = new.get(section).and_then(|s| s.get(k)) {
+                merged[section][k] = v.clone();
+            }
+        }
+    }
+    serde_json::from_value(merged).unwrap_or_else(|e| {
+        tracing::warn!(
+            "SIGHUP: the reloaded settings did not merge ({e}); keeping the running ones"
+        );
+        running.clone()
+    })
 }
 
 impl Daemon {
@@ -508,4 +513,29 @@ fn status_line(v: &Status) -> String {
         v.last_decode_tps,
         v.requests.done
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Exactly the keys of `RELOADABLE` come from the new config; everything else stays.
+    #[test]
+    fn a_reload_merges_the_reloadable_keys_only() {
+        let running = Config::default();
+        assert_eq!(merge_reloadable(&running, &running), running);
+        let mut new = running.clone();
+        new.limits.max_tokens = 7;
+        new.limits.max_messages = 9;
+        new.socket.allowed_uids = vec![1000];
+        new.socket.idle_timeout_ms = 1234;
+        new.log.filter = "debug".into();
+        new.shutdown.grace_ms = 55;
+        new.queue.default_deadline_ms = 66;
+        let mut restart = new.clone();
+        restart.model.n_ctx = 99;
+        restart.queue.capacity = 3;
+        restart.mqtt.node = "other".into();
+        assert_eq!(merge_reloadable(&running, &restart), new);
+    }
 }
