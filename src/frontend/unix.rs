@@ -368,9 +368,7 @@ async fn admit(
         .to_line();
         match refusing.try_acquire() {
             Ok(_p) => refuse(&mut stream, &line).await,
-            Err(_) => {
-                let _ = stream.try_write(format!("{line}\n").as_bytes());
-            }
+            Err(_) => refuse_now(&stream, &line),
         }
         return;
     }
@@ -382,10 +380,10 @@ async fn admit(
             tracing::warn!(conn, uid, pid, "refused a connection: {why}");
             match refusing.try_acquire() {
                 Ok(_p) => over_limit(stream, &ctx, &owner, admin, &why).await,
-                Err(_) => {
-                    let line = Response::error(None, ErrorCode::TooManyConnections, why).to_line();
-                    let _ = stream.try_write(format!("{line}\n").as_bytes());
-                }
+                Err(_) => refuse_now(
+                    &stream,
+                    &Response::error(None, ErrorCode::TooManyConnections, why).to_line(),
+                ),
             }
             return;
         }
@@ -400,6 +398,12 @@ async fn admit(
 /// A connection beyond the limits: a `status` request sent at once is answered (status always
 /// answers); anything else, or nothing within [`OVER_LIMIT_WAIT`], is answered
 /// `too_many_connections`. Then the connection is closed.
+/// A refusal while [`REFUSING_AT_ONCE`] others are being given time: the line, if the socket
+/// takes it now, and the connection closed.
+fn refuse_now(stream: &UnixStream, line: &str) {
+    let _ = stream.try_write(format!("{line}\n").as_bytes());
+}
+
 async fn over_limit(mut stream: UnixStream, ctx: &Context, owner: &Owner, admin: bool, why: &str) {
     let mut lines = LineReader::new(ctx.limits().max_line_bytes);
     let first = tokio::time::timeout(OVER_LIMIT_WAIT, lines.next(&mut stream)).await;
