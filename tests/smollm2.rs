@@ -2,7 +2,7 @@
 //! `../shared/reference`, and the `edgellm` command itself. The model must be present
 //! (`models/fetch.sh`); a missing model fails these tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value as Json;
@@ -48,12 +48,16 @@ fn edgellm(args: &[&str]) -> (String, String, i32) {
 
 #[test]
 fn tokenizer_matches_llama_cpp() {
-    let path = model();
-    let g = Gguf::open(&path).expect("model parses");
-    let tok = Tokenizer::from_gguf(&g, None).expect("tokenizer");
     let r = reference("tokenizer-smollm2.json");
     let cases = r["cases"].as_array().expect("cases");
     assert!(cases.len() >= 10);
+    tokenizer_matches(&model(), cases);
+}
+
+/// The model's tokenizer gives llama.cpp's ids (`ids`) for every case's `text`.
+pub(crate) fn tokenizer_matches(model: &Path, cases: &[Json]) {
+    let g = Gguf::open(model).expect("model parses");
+    let tok = Tokenizer::from_gguf(&g, None).expect("tokenizer");
     for c in cases {
         let text = c["text"].as_str().expect("text");
         let want: Vec<u32> = c["ids"]
@@ -82,13 +86,19 @@ fn tokenize_command_prints_ids() {
 #[test]
 fn chat_template_and_greedy_exact_answers() {
     let r = reference("greedy-smollm2.json");
+    greedy_exact_answers(&model(), r["cases"].as_array().expect("cases"));
+}
+
+/// For every case: the model's own template renders llama.cpp's `prompt` from `messages`, and
+/// the exact path answers greedily llama.cpp's `exact_f32`, streamed as returned.
+pub(crate) fn greedy_exact_answers(model: &Path, cases: &[Json]) {
     let opts = CpuOptions {
         n_ctx: 512,
         kernels: Some(KernelKind::Reference),
         ..Default::default()
     };
-    let mut engine = edgellm_testkit::cpu_engine(&model(), &opts).expect("model loads");
-    for c in r["cases"].as_array().expect("cases") {
+    let mut engine = edgellm_testkit::cpu_engine(model, &opts).expect("model loads");
+    for c in cases {
         let messages: Vec<Message> =
             serde_json::from_value(c["messages"].clone()).expect("messages");
         let prompt = Prompt::Messages(messages);
@@ -261,20 +271,7 @@ fn perplexity_matches_llama_cpp() {
     };
     let fast_ref = find("Q4_1 file as shipped");
     let exact_ref = find("the same weights dequantized");
-    let m = model();
-    let text = reference_path("gpl-3.txt");
-    let (out, err, code) = edgellm(&[
-        "perplexity",
-        "--model",
-        m.to_str().expect("utf-8"),
-        text.to_str().expect("utf-8"),
-        "--ctx",
-        "512",
-        "--compare-exact",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let last = out.lines().last().expect("output");
-    let v: Json = serde_json::from_str(last).expect("last line is JSON");
+    let v = perplexity_against_exact(&model());
     let ppl = v["ppl"].as_f64().expect("ppl");
     let exact = v["ppl_exact"].as_f64().expect("ppl_exact");
     assert_eq!(v["chunks"], 14);
@@ -293,6 +290,23 @@ fn perplexity_matches_llama_cpp() {
     // 96.47% to 95.97% with KL 0.00307 → 0.00309): the bound allows that, KL is the tight one.
     assert!(kld <= 0.0035, "mean KL divergence {kld}");
     assert!(top1 >= 95.5, "same top-1 {top1}%");
+}
+
+/// `edgellm perplexity --compare-exact` on gpl-3.txt in 512-token chunks: its JSON summary.
+pub(crate) fn perplexity_against_exact(model: &Path) -> Json {
+    let text = reference_path("gpl-3.txt");
+    let (out, err, code) = edgellm(&[
+        "perplexity",
+        "--model",
+        model.to_str().expect("utf-8"),
+        text.to_str().expect("utf-8"),
+        "--ctx",
+        "512",
+        "--compare-exact",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let last = out.lines().last().expect("output");
+    serde_json::from_str(last).expect("last line is JSON")
 }
 
 /// `models/fetch.sh`: a second run does nothing; a checksum that does not match is an error that
@@ -375,12 +389,21 @@ fn fetch_script_is_idempotent_and_checks_sums() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("model present"));
 
-    let dir = crate::common::temp_dir("fetch_bad_sum");
-    let manifest =
-        std::fs::read_to_string(root.join("models/smollm2-135m-instruct.toml")).expect("manifest");
-    let good = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-    assert!(manifest.contains(good));
-    let bad = manifest.replace(good, &"0".repeat(64));
+    fetch_refuses_a_wrong_sum(
+        "smollm2-135m-instruct",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    );
+}
+
+/// `models/fetch.sh` on a copy of `manifest` whose GGUF sum `good` is wrong: an error naming
+/// the sum, and no file left behind.
+pub(crate) fn fetch_refuses_a_wrong_sum(manifest: &str, good: &str) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = crate::common::temp_dir(&format!("fetch_bad_sum_{manifest}"));
+    let text =
+        std::fs::read_to_string(root.join(format!("models/{manifest}.toml"))).expect("manifest");
+    assert!(text.contains(good));
+    let bad = text.replace(good, &"0".repeat(64));
     std::fs::write(dir.join("manifest.toml"), bad).expect("write manifest");
     let models = dir.join("models");
     let out = Command::new("bash")

@@ -51,15 +51,23 @@ pub fn fast_kernels() -> Vec<KernelKind> {
 
 /// The default model (SmolLM2-135M-Instruct Q4_1), fetched by `models/fetch.sh`.
 pub fn default_model() -> PathBuf {
-    let p = std::env::var_os("EDGELLM_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+    cached_model(
+        "EDGELLM_MODEL",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "models/fetch.sh",
+    )
+}
+
+/// A real model: the file `env` names, else `file` in `models/cache/`, put there by `fetch`.
+pub fn cached_model(env: &str, file: &str, fetch: &str) -> PathBuf {
+    let p = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("models/cache")
+            .join(file)
+    });
     assert!(
         p.is_file(),
-        "the default model is missing at {}: run models/fetch.sh",
+        "the model is missing at {}: run {fetch}",
         p.display()
     );
     p
