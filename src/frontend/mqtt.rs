@@ -958,18 +958,40 @@ async fn run_loop(
     let mut failures = 0u64;
     let mut connection = 0u64;
     loop {
-        let polled = tokio::select! {
-            p = eventloop.poll() => p,
-            _ = until_true(&mut finish) => {
-                // Keep polling briefly so the disconnect (and `offline`) reach the broker.
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    loop {
-                        match eventloop.poll().await {
-                            Ok(Polled::Disconnected) | Err(_) => break,
-                            _ => {}
+        // A poll in progress may hold a request it took from the client's channel and has not
+        // yet written (rumqttc's poll is not cancel-safe): the stop waits for it to finish
+        // rather than dropping it, or a removal or the `offline` queued just before the stop
+        // could be lost.
+        let polled = {
+            let poll = eventloop.poll();
+            tokio::pin!(poll);
+            tokio::select! {
+                p = &mut poll => Ok(p),
+                _ = until_true(&mut finish) => {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                    Err((deadline, tokio::time::timeout_at(deadline, &mut poll).await))
+                }
+            }
+        };
+        let polled = match polled {
+            Ok(p) => p,
+            Err((deadline, mut last)) => {
+                // After our DISCONNECT, read until the broker closes the connection: closing
+                // it ourselves with its acks unread would send a reset, and the broker drops
+                // what it had not yet read — the last removals and `offline` with it.
+                let mut sent_disconnect = false;
+                while let Ok(p) = last {
+                    match p {
+                        Ok(Polled::Disconnected) => sent_disconnect = true,
+                        Err(e) if !sent_disconnect => {
+                            tracing::warn!("mqtt: {e} while stopping");
+                            break;
                         }
+                        Err(_) => break,
+                        Ok(_) => {}
                     }
-                }).await;
+                    last = tokio::time::timeout_at(deadline, eventloop.poll()).await;
+                }
                 return;
             }
         };
