@@ -5,7 +5,10 @@
 
 use std::arch::x86_64::*;
 
-use super::quant::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, QK};
+use super::quant::{
+    f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8,
+    BlockQ8_0, QK,
+};
 
 #[inline(always)]
 unsafe fn f16(h: u16) -> f32 {
@@ -191,25 +194,49 @@ unsafe fn dot_q8_0_imp(w: &[BlockQ8_0], x: &[BlockQ8]) -> f32 {
     hsum(_mm256_add_ps(acc0, acc1))
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+/// Elements the f32 loops read: f32 itself, or f16 bits (the KV cache), widened 8 at a time.
+trait Lanes: Copy {
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn f32(self) -> f32;
+}
+
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Lanes for u16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f16_to_f32(self)
+    }
+}
+
+/// `Σ a[i]·b[i]` over `n` elements. Caller: `n ≤ a.len()` and `n` elements readable at `b`.
+#[inline(always)]
+unsafe fn dot_lanes<E: Lanes>(a: &[f32], pb: *const E, n: usize) -> f32 {
+    let pa = a.as_ptr();
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i + 32 <= n {
         for (k, acc) in acc.iter_mut().enumerate() {
             let o = i + 8 * k;
-            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), E::load8(pb.add(o)), *acc);
         }
         i += 32;
     }
     while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i)),
-            _mm256_loadu_ps(pb.add(i)),
-            acc[0],
-        );
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), E::load8(pb.add(i)), acc[0]);
         i += 8;
     }
     let mut s = hsum(_mm256_add_ps(
@@ -217,10 +244,15 @@ unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
         _mm256_add_ps(acc[2], acc[3]),
     ));
     while i < n {
-        s += a[i] * b[i];
+        s += a[i] * (*pb.add(i)).f32();
         i += 1;
     }
     s
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b.as_ptr(), a.len().min(b.len()))
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -299,6 +331,17 @@ impl IDot for Vnni {
     #[inline(always)]
     unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+    }
+}
+
+/// The same instruction in its AVX-512 encoding (AVX512-VNNI with VL, on 256-bit vectors):
+/// Ice Lake, Sapphire Rapids, Zen 4 — which have no VEX AVX-VNNI.
+struct Vnni512;
+impl IDot for Vnni512 {
+    const VNNI: bool = true;
+    #[inline(always)]
+    unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
     }
 }
 
@@ -407,6 +450,167 @@ impl WBlock for BlockQ8_0 {
         } else {
             // u8 × i8 pairs of up to 255·127·2 would saturate maddubs: use |w| and sign(y, w).
             D::dot_us(_mm256_sign_epi8(p, p), _mm256_sign_epi8(y, p))
+        }
+    }
+}
+
+impl WBlock for BlockQ5_0 {
+    /// The five-bit values unsigned (0..32); the −16 comes back through the offset term.
+    #[inline(always)]
+    unsafe fn prep<D: IDot>(&self) -> __m256i {
+        let hi = _mm256_and_si256(
+            bytes_from_bits(u32::from_le_bytes(self.qh)),
+            _mm256_set1_epi8(0x10),
+        );
+        _mm256_or_si256(nibbles(self.qs.as_ptr()), hi)
+    }
+    #[inline(always)]
+    fn d_bits(&self) -> u16 {
+        self.d
+    }
+    #[inline(always)]
+    fn d_coef<D: IDot>() -> Option<f32> {
+        Some(-16.0)
+    }
+}
+
+/// K-quant blocks of 256 weights: eight sub-blocks of 32, sub-block j meeting activation block
+/// j of the eight under the block. Weights are `f·u + k` per sub-block (Q4_K: f = d·sc, k =
+/// −dmin·m, u unsigned) or `f·u` with u signed and one f per 16 (Q6_K).
+trait KBlock: Copy {
+    /// Whether `prep` gives signed bytes (then the dot takes |u| and the activations with u's
+    /// sign, as `maddubs` multiplies unsigned by signed).
+    const SIGNED: bool;
+    /// Per sub-block: the factors of its first and second 16 weights, and the coefficient of the
+    /// activation block's `s`.
+    fn scales(&self) -> ([[f32; 2]; 8], [f32; 8]);
+    /// Sub-block j's 32 weights.
+    unsafe fn prep(&self, j: usize) -> __m256i;
+}
+
+impl KBlock for BlockQ4K {
+    const SIGNED: bool = false;
+    #[inline(always)]
+    fn scales(&self) -> ([[f32; 2]; 8], [f32; 8]) {
+        let (d, dmin) = (f16_to_f32(self.d), f16_to_f32(self.dmin));
+        let mut f = [[0f32; 2]; 8];
+        let mut k = [0f32; 8];
+        for j in 0..8 {
+            let (sc, m) = q4k_scale_min(j, &self.scales);
+            f[j] = [d * sc as f32; 2];
+            k[j] = -dmin * m as f32;
+        }
+        (f, k)
+    }
+    #[inline(always)]
+    unsafe fn prep(&self, j: usize) -> __m256i {
+        let v = _mm256_loadu_si256(self.qs.as_ptr().add((j / 2) * 32) as *const __m256i);
+        let v = _mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (j % 2) as i32));
+        _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
+    }
+}
+
+impl KBlock for BlockQ6K {
+    const SIGNED: bool = true;
+    #[inline(always)]
+    fn scales(&self) -> ([[f32; 2]; 8], [f32; 8]) {
+        let d = f16_to_f32(self.d);
+        let mut f = [[0f32; 2]; 8];
+        for (j, fj) in f.iter_mut().enumerate() {
+            let (n, t) = (j / 4, j % 4);
+            *fj = [
+                d * self.scales[n * 8 + 2 * t] as f32,
+                d * self.scales[n * 8 + 2 * t + 1] as f32,
+            ];
+        }
+        (f, [0f32; 8])
+    }
+    #[inline(always)]
+    unsafe fn prep(&self, j: usize) -> __m256i {
+        let (n, t) = (j / 4, j % 4);
+        let l = _mm256_loadu_si256(self.ql.as_ptr().add(n * 64 + (t % 2) * 32) as *const __m256i);
+        let h = _mm256_loadu_si256(self.qh.as_ptr().add(n * 32) as *const __m256i);
+        let lo = _mm256_and_si256(
+            _mm256_srl_epi16(l, _mm_cvtsi32_si128(4 * (t / 2) as i32)),
+            _mm256_set1_epi8(0x0f),
+        );
+        let hi = _mm256_and_si256(
+            _mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * t as i32)),
+            _mm256_set1_epi8(0x03),
+        );
+        // hi ≤ 3 in each byte: shifting the 16-bit lanes by 4 cannot carry into the next byte.
+        let q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+        _mm256_sub_epi8(q, _mm256_set1_epi8(32))
+    }
+}
+
+/// R rows × C tokens of K-quant dot products.
+#[inline(always)]
+unsafe fn ktile_fixed<B: KBlock, D: IDot, const R: usize, const C: usize>(
+    w: &[&[B]],
+    x: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    let nb = w[0].len();
+    assert!(w.len() == R && x.len() == C && out.len() >= R * C);
+    assert!(w.iter().all(|r| r.len() == nb) && x.iter().all(|c| c.len() >= nb * 8));
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut off = [[0f32; C]; R];
+    for b in 0..nb {
+        let mut f = [[[0f32; 2]; 8]; R];
+        let mut k = [[0f32; 8]; R];
+        for r in 0..R {
+            // SAFETY: r < R == w.len(), b < nb == w[r].len().
+            (f[r], k[r]) = w.get_unchecked(r).get_unchecked(b).scales();
+        }
+        for j in 0..8 {
+            // SAFETY: x.len() == C and b·8 + j < nb·8 <= every x[c].len() (asserted above).
+            let (y, yd, ys) = act_block::<C>(x, b * 8 + j);
+            for r in 0..R {
+                // SAFETY: as above.
+                let q = w.get_unchecked(r).get_unchecked(b).prep(j);
+                let qa = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
+                for c in 0..C {
+                    let yc = if B::SIGNED {
+                        _mm256_sign_epi8(y[c], q)
+                    } else {
+                        y[c]
+                    };
+                    let i = _mm256_cvtepi32_ps(D::dot_us(qa, yc));
+                    let [f0, f1] = f[r][j];
+                    let fv = if B::SIGNED {
+                        _mm256_set_m128(_mm_set1_ps(f1 * yd[c]), _mm_set1_ps(f0 * yd[c]))
+                    } else {
+                        _mm256_set1_ps(f0 * yd[c])
+                    };
+                    acc[r][c] = _mm256_fmadd_ps(i, fv, acc[r][c]);
+                    off[r][c] += k[r][j] * ys[c];
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            out[r * C + c] = hsum(acc[r][c]) + off[r][c];
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn ktile_any<B: KBlock, D: IDot>(w: &[&[B]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    match (w.len(), x.len()) {
+        (8, 1) => ktile_fixed::<B, D, 8, 1>(w, x, out),
+        (2, 4) => ktile_fixed::<B, D, 2, 4>(w, x, out),
+        (4, 1) => ktile_fixed::<B, D, 4, 1>(w, x, out),
+        (1, 4) => ktile_fixed::<B, D, 1, 4>(w, x, out),
+        (nr, nc) => {
+            for r in 0..nr {
+                for c in 0..nc {
+                    let mut o = [0f32];
+                    ktile_fixed::<B, D, 1, 1>(&w[r..r + 1], &x[c..c + 1], &mut o);
+                    out[r * nc + c] = o[0];
+                }
+            }
         }
     }
 }
@@ -596,17 +800,32 @@ macro_rules! tile_fns {
     };
 }
 
-tile_fns!("avx2,fma,f16c", Madd, tile_q4_0_imp: BlockQ4_0, tile_q4_1_imp: BlockQ4_1, tile_q8_0_imp: BlockQ8_0);
-tile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4_0_vnni_imp: BlockQ4_0, tile_q4_1_vnni_imp: BlockQ4_1, tile_q8_0_vnni_imp: BlockQ8_0);
+macro_rules! ktile_fns {
+    ($feat:literal, $d:ty, $($name:ident: $b:ty),*) => {
+        $(
+            #[target_feature(enable = $feat)]
+            unsafe fn $name(w: &[&[$b]], x: &[&[BlockQ8]], out: &mut [f32]) {
+                ktile_any::<$b, $d>(w, x, out)
+            }
+        )*
+    };
+}
+
+tile_fns!("avx2,fma,f16c", Madd, tile_q4_0_imp: BlockQ4_0, tile_q4_1_imp: BlockQ4_1, tile_q5_0_imp: BlockQ5_0, tile_q8_0_imp: BlockQ8_0);
+tile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4_0_vnni_imp: BlockQ4_0, tile_q4_1_vnni_imp: BlockQ4_1, tile_q5_0_vnni_imp: BlockQ5_0, tile_q8_0_vnni_imp: BlockQ8_0);
+tile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4_0_v512_imp: BlockQ4_0, tile_q4_1_v512_imp: BlockQ4_1, tile_q5_0_v512_imp: BlockQ5_0, tile_q8_0_v512_imp: BlockQ8_0);
+ktile_fns!("avx2,fma,f16c", Madd, tile_q4k_imp: BlockQ4K, tile_q6k_imp: BlockQ6K);
+ktile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4k_vnni_imp: BlockQ4K, tile_q6k_vnni_imp: BlockQ6K);
+ktile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4k_v512_imp: BlockQ4K, tile_q6k_v512_imp: BlockQ6K);
 
 /// Scores against `out.len()` key rows `stride` apart. Caller: `(out.len() − 1) · stride +
 /// q.len() ≤ k.len()`.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores_f32_imp(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_imp<E: Lanes>(q: &[f32], k: &[E], stride: usize, out: &mut [f32]) {
     let hd = q.len();
     let pk = k.as_ptr();
     for (j, o) in out.iter_mut().enumerate() {
-        *o = dot_f32_imp(q, std::slice::from_raw_parts(pk.add(j * stride), hd));
+        *o = dot_lanes(q, pk.add(j * stride), hd);
     }
 }
 
@@ -663,7 +882,7 @@ unsafe fn exp_sum_imp(s: &mut [f32], max: f32) -> f32 {
 
 /// `out[o..o + 8·A] += Σ_j p[j] · v[j][o..]`, A registers of accumulators.
 #[inline(always)]
-unsafe fn acc_f32_seg<const A: usize>(p: &[f32], v: *const f32, stride: usize, out: *mut f32) {
+unsafe fn acc_seg<E: Lanes, const A: usize>(p: &[f32], v: *const E, stride: usize, out: *mut f32) {
     let mut acc = [_mm256_setzero_ps(); A];
     for (a, acc) in acc.iter_mut().enumerate() {
         *acc = _mm256_loadu_ps(out.add(8 * a));
@@ -672,7 +891,7 @@ unsafe fn acc_f32_seg<const A: usize>(p: &[f32], v: *const f32, stride: usize, o
         let pv = _mm256_set1_ps(pj);
         let row = v.add(j * stride);
         for (a, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * a)), *acc);
+            *acc = _mm256_fmadd_ps(pv, E::load8(row.add(8 * a)), *acc);
         }
     }
     for (a, acc) in acc.iter().enumerate() {
@@ -681,22 +900,22 @@ unsafe fn acc_f32_seg<const A: usize>(p: &[f32], v: *const f32, stride: usize, o
 }
 
 /// Caller: `(p.len() − 1) · stride + out.len() ≤ v.len()`.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn acc_f32_imp(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn acc_imp<E: Lanes>(p: &[f32], v: &[E], stride: usize, out: &mut [f32]) {
     let hd = out.len();
     let (pv, po) = (v.as_ptr(), out.as_mut_ptr());
     let mut o = 0;
     while o + 64 <= hd {
-        acc_f32_seg::<8>(p, pv.add(o), stride, po.add(o));
+        acc_seg::<E, 8>(p, pv.add(o), stride, po.add(o));
         o += 64;
     }
     while o + 8 <= hd {
-        acc_f32_seg::<1>(p, pv.add(o), stride, po.add(o));
+        acc_seg::<E, 1>(p, pv.add(o), stride, po.add(o));
         o += 8;
     }
     for (j, &pj) in p.iter().enumerate() {
         for i in o..hd {
-            *po.add(i) += pj * *pv.add(j * stride + i);
+            *po.add(i) += pj * (*pv.add(j * stride + i)).f32();
         }
     }
 }
@@ -776,35 +995,55 @@ pub(super) fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     unsafe { quantize_q8_imp(x, out) }
 }
 
-pub(super) fn tile_q4_0(w: &[&[BlockQ4_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
-    // SAFETY: only reachable through the AVX2 kernel tables, built after feature detection.
-    unsafe { tile_q4_0_imp(w, x, out) }
+macro_rules! tile_wrappers {
+    ($why:literal, $($name:ident($imp:ident): $b:ty),*) => {
+        $(
+            pub(super) fn $name(w: &[&[$b]], x: &[&[BlockQ8]], out: &mut [f32]) {
+                // SAFETY: only reachable through the kernel table named by `$why`, built after
+                // detecting its features (see `mod.rs`).
+                unsafe { $imp(w, x, out) }
+            }
+        )*
+    };
 }
-pub(super) fn tile_q4_1(w: &[&[BlockQ4_1]], x: &[&[BlockQ8]], out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { tile_q4_1_imp(w, x, out) }
-}
-pub(super) fn tile_q8_0(w: &[&[BlockQ8_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { tile_q8_0_imp(w, x, out) }
-}
-pub(super) fn tile_q4_0_vnni(w: &[&[BlockQ4_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
-    // SAFETY: only reachable through the AVX-VNNI table, built after detecting avxvnni.
-    unsafe { tile_q4_0_vnni_imp(w, x, out) }
-}
-pub(super) fn tile_q4_1_vnni(w: &[&[BlockQ4_1]], x: &[&[BlockQ8]], out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { tile_q4_1_vnni_imp(w, x, out) }
-}
-pub(super) fn tile_q8_0_vnni(w: &[&[BlockQ8_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { tile_q8_0_vnni_imp(w, x, out) }
-}
+
+tile_wrappers!(
+    "avx2",
+    tile_q4_0(tile_q4_0_imp): BlockQ4_0,
+    tile_q4_1(tile_q4_1_imp): BlockQ4_1,
+    tile_q5_0(tile_q5_0_imp): BlockQ5_0,
+    tile_q8_0(tile_q8_0_imp): BlockQ8_0,
+    tile_q4k(tile_q4k_imp): BlockQ4K,
+    tile_q6k(tile_q6k_imp): BlockQ6K
+);
+tile_wrappers!(
+    "avx-vnni",
+    tile_q4_0_vnni(tile_q4_0_vnni_imp): BlockQ4_0,
+    tile_q4_1_vnni(tile_q4_1_vnni_imp): BlockQ4_1,
+    tile_q5_0_vnni(tile_q5_0_vnni_imp): BlockQ5_0,
+    tile_q8_0_vnni(tile_q8_0_vnni_imp): BlockQ8_0,
+    tile_q4k_vnni(tile_q4k_vnni_imp): BlockQ4K,
+    tile_q6k_vnni(tile_q6k_vnni_imp): BlockQ6K
+);
+tile_wrappers!(
+    "avx512-vnni",
+    tile_q4_0_v512(tile_q4_0_v512_imp): BlockQ4_0,
+    tile_q4_1_v512(tile_q4_1_v512_imp): BlockQ4_1,
+    tile_q5_0_v512(tile_q5_0_v512_imp): BlockQ5_0,
+    tile_q8_0_v512(tile_q8_0_v512_imp): BlockQ8_0,
+    tile_q4k_v512(tile_q4k_v512_imp): BlockQ4K,
+    tile_q6k_v512(tile_q6k_v512_imp): BlockQ6K
+);
 
 pub(super) fn scores_f32(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
     super::check_rows(out.len(), stride, q.len(), k.len());
     // SAFETY: rows checked; only reachable through the AVX2 tables, built after detection.
-    unsafe { scores_f32_imp(q, k, stride, out) }
+    unsafe { scores_imp(q, k, stride, out) }
+}
+pub(super) fn scores_f16(q: &[f32], k: &[u16], stride: usize, out: &mut [f32]) {
+    super::check_rows(out.len(), stride, q.len(), k.len());
+    // SAFETY: as above.
+    unsafe { scores_imp(q, k, stride, out) }
 }
 pub(super) fn exp_sum(s: &mut [f32], max: f32) -> f32 {
     // SAFETY: as above.
@@ -813,7 +1052,12 @@ pub(super) fn exp_sum(s: &mut [f32], max: f32) -> f32 {
 pub(super) fn acc_f32(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     super::check_rows(p.len(), stride, out.len(), v.len());
     // SAFETY: as above.
-    unsafe { acc_f32_imp(p, v, stride, out) }
+    unsafe { acc_imp(p, v, stride, out) }
+}
+pub(super) fn acc_f16(p: &[f32], v: &[u16], stride: usize, out: &mut [f32]) {
+    super::check_rows(p.len(), stride, out.len(), v.len());
+    // SAFETY: as above.
+    unsafe { acc_imp(p, v, stride, out) }
 }
 pub(super) fn acc_q8_0(p: &[f32], v: &[BlockQ8_0], stride: usize, out: &mut [f32]) {
     assert!(out.len().is_multiple_of(QK), "q8_0 rows are whole blocks");

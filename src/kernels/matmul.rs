@@ -1,13 +1,13 @@
 //! Matrix × activations for a batch of tokens, split over the pool by output rows.
 //!
-//! Integer types (Q4_0, Q4_1, Q5_0, Q8_0) dot their blocks with the activations quantized to 8
-//! bits; the other types (F32, F16, Q4_K, Q6_K), and every type in exact mode, dequantize each
-//! weight row once into a per-thread scratch row and dot it in f32 with every token of the batch.
+//! Integer types (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) dot their blocks with the activations
+//! quantized to 8 bits; F32 and F16, and every type in exact mode, dequantize each weight row
+//! once into a per-thread scratch row and dot it in f32 with every token of the batch.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use super::pool::{split, Pool, Shards};
-use super::quant::{as_blocks, dequantize_row, Block, BlockQ5_0, BlockQ8, GgmlType, QK};
+use super::quant::{as_blocks, dequantize_row, Block, BlockQ8, GgmlType, QK};
 use super::{Kernels, Tile};
 
 /// A weight matrix in place in the mapping: `rows` rows of `cols` elements of type `ty`.
@@ -52,7 +52,12 @@ pub fn uses_q8(k: &Kernels, ty: GgmlType) -> bool {
     !k.exact()
         && matches!(
             ty,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0
+            GgmlType::Q4_0
+                | GgmlType::Q4_1
+                | GgmlType::Q5_0
+                | GgmlType::Q8_0
+                | GgmlType::Q4K
+                | GgmlType::Q6K
         )
 }
 
@@ -72,16 +77,10 @@ pub fn matmul_rows(
             GgmlType::Q4_0 => int_rows(k.tile_q4_0, w, x, rows, out),
             GgmlType::Q4_1 => int_rows(k.tile_q4_1, w, x, rows, out),
             GgmlType::Q8_0 => int_rows(k.tile_q8_0, w, x, rows, out),
-            _ => {
-                let dot = k.dot_q5_0;
-                for r in rows {
-                    let row: &[BlockQ5_0] = blocks(w.row(r));
-                    for t in 0..x.n {
-                        // SAFETY: this thread's rows only (ranges from `split` are disjoint).
-                        unsafe { out.part(t * w.rows + r, 1)[0] = dot(row, x.q_row(t)) };
-                    }
-                }
-            }
+            GgmlType::Q5_0 => int_rows(k.tile_q5_0, w, x, rows, out),
+            GgmlType::Q4K => int_rows(k.tile_q4k, w, x, rows, out),
+            GgmlType::Q6K => int_rows(k.tile_q6k, w, x, rows, out),
+            other => unreachable!("uses_q8 admits {}", other.name()),
         }
         return;
     }
@@ -171,7 +170,7 @@ fn decode_rows<B: Block>(
     let xs = [x.q_row(0)];
     let n = rows.len();
     let stride = n / 8;
-    let nb = w.cols / QK;
+    let nb = w.cols / w.ty.block_size();
     let all: &[B] = blocks(w.data);
     for i in 0..stride {
         let mut ws: [&[B]; 8] = [&[]; 8];

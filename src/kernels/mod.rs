@@ -21,7 +21,7 @@ pub mod quant;
 #[cfg(test)]
 mod tests;
 
-use quant::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0};
+use quant::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8, BlockQ8_0};
 
 /// Which kernels the config or the command line asks for (`model.kernels`, `--kernels`):
 /// `auto`, the fastest this CPU runs, or one [`KernelKind`].
@@ -44,6 +44,7 @@ pub enum KernelChoice {
     Scalar,
     Avx2,
     AvxVnni,
+    Avx512Vnni,
     Neon,
     NeonDotprod,
 }
@@ -57,6 +58,7 @@ impl KernelChoice {
             KernelChoice::Scalar => Some(KernelKind::Scalar),
             KernelChoice::Avx2 => Some(KernelKind::Avx2),
             KernelChoice::AvxVnni => Some(KernelKind::AvxVnni),
+            KernelChoice::Avx512Vnni => Some(KernelKind::Avx512Vnni),
             KernelChoice::Neon => Some(KernelKind::Neon),
             KernelChoice::NeonDotprod => Some(KernelKind::NeonDotprod),
         }
@@ -79,6 +81,9 @@ pub enum KernelKind {
     Avx2,
     /// AVX2 with the AVX-VNNI dot-product instruction (Alder Lake, Sapphire Rapids, Zen 5).
     AvxVnni,
+    /// AVX2 with the same dot product in its AVX-512 encoding (AVX512-VNNI + VL, on 256-bit
+    /// vectors): Ice Lake, Sapphire Rapids, Zen 4.
+    Avx512Vnni,
     /// aarch64 NEON without the dot-product extension.
     Neon,
     /// aarch64 NEON with `sdot` (ARMv8.2 dotprod).
@@ -92,16 +97,18 @@ impl KernelKind {
             KernelKind::Scalar => "scalar",
             KernelKind::Avx2 => "avx2",
             KernelKind::AvxVnni => "avx-vnni",
+            KernelKind::Avx512Vnni => "avx512-vnni",
             KernelKind::Neon => "neon",
             KernelKind::NeonDotprod => "neon-dotprod",
         }
     }
 
-    pub const ALL: [KernelKind; 6] = [
+    pub const ALL: [KernelKind; 7] = [
         KernelKind::Reference,
         KernelKind::Scalar,
         KernelKind::Avx2,
         KernelKind::AvxVnni,
+        KernelKind::Avx512Vnni,
         KernelKind::Neon,
         KernelKind::NeonDotprod,
     ];
@@ -119,6 +126,12 @@ impl KernelKind {
             #[cfg(target_arch = "x86_64")]
             KernelKind::AvxVnni => {
                 KernelKind::Avx2.available() && is_x86_feature_detected!("avxvnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512Vnni => {
+                KernelKind::Avx2.available()
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl")
             }
             #[cfg(target_arch = "aarch64")]
             KernelKind::Neon => std::arch::is_aarch64_feature_detected!("neon"),
@@ -138,6 +151,7 @@ impl KernelKind {
             KernelKind::NeonDotprod,
             KernelKind::Neon,
             KernelKind::AvxVnni,
+            KernelKind::Avx512Vnni,
             KernelKind::Avx2,
             KernelKind::Scalar,
         ]
@@ -165,15 +179,21 @@ pub struct Kernels {
     pub dot_q8_0: fn(&[BlockQ8_0], &[BlockQ8]) -> f32,
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     /// Attention: scores of a query head against key rows, `exp(s − max)` with its sum, and
-    /// the probability-weighted sum of value rows (f32 or q8_0 cache). See `generic`.
+    /// the probability-weighted sum of value rows (f32, f16 or q8_0 cache). See `generic`.
     pub scores_f32: fn(&[f32], &[f32], usize, &mut [f32]),
+    pub scores_f16: fn(&[f32], &[u16], usize, &mut [f32]),
     pub exp_sum: fn(&mut [f32], f32) -> f32,
     pub acc_f32: fn(&[f32], &[f32], usize, &mut [f32]),
+    pub acc_f16: fn(&[f32], &[u16], usize, &mut [f32]),
     pub acc_q8_0: fn(&[f32], &[BlockQ8_0], usize, &mut [f32]),
     /// Tiles of R rows × C tokens: `out[r * C + c] = dot(w[r], x[c])`.
     pub tile_q4_0: Tile<BlockQ4_0>,
     pub tile_q4_1: Tile<BlockQ4_1>,
+    pub tile_q5_0: Tile<BlockQ5_0>,
     pub tile_q8_0: Tile<BlockQ8_0>,
+    /// K-quant rows are whole blocks of 256, each meeting eight activation blocks.
+    pub tile_q4k: Tile<BlockQ4K>,
+    pub tile_q6k: Tile<BlockQ6K>,
 }
 
 pub type Tile<B> = fn(&[&[B]], &[&[BlockQ8]], &mut [f32]);
@@ -199,12 +219,17 @@ impl Kernels {
             dot_q8_0: generic::dot_q8_0,
             dot_f32: generic::dot_f32,
             scores_f32: generic::scores_f32,
+            scores_f16: generic::scores_f16,
             exp_sum: generic::exp_sum,
             acc_f32: generic::acc_f32,
+            acc_f16: generic::acc_f16,
             acc_q8_0: generic::acc_q8_0,
             tile_q4_0: generic::tile_q4_0,
             tile_q4_1: generic::tile_q4_1,
+            tile_q5_0: generic::tile_q5_0,
             tile_q8_0: generic::tile_q8_0,
+            tile_q4k: generic::tile_q4k,
+            tile_q6k: generic::tile_q6k,
         };
         Ok(match kind {
             KernelKind::Scalar => scalar,
@@ -225,12 +250,17 @@ impl Kernels {
                 dot_q8_0: avx2::dot_q8_0,
                 dot_f32: avx2::dot_f32,
                 scores_f32: avx2::scores_f32,
+                scores_f16: avx2::scores_f16,
                 exp_sum: avx2::exp_sum,
                 acc_f32: avx2::acc_f32,
+                acc_f16: avx2::acc_f16,
                 acc_q8_0: avx2::acc_q8_0,
                 tile_q4_0: avx2::tile_q4_0,
                 tile_q4_1: avx2::tile_q4_1,
+                tile_q5_0: avx2::tile_q5_0,
                 tile_q8_0: avx2::tile_q8_0,
+                tile_q4k: avx2::tile_q4k,
+                tile_q6k: avx2::tile_q6k,
             },
             #[cfg(target_arch = "x86_64")]
             // The AVX2 table with the tiles, where the time goes, on the VNNI instruction.
@@ -238,7 +268,21 @@ impl Kernels {
                 kind,
                 tile_q4_0: avx2::tile_q4_0_vnni,
                 tile_q4_1: avx2::tile_q4_1_vnni,
+                tile_q5_0: avx2::tile_q5_0_vnni,
                 tile_q8_0: avx2::tile_q8_0_vnni,
+                tile_q4k: avx2::tile_q4k_vnni,
+                tile_q6k: avx2::tile_q6k_vnni,
+                ..Kernels::new(KernelKind::Avx2)?
+            },
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512Vnni => Kernels {
+                kind,
+                tile_q4_0: avx2::tile_q4_0_v512,
+                tile_q4_1: avx2::tile_q4_1_v512,
+                tile_q5_0: avx2::tile_q5_0_v512,
+                tile_q8_0: avx2::tile_q8_0_v512,
+                tile_q4k: avx2::tile_q4k_v512,
+                tile_q6k: avx2::tile_q6k_v512,
                 ..Kernels::new(KernelKind::Avx2)?
             },
             #[cfg(target_arch = "aarch64")]
@@ -251,12 +295,17 @@ impl Kernels {
                 dot_q8_0: neon::dot_q8_0,
                 dot_f32: neon::dot_f32,
                 scores_f32: neon::scores_f32,
+                scores_f16: neon::scores_f16,
                 exp_sum: neon::exp_sum,
                 acc_f32: neon::acc_f32,
+                acc_f16: neon::acc_f16,
                 acc_q8_0: neon::acc_q8_0,
                 tile_q4_0: neon::tile_q4_0,
                 tile_q4_1: neon::tile_q4_1,
+                tile_q5_0: neon::tile_q5_0,
                 tile_q8_0: neon::tile_q8_0,
+                tile_q4k: neon::tile_q4k,
+                tile_q6k: neon::tile_q6k,
             },
             #[cfg(target_arch = "aarch64")]
             KernelKind::NeonDotprod => Kernels {
@@ -268,12 +317,17 @@ impl Kernels {
                 dot_q8_0: neon::dot_q8_0_dotprod,
                 dot_f32: neon::dot_f32,
                 scores_f32: neon::scores_f32,
+                scores_f16: neon::scores_f16,
                 exp_sum: neon::exp_sum,
                 acc_f32: neon::acc_f32,
+                acc_f16: neon::acc_f16,
                 acc_q8_0: neon::acc_q8_0,
                 tile_q4_0: neon::tile_q4_0_dotprod,
                 tile_q4_1: neon::tile_q4_1_dotprod,
+                tile_q5_0: neon::tile_q5_0_dotprod,
                 tile_q8_0: neon::tile_q8_0_dotprod,
+                tile_q4k: neon::tile_q4k_dotprod,
+                tile_q6k: neon::tile_q6k_dotprod,
             },
             #[allow(unreachable_patterns)]
             _ => return Err(KernelError::Unavailable(kind.name())),

@@ -8,7 +8,10 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::quant::{f16_to_f32, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, QK};
+use super::quant::{
+    f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8,
+    BlockQ8_0, QK,
+};
 
 /// Sum of products of 32 signed bytes, 4 i32 lanes, with widening multiplies (no dotprod).
 /// |a·b| ≤ 127·128·2 per i16 lane: no overflow for activations in [-127, 127].
@@ -152,16 +155,56 @@ neon_kernels!(
     dot_q8_0_dp
 );
 
-#[target_feature(enable = "neon")]
-unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+/// Elements the f32 loops read: f32 itself, or f16 bits (the KV cache), widened 4 at a time.
+trait Lanes: Copy {
+    unsafe fn load4(p: *const Self) -> float32x4_t;
+    fn f32(self) -> f32;
+}
+
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn load4(p: *const f32) -> float32x4_t {
+        vld1q_f32(p)
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Lanes for u16 {
+    /// `fcvtl` (base ARMv8 SIMD) widens four f16 to f32; Rust's f16 vector types are unstable.
+    #[inline(always)]
+    unsafe fn load4(p: *const u16) -> float32x4_t {
+        let h = vld1_u16(p);
+        let out: float32x4_t;
+        // SAFETY: register-only conversion; NEON is a baseline aarch64 feature.
+        unsafe {
+            asm!(
+                "fcvtl {o:v}.4s, {h:v}.4h",
+                o = lateout(vreg) out,
+                h = in(vreg) h,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        out
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f16_to_f32(self)
+    }
+}
+
+/// `Σ a[i]·b[i]` over `n` elements. Caller: `n ≤ a.len()` and `n` elements readable at `b`.
+#[inline(always)]
+unsafe fn dot_lanes<E: Lanes>(a: &[f32], pb: *const E, n: usize) -> f32 {
+    let pa = a.as_ptr();
     let mut acc = [vdupq_n_f32(0.0); 4];
     let mut i = 0;
     while i + 16 <= n {
         for (k, acc) in acc.iter_mut().enumerate() {
             let o = i + 4 * k;
-            *acc = vfmaq_f32(*acc, vld1q_f32(pa.add(o)), vld1q_f32(pb.add(o)));
+            *acc = vfmaq_f32(*acc, vld1q_f32(pa.add(o)), E::load4(pb.add(o)));
         }
         i += 16;
     }
@@ -170,10 +213,15 @@ unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
         vaddq_f32(acc[2], acc[3]),
     ));
     while i < n {
-        s += a[i] * b[i];
+        s += a[i] * (*pb.add(i)).f32();
         i += 1;
     }
     s
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn dot_f32_imp(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b.as_ptr(), a.len().min(b.len()))
 }
 
 #[target_feature(enable = "neon")]
@@ -215,11 +263,11 @@ unsafe fn quantize_q8_imp(x: &[f32], out: &mut [BlockQ8]) {
 /// Scores against `out.len()` key rows `stride` apart. Caller: `(out.len() − 1) · stride +
 /// q.len() ≤ k.len()`.
 #[target_feature(enable = "neon")]
-unsafe fn scores_f32_imp(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
+unsafe fn scores_imp<E: Lanes>(q: &[f32], k: &[E], stride: usize, out: &mut [f32]) {
     let hd = q.len();
     let pk = k.as_ptr();
     for (j, o) in out.iter_mut().enumerate() {
-        *o = dot_f32_imp(q, std::slice::from_raw_parts(pk.add(j * stride), hd));
+        *o = dot_lanes(q, pk.add(j * stride), hd);
     }
 }
 
@@ -270,7 +318,7 @@ unsafe fn exp_sum_imp(s: &mut [f32], max: f32) -> f32 {
 
 /// `out[o..o + 4·A] += Σ_j p[j] · v[j][o..]`, A registers of accumulators.
 #[inline(always)]
-unsafe fn acc_f32_seg<const A: usize>(p: &[f32], v: *const f32, stride: usize, out: *mut f32) {
+unsafe fn acc_seg<E: Lanes, const A: usize>(p: &[f32], v: *const E, stride: usize, out: *mut f32) {
     let mut acc = [vdupq_n_f32(0.0); A];
     for (a, acc) in acc.iter_mut().enumerate() {
         *acc = vld1q_f32(out.add(4 * a));
@@ -278,7 +326,7 @@ unsafe fn acc_f32_seg<const A: usize>(p: &[f32], v: *const f32, stride: usize, o
     for (j, &pj) in p.iter().enumerate() {
         let row = v.add(j * stride);
         for (a, acc) in acc.iter_mut().enumerate() {
-            *acc = vfmaq_n_f32(*acc, vld1q_f32(row.add(4 * a)), pj);
+            *acc = vfmaq_n_f32(*acc, E::load4(row.add(4 * a)), pj);
         }
     }
     for (a, acc) in acc.iter().enumerate() {
@@ -288,21 +336,21 @@ unsafe fn acc_f32_seg<const A: usize>(p: &[f32], v: *const f32, stride: usize, o
 
 /// Caller: `(p.len() − 1) · stride + out.len() ≤ v.len()`.
 #[target_feature(enable = "neon")]
-unsafe fn acc_f32_imp(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+unsafe fn acc_imp<E: Lanes>(p: &[f32], v: &[E], stride: usize, out: &mut [f32]) {
     let hd = out.len();
     let (pv, po) = (v.as_ptr(), out.as_mut_ptr());
     let mut o = 0;
     while o + 64 <= hd {
-        acc_f32_seg::<16>(p, pv.add(o), stride, po.add(o));
+        acc_seg::<E, 16>(p, pv.add(o), stride, po.add(o));
         o += 64;
     }
     while o + 4 <= hd {
-        acc_f32_seg::<1>(p, pv.add(o), stride, po.add(o));
+        acc_seg::<E, 1>(p, pv.add(o), stride, po.add(o));
         o += 4;
     }
     for (j, &pj) in p.iter().enumerate() {
         for i in o..hd {
-            *po.add(i) += pj * *pv.add(j * stride + i);
+            *po.add(i) += pj * (*pv.add(j * stride + i)).f32();
         }
     }
 }
@@ -407,6 +455,132 @@ pub(super) fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     unsafe { quantize_q8_imp(x, out) }
 }
 
+/// Sum of products of 16 signed bytes into 4 i32 lanes, without dotprod.
+#[inline(always)]
+unsafe fn dot16_plain(a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    vpaddlq_s16(vmlal_s8(
+        vmull_s8(vget_low_s8(a), vget_low_s8(b)),
+        vget_high_s8(a),
+        vget_high_s8(b),
+    ))
+}
+
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn dot16_sdot(a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    sdot(vdupq_n_s32(0), a, b)
+}
+
+/// Sub-block j (0..8) of a Q6_K block: its 32 weights `q − 32` as two vectors of 16.
+#[inline(always)]
+unsafe fn q6k_sub(b: &BlockQ6K, j: usize) -> (int8x16_t, int8x16_t) {
+    let (n, t) = (j / 4, j % 4);
+    let pl = b.ql.as_ptr().add(n * 64 + (t % 2) * 32);
+    let ph = b.qh.as_ptr().add(n * 32);
+    let (l0, l1) = (vld1q_u8(pl), vld1q_u8(pl.add(16)));
+    let (l0, l1) = if t / 2 == 0 {
+        (
+            vandq_u8(l0, vdupq_n_u8(0x0f)),
+            vandq_u8(l1, vdupq_n_u8(0x0f)),
+        )
+    } else {
+        (vshrq_n_u8(l0, 4), vshrq_n_u8(l1, 4))
+    };
+    // (qh >> 2t) & 3, moved to bits 4..6: a right shift is a left shift by a negative count.
+    let sh = vdupq_n_s8(-2 * t as i8);
+    let h = |v: uint8x16_t| vshlq_n_u8(vandq_u8(vshlq_u8(v, sh), vdupq_n_u8(3)), 4);
+    let (h0, h1) = (h(vld1q_u8(ph)), h(vld1q_u8(ph.add(16))));
+    let off = vdupq_n_s8(32);
+    (
+        vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(l0, h0)), off),
+        vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(l1, h1)), off),
+    )
+}
+
+macro_rules! neon_k_kernels {
+    ($dot32:ident, $dot16:ident, $feat:literal, $q4k:ident, $q6k:ident) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $q4k(w: &[BlockQ4K], x: &[BlockQ8]) -> f32 {
+            let mut acc = vdupq_n_f32(0.0);
+            let mut summs = 0f32;
+            for (b, ys) in w.iter().zip(x.chunks_exact(8)) {
+                let (d, dmin) = (f16_to_f32(b.d), f16_to_f32(b.dmin));
+                for c in 0..4 {
+                    let p = b.qs.as_ptr().add(c * 32);
+                    let (v0, v1) = (vld1q_u8(p), vld1q_u8(p.add(16)));
+                    let m = vdupq_n_u8(0x0f);
+                    let halves = [
+                        (vandq_u8(v0, m), vandq_u8(v1, m)),
+                        (vshrq_n_u8(v0, 4), vshrq_n_u8(v1, 4)),
+                    ];
+                    for (h, (a0, a1)) in halves.into_iter().enumerate() {
+                        let j = 2 * c + h;
+                        let y = &ys[j];
+                        let (sc, mn) = q4k_scale_min(j, &b.scales);
+                        let (y0, y1) = load_y(y);
+                        let s = $dot32(vreinterpretq_s8_u8(a0), vreinterpretq_s8_u8(a1), y0, y1);
+                        acc = vmlaq_n_f32(acc, vcvtq_f32_s32(s), d * sc as f32 * y.d);
+                        summs += dmin * mn as f32 * y.s;
+                    }
+                }
+            }
+            vaddvq_f32(acc) - summs
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn $q6k(w: &[BlockQ6K], x: &[BlockQ8]) -> f32 {
+            let mut acc = vdupq_n_f32(0.0);
+            for (b, ys) in w.iter().zip(x.chunks_exact(8)) {
+                let d = f16_to_f32(b.d);
+                for (j, y) in ys.iter().enumerate() {
+                    let (n, t) = (j / 4, j % 4);
+                    let (a0, a1) = q6k_sub(b, j);
+                    let (y0, y1) = load_y(y);
+                    let s = vaddq_s32(
+                        vmulq_n_s32($dot16(a0, y0), b.scales[n * 8 + 2 * t] as i32),
+                        vmulq_n_s32($dot16(a1, y1), b.scales[n * 8 + 2 * t + 1] as i32),
+                    );
+                    acc = vmlaq_n_f32(acc, vcvtq_f32_s32(s), d * y.d);
+                }
+            }
+            vaddvq_f32(acc)
+        }
+    };
+}
+
+neon_k_kernels!(
+    dot32_plain,
+    dot16_plain,
+    "neon",
+    dot_q4k_plain,
+    dot_q6k_plain
+);
+neon_k_kernels!(
+    dot32_sdot,
+    dot16_sdot,
+    "neon,dotprod",
+    dot_q4k_dp,
+    dot_q6k_dp
+);
+
+macro_rules! neon_wrappers {
+    ($why:literal, $($name:ident($imp:ident): $b:ty),*) => {
+        $(
+            pub(super) fn $name(w: &[$b], x: &[BlockQ8]) -> f32 {
+                // SAFETY: only reachable through the kernel table named by `$why`, built after
+                // detecting its features (see `mod.rs`).
+                unsafe { $imp(w, x) }
+            }
+        )*
+    };
+}
+neon_wrappers!("neon", dot_q4k(dot_q4k_plain): BlockQ4K, dot_q6k(dot_q6k_plain): BlockQ6K);
+neon_wrappers!(
+    "neon-dotprod",
+    dot_q4k_dotprod(dot_q4k_dp): BlockQ4K,
+    dot_q6k_dotprod(dot_q6k_dp): BlockQ6K
+);
+
 // Tiles as loops of dot products (a tiled NEON kernel is future work).
 macro_rules! neon_tiles {
     ($($name:ident: $b:ty => $dot:ident),*) => {
@@ -420,16 +594,27 @@ macro_rules! neon_tiles {
 neon_tiles!(
     tile_q4_0: BlockQ4_0 => dot_q4_0,
     tile_q4_1: BlockQ4_1 => dot_q4_1,
+    tile_q5_0: BlockQ5_0 => dot_q5_0,
     tile_q8_0: BlockQ8_0 => dot_q8_0,
+    tile_q4k: BlockQ4K => dot_q4k,
+    tile_q6k: BlockQ6K => dot_q6k,
     tile_q4_0_dotprod: BlockQ4_0 => dot_q4_0_dotprod,
     tile_q4_1_dotprod: BlockQ4_1 => dot_q4_1_dotprod,
-    tile_q8_0_dotprod: BlockQ8_0 => dot_q8_0_dotprod
+    tile_q5_0_dotprod: BlockQ5_0 => dot_q5_0_dotprod,
+    tile_q8_0_dotprod: BlockQ8_0 => dot_q8_0_dotprod,
+    tile_q4k_dotprod: BlockQ4K => dot_q4k_dotprod,
+    tile_q6k_dotprod: BlockQ6K => dot_q6k_dotprod
 );
 
 pub(super) fn scores_f32(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {
     super::check_rows(out.len(), stride, q.len(), k.len());
     // SAFETY: rows checked; NEON is part of the aarch64 baseline.
-    unsafe { scores_f32_imp(q, k, stride, out) }
+    unsafe { scores_imp(q, k, stride, out) }
+}
+pub(super) fn scores_f16(q: &[f32], k: &[u16], stride: usize, out: &mut [f32]) {
+    super::check_rows(out.len(), stride, q.len(), k.len());
+    // SAFETY: as above.
+    unsafe { scores_imp(q, k, stride, out) }
 }
 pub(super) fn exp_sum(s: &mut [f32], max: f32) -> f32 {
     // SAFETY: as above.
@@ -438,7 +623,12 @@ pub(super) fn exp_sum(s: &mut [f32], max: f32) -> f32 {
 pub(super) fn acc_f32(p: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     super::check_rows(p.len(), stride, out.len(), v.len());
     // SAFETY: as above.
-    unsafe { acc_f32_imp(p, v, stride, out) }
+    unsafe { acc_imp(p, v, stride, out) }
+}
+pub(super) fn acc_f16(p: &[f32], v: &[u16], stride: usize, out: &mut [f32]) {
+    super::check_rows(p.len(), stride, out.len(), v.len());
+    // SAFETY: as above.
+    unsafe { acc_imp(p, v, stride, out) }
 }
 pub(super) fn acc_q8_0(p: &[f32], v: &[BlockQ8_0], stride: usize, out: &mut [f32]) {
     assert!(out.len().is_multiple_of(QK), "q8_0 rows are whole blocks");

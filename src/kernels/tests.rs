@@ -5,7 +5,8 @@ use super::generic;
 use super::matmul::{matmul, Acts, Matrix};
 use super::pool::Pool;
 use super::quant::{
-    self, dequantize_row, quantize, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GgmlType,
+    self, dequantize_row, quantize, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8,
+    BlockQ8_0, GgmlType,
 };
 use super::{KernelKind, Kernels};
 use crate::engine::sampler::Rng;
@@ -40,6 +41,9 @@ const DOT_Q8_0: f32 = 0.01;
 const DOT_Q5_0: f32 = 0.03;
 const DOT_Q4_0: f32 = 0.05;
 const DOT_Q4_1: f32 = 0.05;
+/// Against the dequantized weights: only the activations' 8 bits count.
+const DOT_Q4_K: f32 = 0.01;
+const DOT_Q6_K: f32 = 0.01;
 
 /// Fast kernel against its twin: relative to the sum of |terms|, so cancellation cannot hide an
 /// error and summation order cannot fake one.
@@ -219,6 +223,8 @@ fn tiles_match_twin() {
     let r4_0: Vec<&[BlockQ4_0]> = q4_0.chunks(nb).collect();
     let r4_1: Vec<&[BlockQ4_1]> = q4_1.chunks(nb).collect();
     let r8_0: Vec<&[BlockQ8_0]> = q8_0.chunks(nb).collect();
+    let q5_0 = quant::quantize_q5_0(&w);
+    let r5_0: Vec<&[BlockQ5_0]> = q5_0.chunks(nb).collect();
     let terms: f32 = (0..rows)
         .flat_map(|r| (0..tokens).map(move |c| (r, c)))
         .map(|(r, c)| abs_terms(&w[r * cols..(r + 1) * cols], &xs[c * cols..(c + 1) * cols]))
@@ -237,6 +243,110 @@ fn tiles_match_twin() {
             (kern.tile_q8_0)(&r8_0[..nr], &xrows[..nc], &mut got);
             generic::tile_q8_0(&r8_0[..nr], &xrows[..nc], &mut want);
             check(&got, &want, terms, k, "q8_0", nr, nc);
+            (kern.tile_q5_0)(&r5_0[..nr], &xrows[..nc], &mut got);
+            generic::tile_q5_0(&r5_0[..nr], &xrows[..nc], &mut want);
+            check(&got, &want, terms, k, "q5_0", nr, nc);
+        }
+    }
+}
+
+/// K-quants (blocks of 256 under eight activation blocks): the scalar twin against f32 within
+/// a bound per format, and every tile shape of every fast set against the twin — on weights
+/// whose scales and mins cover their whole range, from real quantizers and from random bytes.
+#[test]
+fn k_quant_tiles_match_twin_and_f32() {
+    let cols = 256 * 3;
+    let (rows, tokens) = (8, 4);
+    let w = random_f32(9, rows * cols, 1.0);
+    let xs = random_f32(10, tokens * cols, 2.0);
+    let scalar = Kernels::new(KernelKind::Scalar).expect("scalar");
+    let xq = q8(&scalar, &xs);
+    let xrows: Vec<&[BlockQ8]> = xq.chunks(cols / 32).collect();
+    let nb = cols / 256;
+    let q4k = quant::quantize_q4k(&w);
+    let q6k = quant::quantize_q6k(&w);
+    // Random bytes are valid blocks too (every 6-bit scale and min, negative Q6_K scales); only
+    // the f16 scales are set, to finite values.
+    let mut rng = Rng::new(11);
+    let mut bytes = |n: usize| -> Vec<u8> { (0..n).map(|_| rng.next_u64() as u8).collect() };
+    let mut r4k: Vec<BlockQ4K> = quant::as_blocks::<BlockQ4K>(&bytes(rows * nb * 144))
+        .expect("blocks")
+        .to_vec();
+    for b in &mut r4k {
+        b.d = quant::f32_to_f16(0.01);
+        b.dmin = quant::f32_to_f16(0.02);
+    }
+    let mut r6k: Vec<BlockQ6K> = quant::as_blocks::<BlockQ6K>(&bytes(rows * nb * 210))
+        .expect("blocks")
+        .to_vec();
+    for b in &mut r6k {
+        b.d = quant::f32_to_f16(0.001);
+    }
+    for (name, data, bound) in [
+        ("q4_k", quant::block_bytes(&q4k).to_vec(), DOT_Q4_K),
+        ("q6_k", quant::block_bytes(&q6k).to_vec(), DOT_Q6_K),
+    ] {
+        let ty = if name == "q4_k" {
+            GgmlType::Q4K
+        } else {
+            GgmlType::Q6K
+        };
+        let mut deq = vec![0f32; cols];
+        for r in 0..rows {
+            let row = &data[r * ty.row_bytes(cols)..(r + 1) * ty.row_bytes(cols)];
+            dequantize_row(ty, row, &mut deq);
+            for (c, xc) in xrows.iter().enumerate() {
+                let x = &xs[c * cols..(c + 1) * cols];
+                let got = match ty {
+                    GgmlType::Q4K => generic::dot_q4k(quant::as_blocks(row).expect("q4k"), xc),
+                    _ => generic::dot_q6k(quant::as_blocks(row).expect("q6k"), xc),
+                };
+                let want: f32 = deq.iter().zip(x).map(|(a, b)| a * b).sum();
+                let e = (got - want).abs() / (norm(&deq) * norm(x));
+                assert!(
+                    e < bound,
+                    "{name} row {r} token {c}: error vs f32 {e} over {bound}"
+                );
+                // Against the weights before quantization, looser: the format's own error.
+                let orig: f32 = w[r * cols..(r + 1) * cols]
+                    .iter()
+                    .zip(x)
+                    .map(|(a, b)| a * b)
+                    .sum();
+                let e = (got - orig).abs() / (norm(&w[r * cols..(r + 1) * cols]) * norm(x));
+                assert!(
+                    e < 4.0 * bound,
+                    "{name} row {r} token {c}: error vs original {e}"
+                );
+            }
+        }
+    }
+    for (label, b4, b6) in [("quantized", q4k, q6k), ("random", r4k, r6k)] {
+        let w4: Vec<&[BlockQ4K]> = b4.chunks(nb).collect();
+        let w6: Vec<&[BlockQ6K]> = b6.chunks(nb).collect();
+        let mut terms = 0f32;
+        for r in 0..rows {
+            let mut d4 = vec![0f32; cols];
+            let mut d6 = vec![0f32; cols];
+            quant::dequant_q4k(w4[r], &mut d4);
+            quant::dequant_q6k(w6[r], &mut d6);
+            for c in 0..tokens {
+                let x = &xs[c * cols..(c + 1) * cols];
+                terms = terms.max(abs_terms(&d4, x)).max(abs_terms(&d6, x));
+            }
+        }
+        for k in fast_kernels() {
+            let kern = Kernels::new(k).expect("available");
+            for (nr, nc) in [(8, 1), (4, 1), (2, 4), (1, 4), (1, 1), (3, 2), (8, 4)] {
+                let mut got = vec![0f32; nr * nc];
+                let mut want = vec![0f32; nr * nc];
+                (kern.tile_q4k)(&w4[..nr], &xrows[..nc], &mut got);
+                generic::tile_q4k(&w4[..nr], &xrows[..nc], &mut want);
+                check(&got, &want, terms, k, &format!("{label} q4_k"), nr, nc);
+                (kern.tile_q6k)(&w6[..nr], &xrows[..nc], &mut got);
+                generic::tile_q6k(&w6[..nr], &xrows[..nc], &mut want);
+                check(&got, &want, terms, k, &format!("{label} q6_k"), nr, nc);
+            }
         }
     }
 }
@@ -346,6 +456,8 @@ fn attention_kernels_match_twin() {
     let rows = 37;
     let kv = random_f32(11, rows * stride, 1.0);
     let q8v = quant::quantize_q8_0(&kv);
+    let kv16: Vec<u16> = kv.iter().map(|&x| quant::f32_to_f16(x)).collect();
+    let kv16f: Vec<f32> = kv16.iter().map(|&h| quant::f16_to_f32(h)).collect();
     for k in fast_kernels() {
         let kern = Kernels::new(k).expect("available");
         for hd in [64, 40, 13] {
@@ -371,6 +483,33 @@ fn attention_kernels_match_twin() {
                     "{} acc_f32 hd {hd}",
                     k.name()
                 );
+            }
+
+            // f16 rows: the twin, and the f32 kernel on the same values widened.
+            let (mut a, mut b, mut c) = (vec![0f32; rows], vec![0f32; rows], vec![0f32; rows]);
+            generic::scores_f16(&q, &kv16[3..], stride, &mut a);
+            (kern.scores_f16)(&q, &kv16[3..], stride, &mut b);
+            generic::scores_f32(&q, &kv16f[3..], stride, &mut c);
+            for ((x, y), z) in a.iter().zip(&b).zip(&c) {
+                assert!(
+                    (x - y).abs() <= TWIN * terms,
+                    "{} scores_f16 hd {hd}",
+                    k.name()
+                );
+                assert!(
+                    (x - z).abs() <= TWIN * terms,
+                    "{} scores_f16 widening",
+                    k.name()
+                );
+            }
+            let (mut a, mut b, mut c) = (init.clone(), init.clone(), init.clone());
+            generic::acc_f16(&p, &kv16[5..], stride, &mut a);
+            (kern.acc_f16)(&p, &kv16[5..], stride, &mut b);
+            generic::acc_f32(&p, &kv16f[5..], stride, &mut c);
+            for ((x, y), z) in a.iter().zip(&b).zip(&c) {
+                let bound = 1e-5 * rows as f32;
+                assert!((x - y).abs() <= bound, "{} acc_f16 hd {hd}", k.name());
+                assert!((x - z).abs() <= bound, "{} acc_f16 widening", k.name());
             }
         }
         for hd in [64, 96, 32] {
@@ -423,5 +562,20 @@ fn attention_kernels_refuse_rows_out_of_bounds() {
             (kern.scores_f32)(&q, &kv, 64, &mut out);
         });
         assert!(r.is_err(), "{}: 2 rows of 64 from 100 values", k.name());
+        let kv16 = vec![0u16; 100];
+        let r = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; 2];
+            (kern.scores_f16)(&q, &kv16, 64, &mut out);
+        });
+        assert!(r.is_err(), "{}: 2 f16 rows of 64 from 100 values", k.name());
+        let r = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; 64];
+            (kern.acc_f16)(&[1.0, 1.0], &kv16, 64, &mut out);
+        });
+        assert!(
+            r.is_err(),
+            "{}: acc over 2 f16 rows of 64 from 100",
+            k.name()
+        );
     }
 }
