@@ -268,7 +268,7 @@ impl Default for ModelConfig {
             n_discard: 0,
             threads: 0,
             kernels: KernelChoice::Auto,
-            kv_type: KvType::F32,
+            kv_type: KvType::F16,
         }
     }
 }

@@ -128,7 +128,7 @@ fn attention_in_pieces_equals_one_pass() {
         ..Default::default()
     };
     let toks: Vec<u32> = (0..300).map(|i| 3 + (i * 37 % 250) as u32).collect();
-    for kv_type in [KvType::F32, KvType::Q8_0] {
+    for kv_type in [KvType::F32, KvType::F16, KvType::Q8_0] {
         for k in crate::common::fast_kernels() {
             let opts = CpuOptions {
                 n_ctx: 512,
@@ -153,7 +153,7 @@ fn attention_in_pieces_equals_one_pass() {
             // NEON, 2e-6 otherwise). A wrong merge moves every position past the first piece
             // (by 1.13 when the rescale is dropped).
             let bound = match kv_type {
-                KvType::F32 => 1e-4,
+                KvType::F32 | KvType::F16 => 1e-4,
                 KvType::Q8_0 => 1e-3,
             };
             assert!(
@@ -494,6 +494,59 @@ fn q8_kv_cache_is_smaller_and_close_to_f32() {
     let narrow = SynthSpec::default(); // heads of 16 values
     let e = synth_backend_with(&narrow, &opts(KvType::Q8_0)).expect_err("refused");
     assert!(e.to_string().contains("kv_type = q8_0"), "{e}");
+}
+
+/// An f16 KV cache (the default) takes half the f32 cache's bytes, as planned, and gives the
+/// f32 cache's logits within f16's rounding, before and after a slide (which widens, re-rotates
+/// and rounds the moved keys again). Exact kernels, so the cache's rounding is all that differs
+/// (measured 2.7e-4): the fast path's 8-bit activations turn a last-bit change anywhere into a
+/// rounding flip on this random model (1.6e-2 either way, f16 cache or a different summation
+/// order, which is why the tests of equal paths keep f32 caches).
+#[test]
+fn f16_kv_cache_is_half_and_close_to_f32() {
+    let spec = SynthSpec {
+        dim: 128,
+        n_head: 4,
+        n_kv_head: 2,
+        ..Default::default()
+    };
+    let opts = |kv_type| CpuOptions {
+        n_ctx: 128,
+        threads: 2,
+        kernels: Some(KernelKind::Reference),
+        max_batch: 16,
+        kv_type,
+    };
+    assert_eq!(CpuOptions::default().kv_type, KvType::F16, "the default");
+    let g = Gguf::parse(Bytes::from_vec(synth_model(&spec))).expect("parses");
+    let (pf, ph) = (
+        CpuBackend::plan(&g, &opts(KvType::F32)).expect("plan"),
+        CpuBackend::plan(&g, &opts(KvType::F16)).expect("plan"),
+    );
+    assert_eq!(2 * ph.kv_cache, pf.kv_cache, "{ph:?} vs {pf:?}");
+    let mut f = synth_backend_with(&spec, &opts(KvType::F32)).expect("f32 cache");
+    let mut h = synth_backend_with(&spec, &opts(KvType::F16)).expect("f16 cache");
+    assert_eq!(
+        ph.kv_cache + ph.scratch,
+        h.info().state_bytes,
+        "the plan is what f16 allocates"
+    );
+    assert_eq!(h.info().kv_type, "f16");
+    let toks = tokens();
+    let a = batched(&mut f, &toks, 16);
+    let b = batched(&mut h, &toks, 16);
+    let d = rel_max_diff(&b, &a);
+    assert!(d > 0.0 && d < 1e-3, "f16 vs f32 logits differ by {d}");
+    let len = toks.len();
+    f.shift(4, 7, len).expect("shift f32");
+    h.shift(4, 7, len).expect("shift f16");
+    let a = f.forward(&[5], len - 7, false).expect("f32").to_vec();
+    let b = h.forward(&[5], len - 7, false).expect("f16").to_vec();
+    let d = rel_max_diff(&b, &a);
+    assert!(
+        d > 0.0 && d < 0.01,
+        "after a slide f16 vs f32 differ by {d}"
+    );
 }
 
 /// With a sliding window, one request generates eight windows' worth of tokens; every

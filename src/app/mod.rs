@@ -177,7 +177,7 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = KernelChoice::Auto)]
     pub kernels: KernelChoice,
     /// KV cache element type
-    #[arg(long, value_enum, default_value_t = KvType::F32)]
+    #[arg(long, value_enum, default_value_t = KvType::F16)]
     pub kv_type: KvType,
 }
 

@@ -89,8 +89,10 @@ impl std::fmt::Display for Provider {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum KvType {
-    #[default]
     F32,
+    /// Half the bytes of f32, what llama.cpp caches by default.
+    #[default]
+    F16,
     #[serde(alias = "q8")]
     #[value(name = "q8_0", alias = "q8")]
     Q8_0,
@@ -100,6 +102,7 @@ impl KvType {
     pub fn name(self) -> &'static str {
         match self {
             KvType::F32 => "f32",
+            KvType::F16 => "f16",
             KvType::Q8_0 => "q8_0",
         }
     }
@@ -108,6 +111,7 @@ impl KvType {
     pub fn row_bytes(self, kv_dim: usize) -> usize {
         match self {
             KvType::F32 => kv_dim * 4,
+            KvType::F16 => kv_dim * 2,
             KvType::Q8_0 => kv_dim / QK * std::mem::size_of::<BlockQ8_0>(),
         }
     }

@@ -4,18 +4,20 @@ use std::path::PathBuf;
 
 use edgellm::backend::cpu::model::ModelError;
 use edgellm::backend::cpu::{CpuBackend, CpuOptions};
+use edgellm::backend::KvType;
 use edgellm::gguf::{Bytes, Gguf};
 use edgellm::kernels::KernelKind;
 use edgellm_testkit::{synth_model, SynthSpec};
 
-/// A synthetic model loaded on the CPU backend.
+/// A synthetic model loaded on the CPU backend, with an f32 KV cache: the tests that compare two ways of computing the same
+/// thing (batched and stepwise, slid and recomputed) compare the arithmetic, not f16 rounding.
 pub fn synth_backend(spec: &SynthSpec, kernels: Option<KernelKind>, threads: usize) -> CpuBackend {
     let opts = CpuOptions {
         n_ctx: 128,
         threads,
         kernels,
         max_batch: 16,
-        ..Default::default()
+        kv_type: KvType::F32,
     };
     synth_backend_with(spec, &opts).expect("synthetic model loads")
 }

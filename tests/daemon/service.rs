@@ -789,7 +789,7 @@ fn config_command_and_bad_config_stop_serve() {
 }
 
 /// `serve --check` prints the memory budget of the real model and exits 0; the KV cache is
-/// layers × 2 × kv_dim × n_ctx elements (f32, or q8_0's 34 bytes per 32); a budget over
+/// layers × 2 × kv_dim × n_ctx elements (f16 by default, f32, or q8_0's 34 bytes per 32); a budget over
 /// `memory.max_bytes` stops serve before it binds, naming every part and the limit.
 #[test]
 fn serve_check_prints_the_budget_and_over_budget_refuses_to_start() {
@@ -815,11 +815,14 @@ fn serve_check_prints_the_budget_and_over_budget_refuses_to_start() {
         )
     };
     // SmolLM2-135M: 30 layers, 3 KV heads of 64.
-    let (f32s, err, code) = budget("");
+    let (f16s, err, code) = budget("");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(f16s["kv_cache"], json!(30 * 2 * 192 * 2 * 1024), "{f16s}");
+    assert!(f16s["weights"].as_u64().unwrap_or(0) > 80 << 20, "{f16s}");
+    assert!(err.contains("memory budget"), "{err}");
+    let (f32s, err, code) = budget("kv_type = \"f32\"");
     assert_eq!(code, 0, "{err}");
     assert_eq!(f32s["kv_cache"], json!(30 * 2 * 192 * 4 * 1024), "{f32s}");
-    assert!(f32s["weights"].as_u64().unwrap_or(0) > 80 << 20, "{f32s}");
-    assert!(err.contains("memory budget"), "{err}");
     let (q8, err, code) = budget("kv_type = \"q8_0\"");
     assert_eq!(code, 0, "{err}");
     assert_eq!(
@@ -833,7 +836,7 @@ fn serve_check_prints_the_budget_and_over_budget_refuses_to_start() {
     assert_eq!(code, 1, "{err}");
     for part in [
         "weights",
-        "KV cache 45.0 MiB",
+        "KV cache 22.5 MiB",
         "scratch",
         "sessions 64.0 MiB",
         "runtime",

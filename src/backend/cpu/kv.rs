@@ -1,13 +1,16 @@
 //! The CPU engine's KV cache: for every layer, the keys (after RoPE) and values of `n_ctx`
-//! positions, allocated once at load. Stored as f32, or as q8_0 blocks (ggml's 8-bit type: 32
-//! values and one f16 scale in 34 bytes, 3.8× smaller), chosen by `model.kv_type`.
+//! positions, allocated once at load. Stored as f16 (the default, as llama.cpp's), f32, or q8_0
+//! blocks (ggml's 8-bit type: 32 values and one f16 scale in 34 bytes, 3.8× smaller than f32),
+//! chosen by `model.kv_type`.
 //!
 //! Rows are laid out `(layer, position, kv_dim)`, position-major, so that a window slide moves
 //! one contiguous range per layer and a session snapshot copies one prefix per layer.
 
 use crate::backend::KvType;
 use crate::kernels::pool::{Pool, Shards};
-use crate::kernels::quant::{block_bytes, dequant_q8_0, quantize_q8_0_into, BlockQ8_0, QK};
+use crate::kernels::quant::{
+    block_bytes, dequant_q8_0, f16_to_f32, f32_to_f16, quantize_q8_0_into, BlockQ8_0, QK,
+};
 
 /// Keys and values of one layer, for attention to read.
 #[derive(Clone, Copy)]
@@ -15,6 +18,11 @@ pub enum LayerKv<'a> {
     F32 {
         k: &'a [f32],
         v: &'a [f32],
+    },
+    /// f16 bits.
+    F16 {
+        k: &'a [u16],
+        v: &'a [u16],
     },
     Q8 {
         k: &'a [BlockQ8_0],
@@ -26,6 +34,10 @@ enum Store {
     F32 {
         k: Vec<f32>,
         v: Vec<f32>,
+    },
+    F16 {
+        k: Vec<u16>,
+        v: Vec<u16>,
     },
     Q8 {
         k: Vec<BlockQ8_0>,
@@ -54,6 +66,10 @@ impl KvCache {
                 k: vec![0.0; n],
                 v: vec![0.0; n],
             },
+            KvType::F16 => Store::F16 {
+                k: vec![0; n],
+                v: vec![0; n],
+            },
             KvType::Q8_0 => Store::Q8 {
                 k: vec![BlockQ8_0::default(); n / QK],
                 v: vec![BlockQ8_0::default(); n / QK],
@@ -70,6 +86,7 @@ impl KvCache {
     pub fn ty(&self) -> KvType {
         match self.store {
             Store::F32 { .. } => KvType::F32,
+            Store::F16 { .. } => KvType::F16,
             Store::Q8 { .. } => KvType::Q8_0,
         }
     }
@@ -94,6 +111,10 @@ impl KvCache {
                 kc[rf.clone()].copy_from_slice(k);
                 vc[rf].copy_from_slice(v);
             }
+            Store::F16 { k: kc, v: vc } => {
+                to_f16(k, &mut kc[rf.clone()]);
+                to_f16(v, &mut vc[rf]);
+            }
             Store::Q8 { k: kc, v: vc } => {
                 let r = rq;
                 quantize_q8_0_into(k, &mut kc[r.clone()]);
@@ -112,6 +133,13 @@ impl KvCache {
             Store::F32 { k, v } => {
                 let r = self.span_f32(layer, 0, self.n_ctx);
                 LayerKv::F32 {
+                    k: &k[r.clone()],
+                    v: &v[r],
+                }
+            }
+            Store::F16 { k, v } => {
+                let r = self.span_f32(layer, 0, self.n_ctx);
+                LayerKv::F16 {
                     k: &k[r.clone()],
                     v: &v[r],
                 }
@@ -188,6 +216,24 @@ impl KvCache {
                 (from, to, n),
                 &|r, _| rekey(r),
             ),
+            Store::F16 { k, v } => run(
+                pool,
+                k,
+                v,
+                n_layer,
+                n_ctx * kvd,
+                kvd,
+                (from, to, n),
+                &|r, tid| {
+                    // SAFETY: thread `tid` alone uses scratch row `tid`.
+                    let row = unsafe { scratch.part(tid * per_thread, kvd) };
+                    for (x, &h) in row.iter_mut().zip(r.iter()) {
+                        *x = f16_to_f32(h);
+                    }
+                    rekey(row);
+                    to_f16(row, r);
+                },
+            ),
             Store::Q8 { k, v } => {
                 let per = kvd / QK;
                 run(
@@ -225,6 +271,11 @@ impl KvCache {
                     out.extend_from_slice(block_bytes(&k[r.clone()]));
                     out.extend_from_slice(block_bytes(&v[r]));
                 }
+                Store::F16 { k, v } => {
+                    let r = self.span_f32(layer, 0, len);
+                    out.extend_from_slice(block_bytes(&k[r.clone()]));
+                    out.extend_from_slice(block_bytes(&v[r]));
+                }
                 Store::Q8 { k, v } => {
                     let r = self.span(layer, 0, len, self.kv_dim / QK);
                     out.extend_from_slice(block_bytes(&k[r.clone()]));
@@ -247,6 +298,11 @@ impl KvCache {
                     fill(&mut k[base..base + len * kvd], kb);
                     fill(&mut v[base..base + len * kvd], vb);
                 }
+                Store::F16 { k, v } => {
+                    let base = layer * n_ctx * kvd;
+                    fill_f16(&mut k[base..base + len * kvd], kb);
+                    fill_f16(&mut v[base..base + len * kvd], vb);
+                }
                 Store::Q8 { k, v } => {
                     let per = kvd / QK;
                     let base = layer * n_ctx * per;
@@ -261,6 +317,18 @@ impl KvCache {
 fn fill(dst: &mut [f32], src: &[u8]) {
     for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
         *d = f32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
+    }
+}
+
+fn fill_f16(dst: &mut [u16], src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *d = u16::from_ne_bytes([s[0], s[1]]);
+    }
+}
+
+fn to_f16(src: &[f32], dst: &mut [u16]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = f32_to_f16(x);
     }
 }
 

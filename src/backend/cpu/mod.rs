@@ -15,7 +15,7 @@ use crate::backend::{Backend, BackendError, BackendInfo, KvType, MemoryPlan, Voc
 use crate::gguf::Gguf;
 use crate::kernels::matmul::{matmul, Acts, Matrix};
 use crate::kernels::pool::{split, Pool, Shards};
-use crate::kernels::quant::{dequant_q8_0, dequantize_row, BlockQ8, QK};
+use crate::kernels::quant::{dequant_q8_0, dequantize_row, f16_to_f32, BlockQ8, QK};
 use crate::kernels::{KernelKind, Kernels};
 use kv::{KvCache, LayerKv};
 use model::{Config, ModelError, RopeStyle, Weights};
@@ -42,7 +42,7 @@ impl Default for CpuOptions {
             threads: 0,
             kernels: None,
             max_batch: 64,
-            kv_type: KvType::F32,
+            kv_type: KvType::F16,
         }
     }
 }
@@ -704,6 +704,9 @@ fn attention(
                     LayerKv::F32 { k: kc, .. } => {
                         (k.scores_f32)(&qs[..hd], &kc[j0 * kvd + g * hd..], kvd, sc);
                     }
+                    LayerKv::F16 { k: kc, .. } => {
+                        (k.scores_f16)(&qs[..hd], &kc[j0 * kvd + g * hd..], kvd, sc);
+                    }
                     LayerKv::Q8 { k: kc, .. } => {
                         let qq = &mut qq[..hb];
                         (k.quantize_q8)(&qs[..hd], qq);
@@ -722,6 +725,9 @@ fn attention(
                 match cache {
                     LayerKv::F32 { v: vc, .. } => {
                         (k.acc_f32)(sc, &vc[j0 * kvd + g * hd..], kvd, o);
+                    }
+                    LayerKv::F16 { v: vc, .. } => {
+                        (k.acc_f16)(sc, &vc[j0 * kvd + g * hd..], kvd, o);
                     }
                     LayerKv::Q8 { v: vc, .. } => {
                         (k.acc_q8_0)(sc, &vc[j0 * kb + g * hb..], kb, o);
@@ -811,6 +817,12 @@ fn attention_exact(
         let scores = unsafe { att.part(tid * n_ctx, n_ctx) };
         let mut qq = [BlockQ8::default(); 16];
         let mut vrow = [0f32; QK];
+        // f16 keys widened for the f32 dot (exact mode only, which is not built for speed).
+        let mut krow = if matches!(cache, LayerKv::F16 { .. }) {
+            vec![0f32; hd]
+        } else {
+            Vec::new()
+        };
         for u in split(units, tid, nt, 1) {
             let (t, h) = (u / c.n_head, u % c.n_head);
             let g = h / group;
@@ -822,6 +834,15 @@ fn attention_exact(
                     for (j, s) in sc.iter_mut().enumerate() {
                         let kj = &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
                         *s = (k.dot_f32)(qh, kj) * scale;
+                    }
+                }
+                LayerKv::F16 { k: kc, .. } => {
+                    for (j, s) in sc.iter_mut().enumerate() {
+                        let kj = &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                        for (x, &h) in krow.iter_mut().zip(kj) {
+                            *x = f16_to_f32(h);
+                        }
+                        *s = (k.dot_f32)(qh, &krow) * scale;
                     }
                 }
                 LayerKv::Q8 { k: kc, .. } => {
@@ -850,6 +871,15 @@ fn attention_exact(
                         let vj = &vc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
                         for (oi, vi) in o.iter_mut().zip(vj) {
                             *oi += p * vi;
+                        }
+                    }
+                }
+                LayerKv::F16 { v: vc, .. } => {
+                    for (j, &s) in sc.iter().enumerate() {
+                        let p = s * inv;
+                        let vj = &vc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                        for (oi, &vi) in o.iter_mut().zip(vj) {
+                            *oi += p * f16_to_f32(vi);
                         }
                     }
                 }
