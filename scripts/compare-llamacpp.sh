@@ -3,7 +3,9 @@
 # vendored llama.cpp, CPU only, -DGGML_NATIVE=ON) and runs it beside `edgellm bench` on the same
 # files, threads 1 and 2. About 15 minutes to build on 2 cores the first time; never run in CI.
 #
-#   scripts/compare-llamacpp.sh [MODEL.gguf ...]   (default: the Q4_1 model and a Q4_0 copy)
+#   scripts/compare-llamacpp.sh [MODEL.gguf ...]   (default: the Q4_1 model, a Q4_0 copy of it
+#                                                   and Qwen2.5-Coder-0.5B Q4_K_M)
+#   ROUNDS=3 (default): alternated runs of the two per file and thread count; medians reported.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${EDGELLM_PEER_DIR:-${HOME:-/root}/.cache/edgellm/llama.cpp}"
@@ -23,22 +25,30 @@ bash "$root/scripts/setup.sh"
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"
 q41="$root/models/cache/SmolLM2-135M-Instruct.Q4_1.gguf"
 q40="$root/models/cache/SmolLM2-135M-Instruct.Q4_0.gguf"
+qwen="$root/models/cache/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
 if [ $# -eq 0 ]; then
   [ -f "$q40" ] || "$root/target/release/edgellm" quantize "$q41" "$q40" --type q4_0
-  set -- "$q41" "$q40"
+  [ -f "$qwen" ] || bash "$root/models/fetch.sh" qwen2.5-coder-0.5b
+  set -- "$q41" "$q40" "$qwen"
 fi
+rounds="${ROUNDS:-3}"
 for m in "$@"; do
   for t in 1 2; do
-    peer=$("$work/build/bin/llama-bench" -m "$m" -p 128 -n 64 -t "$t" -o json 2>/dev/null |
-      python3 -c 'import json,sys; r=json.load(sys.stdin); print(" ".join(str(round(x["avg_ts"],1)) for x in r))')
-    ours=$("$root/target/release/edgellm" bench -m "$m" -t "$t" |
-      python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["pp_tps"],1), round(d["tg_tps"],1), d["kernels"])')
-    read -r ppp ptg <<<"$peer"; read -r opp otg kern <<<"$ours"
-    python3 - "$m" "$t" "$ppp" "$ptg" "$opp" "$otg" "$kern" <<'PY'
-import os, sys
-m, t, ppp, ptg, opp, otg, kern = sys.argv[1:]
-ppp, ptg, opp, otg = map(float, (ppp, ptg, opp, otg))
-print(f"{os.path.basename(m)} threads={t}: llama.cpp pp {ppp} tg {ptg} | edgellm ({kern}) pp {opp} tg {otg} | ratio pp {opp/ppp:.2f}x tg {otg/ptg:.2f}x")
+    runs=()
+    for _ in $(seq "$rounds"); do
+      peer=$("$work/build/bin/llama-bench" -m "$m" -p 128 -n 64 -t "$t" -o json 2>/dev/null |
+        python3 -c 'import json,sys; r=json.load(sys.stdin); print(" ".join(str(round(x["avg_ts"],1)) for x in r))')
+      ours=$("$root/target/release/edgellm" bench -m "$m" -t "$t" |
+        python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["pp_tps"],1), round(d["tg_tps"],1), d["kernels"])')
+      runs+=("$peer $ours")
+    done
+    python3 - "$m" "$t" "${runs[@]}" <<'PY'
+import os, statistics, sys
+m, t, runs = sys.argv[1], sys.argv[2], [r.split() for r in sys.argv[3:]]
+med = lambda i: statistics.median(float(r[i]) for r in runs)
+ppp, ptg, opp, otg, kern = med(0), med(1), med(2), med(3), runs[0][4]
+print(f"{os.path.basename(m)} threads={t}, medians of {len(runs)}: llama.cpp pp {ppp} tg {ptg} | "
+      f"edgellm ({kern}) pp {opp} tg {otg} | ratio pp {opp/ppp:.2f}x tg {otg/ptg:.2f}x")
 PY
   done
 done
