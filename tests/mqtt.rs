@@ -845,6 +845,48 @@ chmod 644 *.key"
     assert_eq!(s["mqtt"]["connected"], false, "{s}");
 }
 
+/// A reply the broker refuses (an ACL denies the topic: MQTT 5 PUBACK "not authorized") is
+/// dropped after that one try with a log line, never retried; the next request is answered.
+#[test]
+fn a_reply_the_broker_refuses_is_dropped_once() {
+    let acl_dir = temp_dir("mqtt-refuse-acl");
+    let acl = acl_dir.join("acl");
+    std::fs::write(
+        &acl,
+        "topic readwrite #\ntopic deny edgellm/replies/denied/#\n",
+    )
+    .expect("acl");
+    let broker = Broker::start(
+        "mqtt-refuse",
+        &format!("allow_anonymous true\nacl_file {}", acl.display()),
+    );
+    let dir = temp_dir("mqtt-refuse-model");
+    let model = synth_file(&dir, &SynthSpec::default());
+    let d = daemon("mqtt-refuse-daemon", &model, &broker, "");
+    wait_mqtt(&d, true);
+    let p = Peer::connect(broker.port, "t-refuse", &["edgellm/replies/#"]).subscribed(1);
+    let body = json!({"id": "r1", "prompt": "Hi", "max_tokens": 2});
+    p.request(REQ, &body, Some("edgellm/replies/denied/r1"), None);
+    let until = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("refused a message of ours") {
+        assert!(Instant::now() < until, "no refusal logged: {}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = json!({"id": "r2", "prompt": "Hi", "max_tokens": 2});
+    p.request(REQ, &body, Some("edgellm/replies/ok"), None);
+    let got = p.until_terminal("r2");
+    assert_eq!(
+        got.last().map(|g| g.body["type"].clone()),
+        Some(json!("done")),
+        "{got:?}"
+    );
+    // Once: a retry would have been refused (and logged) again by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let log = d.log();
+    assert_eq!(log.matches("refused a message of ours").count(), 1, "{log}");
+    assert_eq!(d.status()["mqtt"]["connected"], true);
+}
+
 /// Hostile reply topics (3.1.1's `reply_to`): NUL, over 65,535 bytes, wildcards, this node's and
 /// another node's control topics, a group's request topic — each refused before anything runs,
 /// logged, and the node keeps its one connection and answers a normal request right after.
