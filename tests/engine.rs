@@ -6,6 +6,7 @@ use edgellm::api::SamplingParams;
 use edgellm::api::{Completion, FinishReason, GenerateRequest, Prompt, SessionRef};
 use edgellm::backend::Backend;
 use edgellm::engine::chat::ChatTemplate;
+use edgellm::engine::perplexity::perplexity;
 use edgellm::engine::tokenizer::Tokenizer;
 use edgellm::engine::{Engine, EngineError};
 use edgellm::gguf::{Bytes, Gguf};
@@ -136,6 +137,7 @@ fn attention_in_pieces_equals_one_pass() {
                 kernels: Some(k),
                 max_batch: 64,
                 kv_type,
+                logit_rows: 0,
             };
             let mut b = synth_backend_with(&spec, &opts).expect("loads");
             let one = batched(&mut b, &toks, 64);
@@ -457,6 +459,7 @@ fn q8_kv_cache_is_smaller_and_close_to_f32() {
         kernels: None,
         max_batch: 16,
         kv_type,
+        logit_rows: 0,
     };
     let mut f = synth_backend_with(&spec, &opts(KvType::F32)).expect("f32 cache");
     let mut q = synth_backend_with(&spec, &opts(KvType::Q8_0)).expect("q8_0 cache");
@@ -516,6 +519,7 @@ fn f16_kv_cache_is_half_and_close_to_f32() {
         kernels: Some(KernelKind::Reference),
         max_batch: 16,
         kv_type,
+        logit_rows: 0,
     };
     assert_eq!(CpuOptions::default().kv_type, KvType::F16, "the default");
     let g = Gguf::parse(Bytes::from_vec(synth_model(&spec))).expect("parses");
@@ -789,4 +793,54 @@ fn sessions_reuse_their_cache_and_stay_apart() {
         ),
         Err(EngineError::SessionUnknown(_))
     ));
+}
+
+/// A backend loaded for generation (`logit_rows: 1`, as the daemon, `ask` and `bench` load
+/// it) plans and holds one row of logits, not `max_batch`; a call for more rows is refused
+/// naming the limit, and perplexity, which reads every row, still gives the same result in
+/// one-token steps.
+#[test]
+fn logits_for_one_token_are_all_generation_holds() {
+    let spec = SynthSpec::default();
+    let opts = |logit_rows| CpuOptions {
+        n_ctx: 128,
+        threads: 2,
+        kernels: None,
+        max_batch: 16,
+        kv_type: KvType::F32,
+        logit_rows,
+    };
+    let g = || Gguf::parse(Bytes::from_vec(synth_model(&spec))).expect("parses");
+    let all = CpuBackend::plan(&g(), &opts(0)).expect("plan");
+    let one = CpuBackend::plan(&g(), &opts(1)).expect("plan");
+    let mut full = synth_backend_with(&spec, &opts(0)).expect("loads");
+    let mut lean = synth_backend_with(&spec, &opts(1)).expect("loads");
+    let vocab = full.n_vocab() as u64;
+    assert_eq!(all.scratch - one.scratch, 15 * vocab * 4);
+    assert_eq!(lean.max_logit_rows(), 1);
+    let toks: Vec<u32> = (0..64).map(|i| 3 + (i * 37 % 256) as u32).collect();
+    let err = lean
+        .forward(&toks[..2], 0, true)
+        .expect_err("two rows refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("logit_rows") && msg.contains("at most 1"),
+        "{msg}"
+    );
+    // The last token's logits of a batch are what they are on the full backend.
+    lean.reset();
+    let last = lean.forward(&toks[..16], 0, false).expect("batch").to_vec();
+    full.reset();
+    assert_eq!(last, full.forward(&toks[..16], 0, false).expect("batch"));
+
+    let ppl = |b: &mut CpuBackend| {
+        perplexity(b, None, &toks, 32, None, &mut |_, _, _| {})
+            .expect("perplexity")
+            .ppl
+    };
+    let (p_full, p_lean) = (ppl(&mut full), ppl(&mut lean));
+    assert!(
+        (p_full - p_lean).abs() < 1e-6 * p_full,
+        "{p_full} vs {p_lean}"
+    );
 }

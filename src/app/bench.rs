@@ -93,9 +93,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // A window that holds prompt and generation, one batch per prompt.
     let mut spec = a.m.spec(n_prompt.max(n_gen), n_prompt)?;
     spec.ort.max_batch = n_prompt;
+    let t0 = Instant::now();
     let mut loaded = open_engine(&spec, "measuring")?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // The first token after loading, on pages of the model not yet touched.
+    let b = loaded.engine.backend.as_mut();
+    b.forward(&[0], 0, false)?;
+    let first_ms = t0.elapsed().as_secs_f64() * 1e3;
+    b.reset();
     let name = file_name(&loaded.path);
-    let r = measure(loaded.engine.backend.as_mut(), &name, n_prompt, n_gen, reps)?;
+    let mut r = measure(b, &name, n_prompt, n_gen, reps)?;
+    r.load_ms = Some(load_ms);
+    r.load_to_first_token_ms = Some(first_ms);
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }
@@ -120,6 +129,10 @@ pub struct BenchReport {
     pub peak_rss_mib: f64,
     /// Resident set size after the last run: what the process holds once loading is over.
     pub rss_mib: f64,
+    /// Opening the model: mapping, checks, tokenizer, buffers.
+    pub load_ms: Option<f64>,
+    /// From the start of loading to the logits of one token.
+    pub load_to_first_token_ms: Option<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -186,6 +199,8 @@ pub fn measure(
         ttft_ms: pp_s * 1e3,
         peak_rss_mib: peak_rss_mib(),
         rss_mib: rss_bytes() as f64 / (1u64 << 20) as f64,
+        load_ms: None,
+        load_to_first_token_ms: None,
     })
 }
 

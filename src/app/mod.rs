@@ -217,6 +217,8 @@ impl ModelArgs {
             kernels: self.kernels.kind(),
             max_batch,
             kv_type: self.kv_type,
+            // Generation reads the last token's logits only.
+            logit_rows: 1,
         }
     }
 }

@@ -59,6 +59,8 @@ pub fn spec_from_config(cfg: &Config) -> Result<LoadSpec> {
             threads: cfg.model.threads,
             kernels: cfg.model.kernels.kind(),
             kv_type: cfg.model.kv_type,
+            // Generation reads the last token's logits only.
+            logit_rows: 1,
             ..Default::default()
         },
         ort: OrtOptions {

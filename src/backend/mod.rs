@@ -192,6 +192,8 @@ pub enum BackendError {
     BadState { len: usize, got: usize, want: usize },
     #[error("batch of {n} tokens is empty or larger than the backend's {max} per call")]
     BadBatch { n: usize, max: usize },
+    #[error("logits of {n} tokens asked in one call; this model was loaded to return at most {max} (logit_rows)")]
+    TooManyLogits { n: usize, max: usize },
     #[error("{0}")]
     Other(String),
 }
@@ -236,6 +238,11 @@ pub trait Backend: Send {
 
     /// Most tokens one `forward` call takes; longer prompts are fed in chunks.
     fn max_batch(&self) -> usize;
+
+    /// Most tokens one `forward` call with `all_logits` takes.
+    fn max_logit_rows(&self) -> usize {
+        self.max_batch()
+    }
 
     /// Forgets the cached context; the next `forward` starts at position 0.
     fn reset(&mut self);

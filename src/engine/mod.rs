@@ -140,6 +140,18 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Hands the heap's free pages back to the system. Building a tokenizer of a large vocabulary
+/// (Qwen2.5's 151,936 tokens and as many merges) goes through a JSON document of it several
+/// times its final size; glibc keeps the freed pages resident, 54 MiB of them on that model,
+/// which a daemon whose memory is planned at start would carry for months.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the system; no allocation moves.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Engine {
     /// An engine on `backend`, with the tokenizer and chat template of its
     /// [`Vocabulary`].
@@ -171,6 +183,7 @@ impl Engine {
         let bos = tokenizer.bos.and_then(|b| tokenizer.text(b)).unwrap_or("");
         let eos = tokenizer.eos.and_then(|b| tokenizer.text(b)).unwrap_or("");
         let chat = ChatTemplate::new(template.as_deref(), bos, eos)?;
+        release_freed_memory();
         Ok(Engine::new(backend, tokenizer, chat))
     }
 

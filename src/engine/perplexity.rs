@@ -92,8 +92,8 @@ pub fn perplexity(
             e.reset();
         }
         let batch = model
-            .max_batch()
-            .min(exact.as_ref().map_or(usize::MAX, |e| e.max_batch()));
+            .max_logit_rows()
+            .min(exact.as_ref().map_or(usize::MAX, |e| e.max_logit_rows()));
         let mut pos = 0;
         while pos < n_ctx {
             let end = (pos + batch).min(n_ctx);
@@ -241,7 +241,7 @@ pub fn perplexity_stream(
         });
     }
     let vocab = model.n_vocab();
-    let batch = model.max_batch();
+    let batch = model.max_logit_rows();
     let sampled = |t: usize| opts.recompute_every > 0 && t.is_multiple_of(opts.recompute_every);
     let mut nll = Vec::with_capacity(tokens.len() - w);
     let mut nll_sampled = Vec::new();
@@ -293,7 +293,7 @@ pub fn perplexity_stream(
             model.reset();
             let mut p = 0;
             let mut last = Vec::new();
-            for part in tokens[t - w..t].chunks(batch) {
+            for part in tokens[t - w..t].chunks(model.max_batch()) {
                 let l = model.forward(part, p, false)?;
                 p += part.len();
                 if p == w {

@@ -4,8 +4,6 @@
 //! quantized to 8 bits; F32 and F16, and every type in exact mode, dequantize each weight row
 //! once into a per-thread scratch row and dot it in f32 with every token of the batch.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
 use super::pool::{split, Pool, Shards};
 use super::quant::{as_blocks, dequantize_row, Block, BlockQ8, GgmlType, QK};
 use super::{Kernels, Tile};
@@ -222,17 +220,11 @@ pub fn matmul(
     // finish: a thread that the system stalls (a busy VM, a little core beside big ones)
     // delays the step by one piece, not by its whole share.
     let pieces = if nt == 1 { 1 } else { 2 * nt };
-    let next = AtomicUsize::new(0);
-    pool.run(&|tid, _| {
+    pool.run(shards.len() * pieces, &|i, tid| {
         // SAFETY: thread `tid` alone uses scratch row `tid`.
         let s = unsafe { scratch.part(tid * cols, cols) };
-        loop {
-            let i = next.fetch_add(1, Relaxed);
-            let Some((w, out)) = shards.get(i / pieces) else {
-                break;
-            };
-            let rows = split(w.rows, i % pieces, pieces, 8);
-            matmul_rows(k, w, x, rows, out, s);
-        }
+        let (w, out) = &shards[i / pieces];
+        let rows = split(w.rows, i % pieces, pieces, 8);
+        matmul_rows(k, w, x, rows, out, s);
     });
 }

@@ -18,6 +18,7 @@ pub fn synth_backend(spec: &SynthSpec, kernels: Option<KernelKind>, threads: usi
         kernels,
         max_batch: 16,
         kv_type: KvType::F32,
+        logit_rows: 0,
     };
     synth_backend_with(spec, &opts).expect("synthetic model loads")
 }

@@ -187,21 +187,19 @@ impl KvCache {
             rekey_row: &(dyn Fn(&mut [T], usize) + Sync),
         ) {
             let (ks, vs) = (Shards::new(k), Shards::new(v));
-            pool.run(&|tid, nt| {
-                for unit in (tid..2 * n_layer).step_by(nt) {
-                    let (layer, keys) = (unit % n_layer, unit < n_layer);
-                    let store = if keys { ks } else { vs };
-                    // SAFETY: unit `unit` alone touches this layer's keys (or values).
-                    let span = unsafe { store.part(layer * layer_len, layer_len) };
-                    if keys {
-                        for i in 0..n {
-                            let (src, dst) = ((from + i) * row, (to + i) * row);
-                            span.copy_within(src..src + row, dst);
-                            rekey_row(&mut span[dst..dst + row], tid);
-                        }
-                    } else {
-                        span.copy_within(from * row..(from + n) * row, to * row);
+            pool.run(2 * n_layer, &|unit, tid| {
+                let (layer, keys) = (unit % n_layer, unit < n_layer);
+                let store = if keys { ks } else { vs };
+                // SAFETY: unit `unit` alone touches this layer's keys (or values).
+                let span = unsafe { store.part(layer * layer_len, layer_len) };
+                if keys {
+                    for i in 0..n {
+                        let (src, dst) = ((from + i) * row, (to + i) * row);
+                        span.copy_within(src..src + row, dst);
+                        rekey_row(&mut span[dst..dst + row], tid);
                     }
+                } else {
+                    span.copy_within(from * row..(from + n) * row, to * row);
                 }
             });
         }

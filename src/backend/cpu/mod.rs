@@ -9,12 +9,11 @@ pub mod kv;
 pub mod model;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use crate::backend::{Backend, BackendError, BackendInfo, KvType, MemoryPlan, Vocabulary};
 use crate::gguf::Gguf;
 use crate::kernels::matmul::{matmul, Acts, Matrix};
-use crate::kernels::pool::{split, Pool, Shards};
+use crate::kernels::pool::{Pool, Shards};
 use crate::kernels::quant::{dequant_q8_0, dequantize_row, f16_to_f32, BlockQ8, QK};
 use crate::kernels::{KernelKind, Kernels};
 use kv::{KvCache, LayerKv};
@@ -33,6 +32,10 @@ pub struct CpuOptions {
     pub max_batch: usize,
     /// Element type of the KV cache.
     pub kv_type: KvType,
+    /// Most tokens whose logits one `forward` returns with `all_logits` (perplexity scores
+    /// every token of a batch; generation needs the last one's only). 0: `max_batch`. Each row
+    /// is `vocab` floats: 64 rows of Qwen2.5's 151,936 are 37 MiB.
+    pub logit_rows: usize,
 }
 
 impl Default for CpuOptions {
@@ -43,6 +46,7 @@ impl Default for CpuOptions {
             kernels: None,
             max_batch: 64,
             kv_type: KvType::F16,
+            logit_rows: 0,
         }
     }
 }
@@ -77,7 +81,7 @@ struct State {
     scratch: Vec<f32>,
     /// RoPE cos/sin for each token of the batch. (max_batch, head_dim / 2, 2)
     rope: Vec<f32>,
-    /// (max_batch, vocab)
+    /// (logit_rows, vocab)
     logits: Vec<f32>,
 }
 
@@ -89,8 +93,9 @@ struct Shapes {
 }
 
 impl Shapes {
-    fn new(cfg: &Config, n_ctx: usize, max_batch: usize, threads: usize) -> Shapes {
-        let (b, dim, qd, kvd) = (max_batch, cfg.dim, cfg.q_dim(), cfg.kv_dim());
+    fn new(cfg: &Config, r: &Resolved) -> Shapes {
+        let (n_ctx, threads) = (r.n_ctx, r.threads);
+        let (b, dim, qd, kvd) = (r.max_batch, cfg.dim, cfg.q_dim(), cfg.kv_dim());
         let max_cols = dim.max(qd).max(cfg.ffn);
         Shapes {
             // In State's field order, x to logits.
@@ -107,7 +112,7 @@ impl Shapes {
                 max_pieces(cfg, b, threads) * cfg.n_head / cfg.n_kv_head * (cfg.head_dim + 2),
                 threads * max_cols,
                 b * cfg.head_dim,
-                b * cfg.vocab,
+                r.logit_rows * cfg.vocab,
             ],
             xq: b * max_cols / QK,
         }
@@ -148,6 +153,7 @@ pub struct CpuBackend {
     pool: Pool,
     n_ctx: usize,
     max_batch: usize,
+    logit_rows: usize,
     s: State,
     kv: KvCache,
 }
@@ -173,14 +179,14 @@ impl CpuBackend {
     pub fn plan(gguf: &Gguf, opts: &CpuOptions) -> Result<MemoryPlan, ModelError> {
         let cfg = Config::from_gguf(gguf)?;
         let w = Weights::from_gguf(gguf, &cfg)?;
-        let (n_ctx, threads, max_batch) = resolve(&cfg, opts)?;
+        let r = resolve(&cfg, opts)?;
         let row = 2 * cfg.n_layer as u64 * opts.kv_type.row_bytes(cfg.kv_dim()) as u64;
         Ok(MemoryPlan {
             weights: w.all().iter().map(|t| t.len as u64).sum(),
-            kv_cache: KvCache::bytes(opts.kv_type, cfg.n_layer, n_ctx, cfg.kv_dim()),
-            scratch: Shapes::new(&cfg, n_ctx, max_batch, threads).bytes(),
-            n_ctx,
-            threads,
+            kv_cache: KvCache::bytes(opts.kv_type, cfg.n_layer, r.n_ctx, cfg.kv_dim()),
+            scratch: Shapes::new(&cfg, &r).bytes(),
+            n_ctx: r.n_ctx,
+            threads: r.threads,
             bytes_per_position: row,
         })
     }
@@ -190,10 +196,10 @@ impl CpuBackend {
         let cfg = Config::from_gguf(&gguf)?;
         let w = Weights::from_gguf(&gguf, &cfg)?;
         let kernels = Kernels::select(opts.kernels)?;
-        let (n_ctx, threads, max_batch) = resolve(&cfg, opts)?;
-        let pool = Pool::new(threads).map_err(ModelError::Threads)?;
-        let s = Shapes::new(&cfg, n_ctx, max_batch, threads).alloc();
-        let kv = KvCache::new(opts.kv_type, cfg.n_layer, n_ctx, cfg.kv_dim());
+        let r = resolve(&cfg, opts)?;
+        let pool = Pool::new(r.threads).map_err(ModelError::Threads)?;
+        let s = Shapes::new(&cfg, &r).alloc();
+        let kv = KvCache::new(opts.kv_type, cfg.n_layer, r.n_ctx, cfg.kv_dim());
         Ok(CpuBackend {
             gguf,
             dir: None,
@@ -201,8 +207,9 @@ impl CpuBackend {
             w,
             kernels,
             pool,
-            n_ctx,
-            max_batch,
+            n_ctx: r.n_ctx,
+            max_batch: r.max_batch,
+            logit_rows: r.logit_rows,
             s,
             kv,
         })
@@ -217,13 +224,26 @@ impl CpuBackend {
     }
 
     fn state_bytes(&self) -> u64 {
-        let threads = self.pool.n_threads();
-        Shapes::new(&self.cfg, self.n_ctx, self.max_batch, threads).bytes() + self.kv.byte_len()
+        let r = Resolved {
+            n_ctx: self.n_ctx,
+            threads: self.pool.n_threads(),
+            max_batch: self.max_batch,
+            logit_rows: self.logit_rows,
+        };
+        Shapes::new(&self.cfg, &r).bytes() + self.kv.byte_len()
     }
 }
 
+/// The sizes `CpuOptions` ask for, zeros resolved and limits checked.
+struct Resolved {
+    n_ctx: usize,
+    threads: usize,
+    max_batch: usize,
+    logit_rows: usize,
+}
+
 /// Context window, threads and batch size that `opts` ask of this model, checked.
-fn resolve(cfg: &Config, opts: &CpuOptions) -> Result<(usize, usize, usize), ModelError> {
+fn resolve(cfg: &Config, opts: &CpuOptions) -> Result<Resolved, ModelError> {
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -254,7 +274,17 @@ fn resolve(cfg: &Config, opts: &CpuOptions) -> Result<(usize, usize, usize), Mod
             cfg.head_dim
         )));
     }
-    Ok((n_ctx, threads, opts.max_batch.clamp(1, 4096)))
+    let max_batch = opts.max_batch.clamp(1, 4096);
+    let logit_rows = match opts.logit_rows {
+        0 => max_batch,
+        n => n.min(max_batch),
+    };
+    Ok(Resolved {
+        n_ctx,
+        threads,
+        max_batch,
+        logit_rows,
+    })
 }
 
 impl Backend for CpuBackend {
@@ -299,6 +329,10 @@ impl Backend for CpuBackend {
 
     fn max_batch(&self) -> usize {
         self.max_batch
+    }
+
+    fn max_logit_rows(&self) -> usize {
+        self.logit_rows
     }
 
     fn reset(&mut self) {
@@ -381,6 +415,12 @@ impl Backend for CpuBackend {
         let vocab = self.cfg.vocab;
         super::check_forward(tokens, pos, self.max_batch, self.n_ctx, vocab)?;
         let n = tokens.len();
+        if all_logits && n > self.logit_rows {
+            return Err(BackendError::TooManyLogits {
+                n,
+                max: self.logit_rows,
+            });
+        }
         self.run(tokens, pos, all_logits);
         let out = if all_logits {
             &self.s.logits[..n * vocab]
@@ -663,75 +703,68 @@ fn attention(
     let att = Shards::new(att);
     let (kb, hb) = (kvd / QK, hd / QK);
     // Pieces are claimed in turn as threads finish (as the matmuls' are).
-    let next = AtomicUsize::new(0);
-    pool.run(&|tid, _| {
+    pool.run(total * n_kv, &|item, tid| {
         // SAFETY: thread `tid` alone uses row `tid` of the scratch.
         let row = unsafe { att.part(tid * (n_ctx + hd), n_ctx + hd) };
         let (scores, qs) = row.split_at_mut(n_ctx);
         let mut qq = [BlockQ8::default(); 16];
-        loop {
-            let item = next.fetch_add(1, Relaxed);
-            if item >= total * n_kv {
-                break;
+        let g = item % n_kv;
+        // The token and piece of this item (one piece per token when `per` is 1, so no
+        // search).
+        let (mut t, mut piece) = (0, item / n_kv);
+        if per == 1 {
+            (t, piece) = (piece, 0);
+        } else {
+            while piece >= pieces(t) {
+                piece -= pieces(t);
+                t += 1;
             }
-            let g = item % n_kv;
-            // The token and piece of this item (one piece per token when `per` is 1, so no
-            // search).
-            let (mut t, mut piece) = (0, item / n_kv);
-            if per == 1 {
-                (t, piece) = (piece, 0);
-            } else {
-                while piece >= pieces(t) {
-                    piece -= pieces(t);
-                    t += 1;
+        }
+        let len = pos + t + 1;
+        let np = pieces(t);
+        let (j0, j1) = (piece * len / np, (piece + 1) * len / np);
+        let sc = &mut scores[..j1 - j0];
+        // SAFETY: piece `item` owns its slot of `parts`.
+        let slot = unsafe { parts_sh.part(item * width, width) };
+        for (r, res) in slot.chunks_exact_mut(hd + 2).enumerate() {
+            let h = g * group + r;
+            for (d, &x) in qs
+                .iter_mut()
+                .zip(&q[t * qd + h * hd..t * qd + (h + 1) * hd])
+            {
+                *d = x * scale;
+            }
+            match cache {
+                LayerKv::F32 { k: kc, .. } => {
+                    (k.scores_f32)(&qs[..hd], &kc[j0 * kvd + g * hd..], kvd, sc);
+                }
+                LayerKv::F16 { k: kc, .. } => {
+                    (k.scores_f16)(&qs[..hd], &kc[j0 * kvd + g * hd..], kvd, sc);
+                }
+                LayerKv::Q8 { k: kc, .. } => {
+                    let qq = &mut qq[..hb];
+                    (k.quantize_q8)(&qs[..hd], qq);
+                    for (j, s) in sc.iter_mut().enumerate() {
+                        let at = (j0 + j) * kb + g * hb;
+                        *s = (k.dot_q8_0)(&kc[at..at + hb], qq);
+                    }
                 }
             }
-            let len = pos + t + 1;
-            let np = pieces(t);
-            let (j0, j1) = (piece * len / np, (piece + 1) * len / np);
-            let sc = &mut scores[..j1 - j0];
-            // SAFETY: piece `item` owns its slot of `parts`.
-            let slot = unsafe { parts_sh.part(item * width, width) };
-            for (r, res) in slot.chunks_exact_mut(hd + 2).enumerate() {
-                let h = g * group + r;
-                for (d, &x) in qs
-                    .iter_mut()
-                    .zip(&q[t * qd + h * hd..t * qd + (h + 1) * hd])
-                {
-                    *d = x * scale;
+            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum = (k.exp_sum)(sc, max);
+            let (head, o) = res.split_at_mut(2);
+            head[0] = max;
+            head[1] = sum;
+            o.fill(0.0);
+            match cache {
+                LayerKv::F32 { v: vc, .. } => {
+                    (k.acc_f32)(sc, &vc[j0 * kvd + g * hd..], kvd, o);
                 }
-                match cache {
-                    LayerKv::F32 { k: kc, .. } => {
-                        (k.scores_f32)(&qs[..hd], &kc[j0 * kvd + g * hd..], kvd, sc);
-                    }
-                    LayerKv::F16 { k: kc, .. } => {
-                        (k.scores_f16)(&qs[..hd], &kc[j0 * kvd + g * hd..], kvd, sc);
-                    }
-                    LayerKv::Q8 { k: kc, .. } => {
-                        let qq = &mut qq[..hb];
-                        (k.quantize_q8)(&qs[..hd], qq);
-                        for (j, s) in sc.iter_mut().enumerate() {
-                            let at = (j0 + j) * kb + g * hb;
-                            *s = (k.dot_q8_0)(&kc[at..at + hb], qq);
-                        }
-                    }
+                LayerKv::F16 { v: vc, .. } => {
+                    (k.acc_f16)(sc, &vc[j0 * kvd + g * hd..], kvd, o);
                 }
-                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum = (k.exp_sum)(sc, max);
-                let (head, o) = res.split_at_mut(2);
-                head[0] = max;
-                head[1] = sum;
-                o.fill(0.0);
-                match cache {
-                    LayerKv::F32 { v: vc, .. } => {
-                        (k.acc_f32)(sc, &vc[j0 * kvd + g * hd..], kvd, o);
-                    }
-                    LayerKv::F16 { v: vc, .. } => {
-                        (k.acc_f16)(sc, &vc[j0 * kvd + g * hd..], kvd, o);
-                    }
-                    LayerKv::Q8 { v: vc, .. } => {
-                        (k.acc_q8_0)(sc, &vc[j0 * kb + g * hb..], kb, o);
-                    }
+                LayerKv::Q8 { v: vc, .. } => {
+                    (k.acc_q8_0)(sc, &vc[j0 * kb + g * hb..], kb, o);
                 }
             }
         }
@@ -812,86 +845,79 @@ fn attention_exact(
     let att = Shards::new(att);
     let out = Shards::new(&mut out[..n * qd]);
     let (per, hb) = (kvd / QK, hd / QK);
-    pool.run(&|tid, nt| {
-        // SAFETY: thread `tid` alone uses score row `tid`.
-        let scores = unsafe { att.part(tid * n_ctx, n_ctx) };
+    pool.run(units, &|u, tid| {
+        // SAFETY: thread `tid` alone uses scratch row `tid`: scores, then a key widened from f16.
+        let row = unsafe { att.part(tid * (n_ctx + hd), n_ctx + hd) };
+        let (scores, krow) = row.split_at_mut(n_ctx);
         let mut qq = [BlockQ8::default(); 16];
         let mut vrow = [0f32; QK];
-        // f16 keys widened for the f32 dot (exact mode only, which is not built for speed).
-        let mut krow = if matches!(cache, LayerKv::F16 { .. }) {
-            vec![0f32; hd]
-        } else {
-            Vec::new()
-        };
-        for u in split(units, tid, nt, 1) {
-            let (t, h) = (u / c.n_head, u % c.n_head);
-            let g = h / group;
-            let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
-            let len = pos + t + 1;
-            let sc = &mut scores[..len];
-            match cache {
-                LayerKv::F32 { k: kc, .. } => {
-                    for (j, s) in sc.iter_mut().enumerate() {
-                        let kj = &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                        *s = (k.dot_f32)(qh, kj) * scale;
-                    }
+        let (t, h) = (u / c.n_head, u % c.n_head);
+        let g = h / group;
+        let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
+        let len = pos + t + 1;
+        let sc = &mut scores[..len];
+        match cache {
+            LayerKv::F32 { k: kc, .. } => {
+                for (j, s) in sc.iter_mut().enumerate() {
+                    let kj = &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                    *s = (k.dot_f32)(qh, kj) * scale;
                 }
-                LayerKv::F16 { k: kc, .. } => {
-                    for (j, s) in sc.iter_mut().enumerate() {
-                        let kj = &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                        for (x, &h) in krow.iter_mut().zip(kj) {
-                            *x = f16_to_f32(h);
-                        }
-                        *s = (k.dot_f32)(qh, &krow) * scale;
+            }
+            LayerKv::F16 { k: kc, .. } => {
+                for (j, s) in sc.iter_mut().enumerate() {
+                    let kj = &kc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                    for (x, &h) in krow.iter_mut().zip(kj) {
+                        *x = f16_to_f32(h);
                     }
+                    *s = (k.dot_f32)(qh, krow) * scale;
                 }
-                LayerKv::Q8 { k: kc, .. } => {
-                    let qq = &mut qq[..hb];
-                    (k.quantize_q8)(qh, qq);
-                    for (j, s) in sc.iter_mut().enumerate() {
-                        let kj = &kc[j * per + g * hb..j * per + (g + 1) * hb];
-                        *s = (k.dot_q8_0)(kj, qq) * scale;
+            }
+            LayerKv::Q8 { k: kc, .. } => {
+                let qq = &mut qq[..hb];
+                (k.quantize_q8)(qh, qq);
+                for (j, s) in sc.iter_mut().enumerate() {
+                    let kj = &kc[j * per + g * hb..j * per + (g + 1) * hb];
+                    *s = (k.dot_q8_0)(kj, qq) * scale;
+                }
+            }
+        }
+        let max = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in sc.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        // SAFETY: unit (t, h) owns this head's slot of token t's output row.
+        let o = unsafe { out.part(t * qd + h * hd, hd) };
+        o.fill(0.0);
+        match cache {
+            LayerKv::F32 { v: vc, .. } => {
+                for (j, &s) in sc.iter().enumerate() {
+                    let p = s * inv;
+                    let vj = &vc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                    for (oi, vi) in o.iter_mut().zip(vj) {
+                        *oi += p * vi;
                     }
                 }
             }
-            let max = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in sc.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+            LayerKv::F16 { v: vc, .. } => {
+                for (j, &s) in sc.iter().enumerate() {
+                    let p = s * inv;
+                    let vj = &vc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                    for (oi, &vi) in o.iter_mut().zip(vj) {
+                        *oi += p * f16_to_f32(vi);
+                    }
+                }
             }
-            let inv = 1.0 / sum;
-            // SAFETY: unit (t, h) owns this head's slot of token t's output row.
-            let o = unsafe { out.part(t * qd + h * hd, hd) };
-            o.fill(0.0);
-            match cache {
-                LayerKv::F32 { v: vc, .. } => {
-                    for (j, &s) in sc.iter().enumerate() {
-                        let p = s * inv;
-                        let vj = &vc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                        for (oi, vi) in o.iter_mut().zip(vj) {
+            LayerKv::Q8 { v: vc, .. } => {
+                for (j, &s) in sc.iter().enumerate() {
+                    let p = s * inv;
+                    let vj = &vc[j * per + g * hb..j * per + (g + 1) * hb];
+                    for (ob, b) in o.chunks_exact_mut(QK).zip(vj) {
+                        dequant_q8_0(std::slice::from_ref(b), &mut vrow);
+                        for (oi, vi) in ob.iter_mut().zip(&vrow) {
                             *oi += p * vi;
-                        }
-                    }
-                }
-                LayerKv::F16 { v: vc, .. } => {
-                    for (j, &s) in sc.iter().enumerate() {
-                        let p = s * inv;
-                        let vj = &vc[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                        for (oi, &vi) in o.iter_mut().zip(vj) {
-                            *oi += p * f16_to_f32(vi);
-                        }
-                    }
-                }
-                LayerKv::Q8 { v: vc, .. } => {
-                    for (j, &s) in sc.iter().enumerate() {
-                        let p = s * inv;
-                        let vj = &vc[j * per + g * hb..j * per + (g + 1) * hb];
-                        for (ob, b) in o.chunks_exact_mut(QK).zip(vj) {
-                            dequant_q8_0(std::slice::from_ref(b), &mut vrow);
-                            for (oi, vi) in ob.iter_mut().zip(&vrow) {
-                                *oi += p * vi;
-                            }
                         }
                     }
                 }
