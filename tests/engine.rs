@@ -844,3 +844,36 @@ fn logits_for_one_token_are_all_generation_holds() {
         "{p_full} vs {p_lean}"
     );
 }
+
+/// Once the engine has built its tokenizer, the GGUF's vocabulary arrays are dropped (they
+/// take several times their file size as parsed values), and the tokenizer, which holds its
+/// own copy, still encodes and decodes every token.
+#[test]
+fn the_engine_frees_the_parsed_vocabulary() {
+    let g = Gguf::parse(Bytes::from_vec(synth_model(&SynthSpec::default()))).expect("parses");
+    let reference = Tokenizer::from_gguf(&g, None).expect("tokenizer");
+    let before = g.get_array("tokenizer.ggml.tokens").expect("tokens").len();
+    let b = CpuBackend::load(g, &CpuOptions::default()).expect("loads");
+    let engine = Engine::from_backend(Box::new(b)).expect("engine");
+    match engine.backend.vocabulary() {
+        edgellm::backend::Vocabulary::Gguf { gguf, .. } => {
+            assert!(gguf.get("tokenizer.ggml.tokens").is_none());
+            assert!(gguf.get("tokenizer.ggml.merges").is_none());
+            assert!(gguf.keys.iter().any(|k| k == "tokenizer.ggml.tokens"));
+        }
+        _ => panic!("a GGUF backend"),
+    }
+    assert_eq!(engine.tokenizer.n_vocab(), before);
+    for id in 0..before as u32 {
+        assert_eq!(
+            engine.tokenizer.piece(id),
+            reference.piece(id),
+            "token {id}"
+        );
+        assert_eq!(engine.tokenizer.text(id), reference.text(id), "token {id}");
+    }
+    let text = "Hello, world! 12 tokens";
+    let ids = engine.tokenizer.encode(text).expect("encode");
+    assert_eq!(ids, reference.encode(text).expect("encode"));
+    assert_eq!(engine.tokenizer.decode(&ids), text);
+}

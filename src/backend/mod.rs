@@ -239,6 +239,11 @@ pub trait Backend: Send {
     /// Most tokens one `forward` call takes; longer prompts are fed in chunks.
     fn max_batch(&self) -> usize;
 
+    /// The engine has built its tokenizer from [`Backend::vocabulary`]: a backend may free
+    /// what it kept only for that (a GGUF's vocabulary and merges, 24 MiB on Qwen2.5). After
+    /// this, `vocabulary` may no longer give a whole tokenizer.
+    fn release_vocabulary(&mut self) {}
+
     /// Most tokens one `forward` call with `all_logits` takes.
     fn max_logit_rows(&self) -> usize {
         self.max_batch()

@@ -155,7 +155,7 @@ fn release_freed_memory() {
 impl Engine {
     /// An engine on `backend`, with the tokenizer and chat template of its
     /// [`Vocabulary`].
-    pub fn from_backend(backend: Box<dyn Backend>) -> Result<Engine, EngineError> {
+    pub fn from_backend(mut backend: Box<dyn Backend>) -> Result<Engine, EngineError> {
         let n_vocab = backend.n_vocab();
         let (tokenizer, template) = match backend.vocabulary() {
             Vocabulary::Gguf { gguf, dir } => {
@@ -183,6 +183,7 @@ impl Engine {
         let bos = tokenizer.bos.and_then(|b| tokenizer.text(b)).unwrap_or("");
         let eos = tokenizer.eos.and_then(|b| tokenizer.text(b)).unwrap_or("");
         let chat = ChatTemplate::new(template.as_deref(), bos, eos)?;
+        backend.release_vocabulary();
         release_freed_memory();
         Ok(Engine::new(backend, tokenizer, chat))
     }

@@ -400,6 +400,21 @@ impl Gguf {
         &self.bytes[t.offset as usize..(t.offset + t.n_bytes) as usize]
     }
 
+    /// Drops the tokenizer's arrays (tokens, their types and scores, merges) from the metadata,
+    /// once a tokenizer is built from them: as parsed values they take several times their
+    /// bytes in the file. `keys` still lists them.
+    pub fn release_vocabulary(&mut self) {
+        for key in [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores",
+            "tokenizer.ggml.merges",
+        ] {
+            self.metadata.remove(key);
+        }
+        self.metadata.shrink_to_fit();
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }

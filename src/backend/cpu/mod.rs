@@ -335,6 +335,10 @@ impl Backend for CpuBackend {
         self.logit_rows
     }
 
+    fn release_vocabulary(&mut self) {
+        self.gguf.release_vocabulary();
+    }
+
     fn reset(&mut self) {
         // Positions are written before they are read (causal attention reads 0..=pos, all
         // written by this or earlier calls), so nothing needs clearing.
