@@ -13,6 +13,8 @@ pub enum QuantType {
     Q4_1,
     #[value(name = "q5_0")]
     Q5_0,
+    #[value(name = "q5_1")]
+    Q5_1,
     #[value(name = "q8_0")]
     Q8_0,
 }
@@ -23,6 +25,7 @@ impl QuantType {
             QuantType::Q4_0 => GgmlType::Q4_0,
             QuantType::Q4_1 => GgmlType::Q4_1,
             QuantType::Q5_0 => GgmlType::Q5_0,
+            QuantType::Q5_1 => GgmlType::Q5_1,
             QuantType::Q8_0 => GgmlType::Q8_0,
         }
     }
@@ -38,6 +41,7 @@ pub fn requantize(g: &Gguf, ty: GgmlType) -> Vec<u8> {
         GgmlType::Q4_0 => 2,
         GgmlType::Q4_1 => 3,
         GgmlType::Q5_0 => 8,
+        GgmlType::Q5_1 => 9,
         GgmlType::Q8_0 => 7,
         _ => 0,
     };

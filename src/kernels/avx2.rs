@@ -6,8 +6,8 @@
 use std::arch::x86_64::*;
 
 use super::quant::{
-    f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8,
-    BlockQ8_0, QK,
+    f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+    BlockQ6K, BlockQ8, BlockQ8_0, QK,
 };
 
 #[inline(always)]
@@ -474,6 +474,30 @@ impl WBlock for BlockQ5_0 {
     }
 }
 
+impl WBlock for BlockQ5_1 {
+    /// The five-bit values unsigned (0..32); the offset is the block's own `m`.
+    #[inline(always)]
+    unsafe fn prep<D: IDot>(&self) -> __m256i {
+        let hi = _mm256_and_si256(
+            bytes_from_bits(u32::from_le_bytes(self.qh)),
+            _mm256_set1_epi8(0x10),
+        );
+        _mm256_or_si256(nibbles(self.qs.as_ptr()), hi)
+    }
+    #[inline(always)]
+    fn d_bits(&self) -> u16 {
+        self.d
+    }
+    #[inline(always)]
+    fn d_coef<D: IDot>() -> Option<f32> {
+        None
+    }
+    #[inline(always)]
+    fn m_bits(&self) -> u16 {
+        self.m
+    }
+}
+
 /// K-quant blocks of 256 weights: eight sub-blocks of 32, sub-block j meeting activation block
 /// j of the eight under the block. Weights are `f·u + k` per sub-block (Q4_K: f = d·sc, k =
 /// −dmin·m, u unsigned) or `f·u` with u signed and one f per 16 (Q6_K).
@@ -507,6 +531,38 @@ impl KBlock for BlockQ4K {
         let v = _mm256_loadu_si256(self.qs.as_ptr().add((j / 2) * 32) as *const __m256i);
         let v = _mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (j % 2) as i32));
         _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
+    }
+}
+
+impl KBlock for BlockQ5K {
+    const SIGNED: bool = false;
+    #[inline(always)]
+    fn scales(&self) -> ([[f32; 2]; 8], [f32; 8]) {
+        let (d, dmin) = (f16_to_f32(self.d), f16_to_f32(self.dmin));
+        let mut f = [[0f32; 2]; 8];
+        let mut k = [0f32; 8];
+        for j in 0..8 {
+            let (sc, m) = q4k_scale_min(j, &self.scales);
+            f[j] = [d * sc as f32; 2];
+            k[j] = -dmin * m as f32;
+        }
+        (f, k)
+    }
+    #[inline(always)]
+    unsafe fn prep(&self, j: usize) -> __m256i {
+        let v = _mm256_loadu_si256(self.qs.as_ptr().add((j / 2) * 32) as *const __m256i);
+        let lo = _mm256_and_si256(
+            _mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (j % 2) as i32)),
+            _mm256_set1_epi8(0x0f),
+        );
+        // Bit j of each byte of qh: shifting the 16-bit lanes by j < 8 brings it to bit 0 of
+        // its own byte; the mask drops what came down from the byte above.
+        let h = _mm256_loadu_si256(self.qh.as_ptr() as *const __m256i);
+        let hi = _mm256_and_si256(
+            _mm256_srl_epi16(h, _mm_cvtsi32_si128(j as i32)),
+            _mm256_set1_epi8(0x01),
+        );
+        _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4))
     }
 }
 
@@ -811,12 +867,12 @@ macro_rules! ktile_fns {
     };
 }
 
-tile_fns!("avx2,fma,f16c", Madd, tile_q4_0_imp: BlockQ4_0, tile_q4_1_imp: BlockQ4_1, tile_q5_0_imp: BlockQ5_0, tile_q8_0_imp: BlockQ8_0);
-tile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4_0_vnni_imp: BlockQ4_0, tile_q4_1_vnni_imp: BlockQ4_1, tile_q5_0_vnni_imp: BlockQ5_0, tile_q8_0_vnni_imp: BlockQ8_0);
-tile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4_0_v512_imp: BlockQ4_0, tile_q4_1_v512_imp: BlockQ4_1, tile_q5_0_v512_imp: BlockQ5_0, tile_q8_0_v512_imp: BlockQ8_0);
-ktile_fns!("avx2,fma,f16c", Madd, tile_q4k_imp: BlockQ4K, tile_q6k_imp: BlockQ6K);
-ktile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4k_vnni_imp: BlockQ4K, tile_q6k_vnni_imp: BlockQ6K);
-ktile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4k_v512_imp: BlockQ4K, tile_q6k_v512_imp: BlockQ6K);
+tile_fns!("avx2,fma,f16c", Madd, tile_q4_0_imp: BlockQ4_0, tile_q4_1_imp: BlockQ4_1, tile_q5_0_imp: BlockQ5_0, tile_q5_1_imp: BlockQ5_1, tile_q8_0_imp: BlockQ8_0);
+tile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4_0_vnni_imp: BlockQ4_0, tile_q4_1_vnni_imp: BlockQ4_1, tile_q5_0_vnni_imp: BlockQ5_0, tile_q5_1_vnni_imp: BlockQ5_1, tile_q8_0_vnni_imp: BlockQ8_0);
+tile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4_0_v512_imp: BlockQ4_0, tile_q4_1_v512_imp: BlockQ4_1, tile_q5_0_v512_imp: BlockQ5_0, tile_q5_1_v512_imp: BlockQ5_1, tile_q8_0_v512_imp: BlockQ8_0);
+ktile_fns!("avx2,fma,f16c", Madd, tile_q4k_imp: BlockQ4K, tile_q5k_imp: BlockQ5K, tile_q6k_imp: BlockQ6K);
+ktile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4k_vnni_imp: BlockQ4K, tile_q5k_vnni_imp: BlockQ5K, tile_q6k_vnni_imp: BlockQ6K);
+ktile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4k_v512_imp: BlockQ4K, tile_q5k_v512_imp: BlockQ5K, tile_q6k_v512_imp: BlockQ6K);
 
 /// Scores against `out.len()` key rows `stride` apart. Caller: `(out.len() − 1) · stride +
 /// q.len() ≤ k.len()`.
@@ -1012,8 +1068,10 @@ tile_wrappers!(
     tile_q4_0(tile_q4_0_imp): BlockQ4_0,
     tile_q4_1(tile_q4_1_imp): BlockQ4_1,
     tile_q5_0(tile_q5_0_imp): BlockQ5_0,
+    tile_q5_1(tile_q5_1_imp): BlockQ5_1,
     tile_q8_0(tile_q8_0_imp): BlockQ8_0,
     tile_q4k(tile_q4k_imp): BlockQ4K,
+    tile_q5k(tile_q5k_imp): BlockQ5K,
     tile_q6k(tile_q6k_imp): BlockQ6K
 );
 tile_wrappers!(
@@ -1021,8 +1079,10 @@ tile_wrappers!(
     tile_q4_0_vnni(tile_q4_0_vnni_imp): BlockQ4_0,
     tile_q4_1_vnni(tile_q4_1_vnni_imp): BlockQ4_1,
     tile_q5_0_vnni(tile_q5_0_vnni_imp): BlockQ5_0,
+    tile_q5_1_vnni(tile_q5_1_vnni_imp): BlockQ5_1,
     tile_q8_0_vnni(tile_q8_0_vnni_imp): BlockQ8_0,
     tile_q4k_vnni(tile_q4k_vnni_imp): BlockQ4K,
+    tile_q5k_vnni(tile_q5k_vnni_imp): BlockQ5K,
     tile_q6k_vnni(tile_q6k_vnni_imp): BlockQ6K
 );
 tile_wrappers!(
@@ -1030,8 +1090,10 @@ tile_wrappers!(
     tile_q4_0_v512(tile_q4_0_v512_imp): BlockQ4_0,
     tile_q4_1_v512(tile_q4_1_v512_imp): BlockQ4_1,
     tile_q5_0_v512(tile_q5_0_v512_imp): BlockQ5_0,
+    tile_q5_1_v512(tile_q5_1_v512_imp): BlockQ5_1,
     tile_q8_0_v512(tile_q8_0_v512_imp): BlockQ8_0,
     tile_q4k_v512(tile_q4k_v512_imp): BlockQ4K,
+    tile_q5k_v512(tile_q5k_v512_imp): BlockQ5K,
     tile_q6k_v512(tile_q6k_v512_imp): BlockQ6K
 );
 

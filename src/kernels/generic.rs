@@ -2,8 +2,8 @@
 //! the `scalar` set on CPUs without a SIMD port. Written for clarity, not speed.
 
 use super::quant::{
-    f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8,
-    BlockQ8_0, QK,
+    f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+    BlockQ6K, BlockQ8, BlockQ8_0, QK,
 };
 
 /// Quantizes activations to 8 bits per block of 32 (symmetric, round to nearest).
@@ -65,6 +65,22 @@ pub fn dot_q5_0(w: &[BlockQ5_0], x: &[BlockQ8]) -> f32 {
     acc
 }
 
+pub fn dot_q5_1(w: &[BlockQ5_1], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.iter().zip(x) {
+        let qh = u32::from_le_bytes(b.qh);
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            s += ((b.qs[j] & 0x0f) as u32 | h0) as i32 * y.qs[j] as i32;
+            s += ((b.qs[j] >> 4) as u32 | h1) as i32 * y.qs[j + QK / 2] as i32;
+        }
+        acc += f16_to_f32(b.d) * y.d * s as f32 + f16_to_f32(b.m) * y.s;
+    }
+    acc
+}
+
 pub fn dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8]) -> f32 {
     let mut acc = 0f32;
     for (b, y) in w.iter().zip(x) {
@@ -92,6 +108,27 @@ pub fn dot_q4k(w: &[BlockQ4K], x: &[BlockQ8]) -> f32 {
                 .iter()
                 .zip(&y.qs)
                 .map(|(&w, &a)| ((w >> shift) & 0x0f) as i32 * a as i32)
+                .sum();
+            acc += d * sc as f32 * y.d * s as f32 - dmin * m as f32 * y.s;
+        }
+    }
+    acc
+}
+
+/// Q5_K: Q4_K with a fifth bit (bit j of qh[l] for element l of sub-block j).
+pub fn dot_q5k(w: &[BlockQ5K], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, ys) in w.iter().zip(x.chunks_exact(8)) {
+        let (d, dmin) = (f16_to_f32(b.d), f16_to_f32(b.dmin));
+        for (j, y) in ys.iter().enumerate() {
+            let (sc, m) = q4k_scale_min(j, &b.scales);
+            let q = &b.qs[(j / 2) * 32..(j / 2) * 32 + 32];
+            let shift = 4 * (j % 2);
+            let s: i32 = (0..32)
+                .map(|l| {
+                    let v = ((q[l] >> shift) & 0x0f) | (((b.qh[l] >> j) & 1) << 4);
+                    v as i32 * y.qs[l] as i32
+                })
                 .sum();
             acc += d * sc as f32 * y.d * s as f32 - dmin * m as f32 * y.s;
         }
@@ -166,6 +203,14 @@ pub fn tile_q8_0(w: &[&[BlockQ8_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
 
 pub fn tile_q5_0(w: &[&[BlockQ5_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
     tile(dot_q5_0, w, x, out)
+}
+
+pub fn tile_q5_1(w: &[&[BlockQ5_1]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    tile(dot_q5_1, w, x, out)
+}
+
+pub fn tile_q5k(w: &[&[BlockQ5K]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    tile(dot_q5k, w, x, out)
 }
 
 pub fn tile_q4k(w: &[&[BlockQ4K]], x: &[&[BlockQ8]], out: &mut [f32]) {

@@ -1,6 +1,6 @@
 //! Matrix × activations for a batch of tokens, split over the pool by output rows.
 //!
-//! Integer types (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) dot their blocks with the activations
+//! Integer types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) dot their blocks with the activations
 //! quantized to 8 bits; F32 and F16, and every type in exact mode, dequantize each weight row
 //! once into a per-thread scratch row and dot it in f32 with every token of the batch.
 
@@ -53,8 +53,10 @@ pub fn uses_q8(k: &Kernels, ty: GgmlType) -> bool {
             GgmlType::Q4_0
                 | GgmlType::Q4_1
                 | GgmlType::Q5_0
+                | GgmlType::Q5_1
                 | GgmlType::Q8_0
                 | GgmlType::Q4K
+                | GgmlType::Q5K
                 | GgmlType::Q6K
         )
 }
@@ -76,6 +78,8 @@ pub fn matmul_rows(
             GgmlType::Q4_1 => int_rows(k.tile_q4_1, w, x, rows, out),
             GgmlType::Q8_0 => int_rows(k.tile_q8_0, w, x, rows, out),
             GgmlType::Q5_0 => int_rows(k.tile_q5_0, w, x, rows, out),
+            GgmlType::Q5_1 => int_rows(k.tile_q5_1, w, x, rows, out),
+            GgmlType::Q5K => int_rows(k.tile_q5k, w, x, rows, out),
             GgmlType::Q4K => int_rows(k.tile_q4k, w, x, rows, out),
             GgmlType::Q6K => int_rows(k.tile_q6k, w, x, rows, out),
             other => unreachable!("uses_q8 admits {}", other.name()),

@@ -21,7 +21,9 @@ pub mod quant;
 #[cfg(test)]
 mod tests;
 
-use quant::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8, BlockQ8_0};
+use quant::{
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8, BlockQ8_0,
+};
 
 /// Which kernels the config or the command line asks for (`model.kernels`, `--kernels`):
 /// `auto`, the fastest this CPU runs, or one [`KernelKind`].
@@ -190,9 +192,11 @@ pub struct Kernels {
     pub tile_q4_0: Tile<BlockQ4_0>,
     pub tile_q4_1: Tile<BlockQ4_1>,
     pub tile_q5_0: Tile<BlockQ5_0>,
+    pub tile_q5_1: Tile<BlockQ5_1>,
     pub tile_q8_0: Tile<BlockQ8_0>,
     /// K-quant rows are whole blocks of 256, each meeting eight activation blocks.
     pub tile_q4k: Tile<BlockQ4K>,
+    pub tile_q5k: Tile<BlockQ5K>,
     pub tile_q6k: Tile<BlockQ6K>,
 }
 
@@ -227,8 +231,10 @@ impl Kernels {
             tile_q4_0: generic::tile_q4_0,
             tile_q4_1: generic::tile_q4_1,
             tile_q5_0: generic::tile_q5_0,
+            tile_q5_1: generic::tile_q5_1,
             tile_q8_0: generic::tile_q8_0,
             tile_q4k: generic::tile_q4k,
+            tile_q5k: generic::tile_q5k,
             tile_q6k: generic::tile_q6k,
         };
         Ok(match kind {
@@ -258,8 +264,10 @@ impl Kernels {
                 tile_q4_0: avx2::tile_q4_0,
                 tile_q4_1: avx2::tile_q4_1,
                 tile_q5_0: avx2::tile_q5_0,
+                tile_q5_1: avx2::tile_q5_1,
                 tile_q8_0: avx2::tile_q8_0,
                 tile_q4k: avx2::tile_q4k,
+                tile_q5k: avx2::tile_q5k,
                 tile_q6k: avx2::tile_q6k,
             },
             #[cfg(target_arch = "x86_64")]
@@ -269,8 +277,10 @@ impl Kernels {
                 tile_q4_0: avx2::tile_q4_0_vnni,
                 tile_q4_1: avx2::tile_q4_1_vnni,
                 tile_q5_0: avx2::tile_q5_0_vnni,
+                tile_q5_1: avx2::tile_q5_1_vnni,
                 tile_q8_0: avx2::tile_q8_0_vnni,
                 tile_q4k: avx2::tile_q4k_vnni,
+                tile_q5k: avx2::tile_q5k_vnni,
                 tile_q6k: avx2::tile_q6k_vnni,
                 ..Kernels::new(KernelKind::Avx2)?
             },
@@ -280,8 +290,10 @@ impl Kernels {
                 tile_q4_0: avx2::tile_q4_0_v512,
                 tile_q4_1: avx2::tile_q4_1_v512,
                 tile_q5_0: avx2::tile_q5_0_v512,
+                tile_q5_1: avx2::tile_q5_1_v512,
                 tile_q8_0: avx2::tile_q8_0_v512,
                 tile_q4k: avx2::tile_q4k_v512,
+                tile_q5k: avx2::tile_q5k_v512,
                 tile_q6k: avx2::tile_q6k_v512,
                 ..Kernels::new(KernelKind::Avx2)?
             },
@@ -303,8 +315,10 @@ impl Kernels {
                 tile_q4_0: neon::tile_q4_0,
                 tile_q4_1: neon::tile_q4_1,
                 tile_q5_0: neon::tile_q5_0,
+                tile_q5_1: neon::tile_q5_1,
                 tile_q8_0: neon::tile_q8_0,
                 tile_q4k: neon::tile_q4k,
+                tile_q5k: neon::tile_q5k,
                 tile_q6k: neon::tile_q6k,
             },
             #[cfg(target_arch = "aarch64")]
@@ -325,8 +339,10 @@ impl Kernels {
                 tile_q4_0: neon::tile_q4_0_dotprod,
                 tile_q4_1: neon::tile_q4_1_dotprod,
                 tile_q5_0: neon::tile_q5_0_dotprod,
+                tile_q5_1: neon::tile_q5_1_dotprod,
                 tile_q8_0: neon::tile_q8_0_dotprod,
                 tile_q4k: neon::tile_q4k_dotprod,
+                tile_q5k: neon::tile_q5k_dotprod,
                 tile_q6k: neon::tile_q6k_dotprod,
             },
             #[allow(unreachable_patterns)]

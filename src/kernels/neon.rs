@@ -9,8 +9,8 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::quant::{
-    f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8,
-    BlockQ8_0, QK,
+    f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+    BlockQ6K, BlockQ8, BlockQ8_0, QK,
 };
 
 /// Sum of products of 32 signed bytes, 4 i32 lanes, with widening multiplies (no dotprod).
@@ -65,7 +65,7 @@ unsafe fn load_y(y: &BlockQ8) -> (int8x16_t, int8x16_t) {
 }
 
 macro_rules! neon_kernels {
-    ($dot32:ident, $feat:literal, $q4_0:ident, $q4_1:ident, $q5_0:ident, $q8_0:ident) => {
+    ($dot32:ident, $feat:literal, $q4_0:ident, $q4_1:ident, $q5_0:ident, $q5_1:ident, $q8_0:ident) => {
         #[target_feature(enable = $feat)]
         unsafe fn $q4_0(w: &[BlockQ4_0], x: &[BlockQ8]) -> f32 {
             let mut acc = vdupq_n_f32(0.0);
@@ -124,6 +124,28 @@ macro_rules! neon_kernels {
         }
 
         #[target_feature(enable = $feat)]
+        unsafe fn $q5_1(w: &[BlockQ5_1], x: &[BlockQ8]) -> f32 {
+            let mut acc = vdupq_n_f32(0.0);
+            let mut summs = 0f32;
+            for (b, y) in w.iter().zip(x) {
+                let (lo, hi) = nibbles(&b.qs);
+                let qh = u32::from_le_bytes(b.qh);
+                let mut h = [0u8; 32];
+                for (j, hj) in h.iter_mut().enumerate() {
+                    *hj = (((qh >> j) & 1) << 4) as u8;
+                }
+                // Unsigned 0..32: as signed bytes they are the same values.
+                let lo = vreinterpretq_s8_u8(vorrq_u8(lo, vld1q_u8(h.as_ptr())));
+                let hi = vreinterpretq_s8_u8(vorrq_u8(hi, vld1q_u8(h.as_ptr().add(16))));
+                let (y0, y1) = load_y(y);
+                let p = vcvtq_f32_s32($dot32(lo, hi, y0, y1));
+                acc = vmlaq_n_f32(acc, p, f16_to_f32(b.d) * y.d);
+                summs += f16_to_f32(b.m) * y.s;
+            }
+            vaddvq_f32(acc) + summs
+        }
+
+        #[target_feature(enable = $feat)]
         unsafe fn $q8_0(w: &[BlockQ8_0], x: &[BlockQ8]) -> f32 {
             let mut acc = vdupq_n_f32(0.0);
             for (b, y) in w.iter().zip(x) {
@@ -144,6 +166,7 @@ neon_kernels!(
     dot_q4_0_plain,
     dot_q4_1_plain,
     dot_q5_0_plain,
+    dot_q5_1_plain,
     dot_q8_0_plain
 );
 neon_kernels!(
@@ -152,6 +175,7 @@ neon_kernels!(
     dot_q4_0_dp,
     dot_q4_1_dp,
     dot_q5_0_dp,
+    dot_q5_1_dp,
     dot_q8_0_dp
 );
 
@@ -498,7 +522,7 @@ unsafe fn q6k_sub(b: &BlockQ6K, j: usize) -> (int8x16_t, int8x16_t) {
 }
 
 macro_rules! neon_k_kernels {
-    ($dot32:ident, $dot16:ident, $feat:literal, $q4k:ident, $q6k:ident) => {
+    ($dot32:ident, $dot16:ident, $feat:literal, $q4k:ident, $q5k:ident, $q6k:ident) => {
         #[target_feature(enable = $feat)]
         unsafe fn $q4k(w: &[BlockQ4K], x: &[BlockQ8]) -> f32 {
             let mut acc = vdupq_n_f32(0.0);
@@ -522,6 +546,37 @@ macro_rules! neon_k_kernels {
                         acc = vmlaq_n_f32(acc, vcvtq_f32_s32(s), d * sc as f32 * y.d);
                         summs += dmin * mn as f32 * y.s;
                     }
+                }
+            }
+            vaddvq_f32(acc) - summs
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn $q5k(w: &[BlockQ5K], x: &[BlockQ8]) -> f32 {
+            let mut acc = vdupq_n_f32(0.0);
+            let mut summs = 0f32;
+            let (m4, one) = (vdupq_n_u8(0x0f), vdupq_n_u8(1));
+            for (b, ys) in w.iter().zip(x.chunks_exact(8)) {
+                let (d, dmin) = (f16_to_f32(b.d), f16_to_f32(b.dmin));
+                let (h0, h1) = (vld1q_u8(b.qh.as_ptr()), vld1q_u8(b.qh.as_ptr().add(16)));
+                for (j, y) in ys.iter().enumerate() {
+                    let p = b.qs.as_ptr().add((j / 2) * 32);
+                    let (v0, v1) = (vld1q_u8(p), vld1q_u8(p.add(16)));
+                    let (v0, v1) = if j % 2 == 0 {
+                        (vandq_u8(v0, m4), vandq_u8(v1, m4))
+                    } else {
+                        (vshrq_n_u8(v0, 4), vshrq_n_u8(v1, 4))
+                    };
+                    // Bit j of qh, moved to bit 4.
+                    let sh = vdupq_n_s8(-(j as i8));
+                    let b0 = vshlq_n_u8(vandq_u8(vshlq_u8(h0, sh), one), 4);
+                    let b1 = vshlq_n_u8(vandq_u8(vshlq_u8(h1, sh), one), 4);
+                    let (a0, a1) = (vorrq_u8(v0, b0), vorrq_u8(v1, b1));
+                    let (sc, mn) = q4k_scale_min(j, &b.scales);
+                    let (y0, y1) = load_y(y);
+                    let s = $dot32(vreinterpretq_s8_u8(a0), vreinterpretq_s8_u8(a1), y0, y1);
+                    acc = vmlaq_n_f32(acc, vcvtq_f32_s32(s), d * sc as f32 * y.d);
+                    summs += dmin * mn as f32 * y.s;
                 }
             }
             vaddvq_f32(acc) - summs
@@ -553,6 +608,7 @@ neon_k_kernels!(
     dot16_plain,
     "neon",
     dot_q4k_plain,
+    dot_q5k_plain,
     dot_q6k_plain
 );
 neon_k_kernels!(
@@ -560,6 +616,7 @@ neon_k_kernels!(
     dot16_sdot,
     "neon,dotprod",
     dot_q4k_dp,
+    dot_q5k_dp,
     dot_q6k_dp
 );
 
@@ -574,10 +631,18 @@ macro_rules! neon_wrappers {
         )*
     };
 }
-neon_wrappers!("neon", dot_q4k(dot_q4k_plain): BlockQ4K, dot_q6k(dot_q6k_plain): BlockQ6K);
+neon_wrappers!(
+    "neon",
+    dot_q5_1(dot_q5_1_plain): BlockQ5_1,
+    dot_q4k(dot_q4k_plain): BlockQ4K,
+    dot_q5k(dot_q5k_plain): BlockQ5K,
+    dot_q6k(dot_q6k_plain): BlockQ6K
+);
 neon_wrappers!(
     "neon-dotprod",
+    dot_q5_1_dotprod(dot_q5_1_dp): BlockQ5_1,
     dot_q4k_dotprod(dot_q4k_dp): BlockQ4K,
+    dot_q5k_dotprod(dot_q5k_dp): BlockQ5K,
     dot_q6k_dotprod(dot_q6k_dp): BlockQ6K
 );
 
@@ -595,14 +660,18 @@ neon_tiles!(
     tile_q4_0: BlockQ4_0 => dot_q4_0,
     tile_q4_1: BlockQ4_1 => dot_q4_1,
     tile_q5_0: BlockQ5_0 => dot_q5_0,
+    tile_q5_1: BlockQ5_1 => dot_q5_1,
     tile_q8_0: BlockQ8_0 => dot_q8_0,
     tile_q4k: BlockQ4K => dot_q4k,
+    tile_q5k: BlockQ5K => dot_q5k,
     tile_q6k: BlockQ6K => dot_q6k,
     tile_q4_0_dotprod: BlockQ4_0 => dot_q4_0_dotprod,
     tile_q4_1_dotprod: BlockQ4_1 => dot_q4_1_dotprod,
     tile_q5_0_dotprod: BlockQ5_0 => dot_q5_0_dotprod,
+    tile_q5_1_dotprod: BlockQ5_1 => dot_q5_1_dotprod,
     tile_q8_0_dotprod: BlockQ8_0 => dot_q8_0_dotprod,
     tile_q4k_dotprod: BlockQ4K => dot_q4k_dotprod,
+    tile_q5k_dotprod: BlockQ5K => dot_q5k_dotprod,
     tile_q6k_dotprod: BlockQ6K => dot_q6k_dotprod
 );
 

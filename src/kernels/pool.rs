@@ -16,7 +16,8 @@
 //!
 //! A worker descheduled in the middle of a unit still holds the step up. When the caller waits
 //! for stragglers much longer than a unit takes, the pool runs its steps on one thread fewer
-//! for a while (5 ms, doubling while stalls keep coming, up to a second), then tries again: on
+//! for a while (5 ms, four times longer while stalls keep coming, up to a second), then tries
+//! again: on
 //! a board where another process holds a core, the threads that remain have a core each.
 
 use std::cell::UnsafeCell;
@@ -112,7 +113,7 @@ impl Fit {
         self.stalls += 1;
         self.backoff = match self.last_stall {
             Some(t) if now.saturating_duration_since(t) < self.backoff + AGAIN => {
-                (2 * self.backoff).min(BACKOFF_MAX)
+                (4 * self.backoff).min(BACKOFF_MAX)
             }
             _ => self.min,
         };

@@ -105,7 +105,10 @@ impl GgmlType {
     /// Whether the CPU engine can compute with weights of this type.
     pub fn supported(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | Q4_0 | Q4_1 | Q5_0 | Q8_0 | Q4K | Q6K)
+        matches!(
+            self,
+            F32 | F16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K
+        )
     }
 
     /// Bytes of a row of `n` elements (`n` a multiple of the block size).
@@ -145,6 +148,17 @@ pub struct BlockQ5_0 {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct BlockQ5_1 {
+    pub d: u16,
+    pub m: u16,
+    /// Fifth bit of element j is bit j of this little-endian u32.
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
+
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub struct BlockQ8_0 {
@@ -163,6 +177,20 @@ pub struct BlockQ4K {
     pub qs: [u8; QK_K / 2],
 }
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+
+/// Q4_K with a fifth bit: element l of sub-block j (0..8) has its low four bits in nibble
+/// j % 2 of qs[(j / 2) * 32 + l] and its fifth in bit j of qh[l].
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockQ5K {
+    pub d: u16,
+    pub dmin: u16,
+    /// 8 six-bit scales and 8 six-bit mins, packed as Q4_K's.
+    pub scales: [u8; 12],
+    pub qh: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
@@ -203,7 +231,11 @@ unsafe impl Block for BlockQ4_1 {}
 // SAFETY: as above.
 unsafe impl Block for BlockQ5_0 {}
 // SAFETY: as above.
+unsafe impl Block for BlockQ5_1 {}
+// SAFETY: as above.
 unsafe impl Block for BlockQ8_0 {}
+// SAFETY: as above.
+unsafe impl Block for BlockQ5K {}
 // SAFETY: as above.
 unsafe impl Block for BlockQ4K {}
 // SAFETY: as above.
@@ -261,8 +293,10 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
         GgmlType::Q4_0 => dequant_q4_0(blocks(row), out),
         GgmlType::Q4_1 => dequant_q4_1(blocks(row), out),
         GgmlType::Q5_0 => dequant_q5_0(blocks(row), out),
+        GgmlType::Q5_1 => dequant_q5_1(blocks(row), out),
         GgmlType::Q8_0 => dequant_q8_0(blocks(row), out),
         GgmlType::Q4K => dequant_q4k(blocks(row), out),
+        GgmlType::Q5K => dequant_q5k(blocks(row), out),
         GgmlType::Q6K => dequant_q6k(blocks(row), out),
         // The loader refuses unsupported types before any row is read.
         other => unreachable!(
@@ -311,6 +345,19 @@ pub fn dequant_q5_0(b: &[BlockQ5_0], out: &mut [f32]) {
     }
 }
 
+pub fn dequant_q5_1(b: &[BlockQ5_1], out: &mut [f32]) {
+    for (blk, y) in b.iter().zip(out.chunks_exact_mut(QK)) {
+        let (d, m) = (f16_to_f32(blk.d), f16_to_f32(blk.m));
+        let qh = u32::from_le_bytes(blk.qh);
+        for j in 0..QK / 2 {
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            y[j] = ((blk.qs[j] & 0x0f) as u32 | h0) as f32 * d + m;
+            y[j + QK / 2] = ((blk.qs[j] >> 4) as u32 | h1) as f32 * d + m;
+        }
+    }
+}
+
 pub fn dequant_q8_0(b: &[BlockQ8_0], out: &mut [f32]) {
     for (blk, y) in b.iter().zip(out.chunks_exact_mut(QK)) {
         let d = f16_to_f32(blk.d);
@@ -346,6 +393,21 @@ pub fn dequant_q4k(b: &[BlockQ4K], out: &mut [f32]) {
             for l in 0..32 {
                 chunk[l] = d1 * (q[l] & 0x0f) as f32 - m1;
                 chunk[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+            }
+        }
+    }
+}
+
+pub fn dequant_q5k(b: &[BlockQ5K], out: &mut [f32]) {
+    for (blk, y) in b.iter().zip(out.chunks_exact_mut(QK_K)) {
+        let (d, min) = (f16_to_f32(blk.d), f16_to_f32(blk.dmin));
+        for (j, sub) in y.chunks_exact_mut(32).enumerate() {
+            let (sc, m) = q4k_scale_min(j, &blk.scales);
+            let (dj, mj) = (d * sc as f32, min * m as f32);
+            let q = &blk.qs[(j / 2) * 32..(j / 2) * 32 + 32];
+            for (l, o) in sub.iter_mut().enumerate() {
+                let v = ((q[l] >> (4 * (j % 2))) & 0x0f) | (((blk.qh[l] >> j) & 1) << 4);
+                *o = dj * v as f32 - mj;
             }
         }
     }
@@ -453,6 +515,31 @@ pub fn quantize_q5_0(x: &[f32]) -> Vec<BlockQ5_0> {
         .collect()
 }
 
+pub fn quantize_q5_1(x: &[f32]) -> Vec<BlockQ5_1> {
+    x.chunks_exact(QK)
+        .map(|c| {
+            let min = c.iter().cloned().fold(f32::INFINITY, f32::min);
+            let max = c.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let d = (max - min) / 31.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (mut qh, mut qs) = (0u32, [0u8; 16]);
+            for j in 0..16 {
+                let q0 = (((c[j] - min) * id + 0.5) as i32).clamp(0, 31) as u32;
+                let q1 = (((c[j + 16] - min) * id + 0.5) as i32).clamp(0, 31) as u32;
+                qs[j] = ((q0 & 0x0f) | ((q1 & 0x0f) << 4)) as u8;
+                qh |= ((q0 & 0x10) >> 4) << j;
+                qh |= ((q1 & 0x10) >> 4) << (j + 16);
+            }
+            BlockQ5_1 {
+                d: f32_to_f16(d),
+                m: f32_to_f16(min),
+                qh: qh.to_le_bytes(),
+                qs,
+            }
+        })
+        .collect()
+}
+
 pub fn quantize_q8_0(x: &[f32]) -> Vec<BlockQ8_0> {
     let mut out = vec![BlockQ8_0::default(); x.len() / QK];
     quantize_q8_0_into(x, &mut out);
@@ -481,71 +568,102 @@ pub fn quantize_q8_0_into(x: &[f32], out: &mut [BlockQ8_0]) {
 }
 
 /// A simple Q4_K quantizer (per-sub-block min/max, 6-bit scales): enough for tests.
+/// Scales, mins and unsigned values (0..=`top`) of one 256-weight block as Q4_K and Q5_K
+/// store them: per 32, `w ≈ d·sc·q − dmin·m` with six-bit `sc` and `m`.
+fn quantize_k_min(c: &[f32], top: f32) -> (u16, u16, [u8; 12], [u8; QK_K]) {
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    for (j, sb) in c.chunks_exact(32).enumerate() {
+        let min = sb.iter().cloned().fold(f32::INFINITY, f32::min).min(0.0);
+        let max = sb.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        scales[j] = (max - min) / top;
+        mins[j] = -min;
+    }
+    let max_scale = scales.iter().cloned().fold(0f32, f32::max);
+    let max_min = mins.iter().cloned().fold(0f32, f32::max);
+    let d = max_scale / 63.0;
+    let dmin = max_min / 63.0;
+    let mut ls = [0u8; 8];
+    let mut lm = [0u8; 8];
+    for j in 0..8 {
+        ls[j] = if d > 0.0 {
+            ((scales[j] / d).round() as i32).clamp(0, 63) as u8
+        } else {
+            0
+        };
+        lm[j] = if dmin > 0.0 {
+            ((mins[j] / dmin).round() as i32).clamp(0, 63) as u8
+        } else {
+            0
+        };
+    }
+    let mut sc = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = ls[j];
+            sc[j + 4] = lm[j];
+        } else {
+            sc[j + 4] = (ls[j] & 0x0f) | ((lm[j] & 0x0f) << 4);
+            sc[j - 4] |= (ls[j] >> 4) << 6;
+            sc[j] |= (lm[j] >> 4) << 6;
+        }
+    }
+    let d16 = f32_to_f16(d);
+    let dmin16 = f32_to_f16(dmin);
+    let (dr, mr) = (f16_to_f32(d16), f16_to_f32(dmin16));
+    let mut q = [0u8; QK_K];
+    for (j, qj) in q.chunks_exact_mut(32).enumerate() {
+        let (s, m) = q4k_scale_min(j, &sc);
+        let ds = dr * s as f32;
+        let dm = mr * m as f32;
+        for (l, o) in qj.iter_mut().enumerate() {
+            let v = c[j * 32 + l];
+            *o = if ds > 0.0 {
+                (((v + dm) / ds).round() as i32).clamp(0, top as i32) as u8
+            } else {
+                0
+            };
+        }
+    }
+    (d16, dmin16, sc, q)
+}
+
 pub fn quantize_q4k(x: &[f32]) -> Vec<BlockQ4K> {
     x.chunks_exact(QK_K)
         .map(|c| {
-            let mut scales = [0f32; 8];
-            let mut mins = [0f32; 8];
-            for (j, sb) in c.chunks_exact(32).enumerate() {
-                let min = sb.iter().cloned().fold(f32::INFINITY, f32::min).min(0.0);
-                let max = sb.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                scales[j] = (max - min) / 15.0;
-                mins[j] = -min;
-            }
-            let max_scale = scales.iter().cloned().fold(0f32, f32::max);
-            let max_min = mins.iter().cloned().fold(0f32, f32::max);
-            let d = max_scale / 63.0;
-            let dmin = max_min / 63.0;
-            let mut ls = [0u8; 8];
-            let mut lm = [0u8; 8];
-            for j in 0..8 {
-                ls[j] = if d > 0.0 {
-                    ((scales[j] / d).round() as i32).clamp(0, 63) as u8
-                } else {
-                    0
-                };
-                lm[j] = if dmin > 0.0 {
-                    ((mins[j] / dmin).round() as i32).clamp(0, 63) as u8
-                } else {
-                    0
-                };
-            }
-            let mut sc = [0u8; 12];
-            for j in 0..8 {
-                if j < 4 {
-                    sc[j] = ls[j];
-                    sc[j + 4] = lm[j];
-                } else {
-                    sc[j + 4] = (ls[j] & 0x0f) | ((lm[j] & 0x0f) << 4);
-                    sc[j - 4] |= (ls[j] >> 4) << 6;
-                    sc[j] |= (lm[j] >> 4) << 6;
-                }
-            }
-            let d16 = f32_to_f16(d);
-            let dmin16 = f32_to_f16(dmin);
-            let (dr, mr) = (f16_to_f32(d16), f16_to_f32(dmin16));
+            let (d, dmin, scales, q) = quantize_k_min(c, 15.0);
             let mut qs = [0u8; 128];
-            for chunk in 0..4 {
-                for half in 0..2 {
-                    let j = chunk * 2 + half;
-                    let (s, m) = q4k_scale_min(j, &sc);
-                    let ds = dr * s as f32;
-                    let dm = mr * m as f32;
-                    for l in 0..32 {
-                        let v = c[j * 32 + l];
-                        let q = if ds > 0.0 {
-                            (((v + dm) / ds).round() as i32).clamp(0, 15) as u8
-                        } else {
-                            0
-                        };
-                        qs[chunk * 32 + l] |= q << (4 * half);
-                    }
+            for (j, qj) in q.chunks_exact(32).enumerate() {
+                for (l, &v) in qj.iter().enumerate() {
+                    qs[(j / 2) * 32 + l] |= v << (4 * (j % 2));
                 }
             }
             BlockQ4K {
-                d: d16,
-                dmin: dmin16,
-                scales: sc,
+                d,
+                dmin,
+                scales,
+                qs,
+            }
+        })
+        .collect()
+}
+
+pub fn quantize_q5k(x: &[f32]) -> Vec<BlockQ5K> {
+    x.chunks_exact(QK_K)
+        .map(|c| {
+            let (d, dmin, scales, q) = quantize_k_min(c, 31.0);
+            let (mut qs, mut qh) = ([0u8; 128], [0u8; 32]);
+            for (j, qj) in q.chunks_exact(32).enumerate() {
+                for (l, &v) in qj.iter().enumerate() {
+                    qs[(j / 2) * 32 + l] |= (v & 0x0f) << (4 * (j % 2));
+                    qh[l] |= (v >> 4) << j;
+                }
+            }
+            BlockQ5K {
+                d,
+                dmin,
+                scales,
+                qh,
                 qs,
             }
         })
@@ -615,8 +733,10 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         GgmlType::Q4_0 => block_bytes(&quantize_q4_0(x)).to_vec(),
         GgmlType::Q4_1 => block_bytes(&quantize_q4_1(x)).to_vec(),
         GgmlType::Q5_0 => block_bytes(&quantize_q5_0(x)).to_vec(),
+        GgmlType::Q5_1 => block_bytes(&quantize_q5_1(x)).to_vec(),
         GgmlType::Q8_0 => block_bytes(&quantize_q8_0(x)).to_vec(),
         GgmlType::Q4K => block_bytes(&quantize_q4k(x)).to_vec(),
+        GgmlType::Q5K => block_bytes(&quantize_q5k(x)).to_vec(),
         GgmlType::Q6K => block_bytes(&quantize_q6k(x)).to_vec(),
         other => panic!("no quantizer for {}", other.name()),
     }

@@ -5,8 +5,8 @@ use super::generic;
 use super::matmul::{matmul, Acts, Matrix};
 use super::pool::Pool;
 use super::quant::{
-    self, dequantize_row, quantize, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8,
-    BlockQ8_0, GgmlType,
+    self, dequantize_row, quantize, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+    BlockQ6K, BlockQ8, BlockQ8_0, GgmlType,
 };
 use super::{KernelKind, Kernels};
 use crate::engine::sampler::Rng;
@@ -43,6 +43,8 @@ const DOT_Q4_0: f32 = 0.05;
 const DOT_Q4_1: f32 = 0.05;
 /// Against the dequantized weights: only the activations' 8 bits count.
 const DOT_Q4_K: f32 = 0.01;
+const DOT_Q5_K: f32 = 0.01;
+const DOT_Q5_1: f32 = 0.03;
 const DOT_Q6_K: f32 = 0.01;
 
 /// Fast kernel against its twin: relative to the sum of |terms|, so cancellation cannot hide an
@@ -67,7 +69,9 @@ fn roundtrip_error_per_format() {
         (GgmlType::Q8_0, ROUNDTRIP_Q8_0),
         (GgmlType::Q6K, ROUNDTRIP_Q6_K),
         (GgmlType::Q5_0, ROUNDTRIP_Q5_0),
+        (GgmlType::Q5_1, ROUNDTRIP_Q5_0),
         (GgmlType::Q4K, ROUNDTRIP_Q4_K),
+        (GgmlType::Q5K, ROUNDTRIP_Q5_0),
         (GgmlType::Q4_0, ROUNDTRIP_Q4_0),
         (GgmlType::Q4_1, ROUNDTRIP_Q4_1),
     ] {
@@ -119,6 +123,17 @@ fn dequantize_known_blocks() {
     quant::dequant_q5_0(&[b], &mut y);
     assert_eq!(y[0], 0.0); // 16 - 16
     assert_eq!(y[1], -16.0);
+    // Q5_1: value = q·d + m, fifth bit from qh (bit 16 is element 16's).
+    let b = BlockQ5_1 {
+        d: quant::f32_to_f16(0.5),
+        m: quant::f32_to_f16(-2.0),
+        qh: (1u32 << 16).to_le_bytes(),
+        qs: [0x13; 16],
+    };
+    quant::dequant_q5_1(&[b], &mut y);
+    assert_eq!(y[0], 3.0 * 0.5 - 2.0);
+    assert_eq!(y[16], (16.0 + 1.0) * 0.5 - 2.0);
+    assert_eq!(y[17], 0.5 - 2.0);
 }
 
 fn q8(kernels: &Kernels, x: &[f32]) -> Vec<BlockQ8> {
@@ -162,12 +177,14 @@ fn dot_kernels_match_twin_and_f32() {
     let q4_0 = quant::quantize_q4_0(&w);
     let q4_1 = quant::quantize_q4_1(&w);
     let q5_0 = quant::quantize_q5_0(&w);
+    let q5_1 = quant::quantize_q5_1(&w);
     let q8_0 = quant::quantize_q8_0(&w);
     let twins = [
         ("q4_0", generic::dot_q4_0(&q4_0, &xq), DOT_Q4_0),
         ("q4_1", generic::dot_q4_1(&q4_1, &xq), DOT_Q4_1),
         ("q5_0", generic::dot_q5_0(&q5_0, &xq), DOT_Q5_0),
         ("q8_0", generic::dot_q8_0(&q8_0, &xq), DOT_Q8_0),
+        ("q5_1", generic::dot_q5_1(&q5_1, &xq), DOT_Q5_1),
     ];
     for (name, got, bound) in twins {
         let e = (got - exact).abs() / scale;
@@ -225,6 +242,8 @@ fn tiles_match_twin() {
     let r8_0: Vec<&[BlockQ8_0]> = q8_0.chunks(nb).collect();
     let q5_0 = quant::quantize_q5_0(&w);
     let r5_0: Vec<&[BlockQ5_0]> = q5_0.chunks(nb).collect();
+    let q5_1 = quant::quantize_q5_1(&w);
+    let r5_1: Vec<&[BlockQ5_1]> = q5_1.chunks(nb).collect();
     let terms: f32 = (0..rows)
         .flat_map(|r| (0..tokens).map(move |c| (r, c)))
         .map(|(r, c)| abs_terms(&w[r * cols..(r + 1) * cols], &xs[c * cols..(c + 1) * cols]))
@@ -246,6 +265,9 @@ fn tiles_match_twin() {
             (kern.tile_q5_0)(&r5_0[..nr], &xrows[..nc], &mut got);
             generic::tile_q5_0(&r5_0[..nr], &xrows[..nc], &mut want);
             check(&got, &want, terms, k, "q5_0", nr, nc);
+            (kern.tile_q5_1)(&r5_1[..nr], &xrows[..nc], &mut got);
+            generic::tile_q5_1(&r5_1[..nr], &xrows[..nc], &mut want);
+            check(&got, &want, terms, k, "q5_1", nr, nc);
         }
     }
 }
@@ -264,6 +286,7 @@ fn k_quant_tiles_match_twin_and_f32() {
     let xrows: Vec<&[BlockQ8]> = xq.chunks(cols / 32).collect();
     let nb = cols / 256;
     let q4k = quant::quantize_q4k(&w);
+    let q5k = quant::quantize_q5k(&w);
     let q6k = quant::quantize_q6k(&w);
     // Random bytes are valid blocks too (every 6-bit scale and min, negative Q6_K scales); only
     // the f16 scales are set, to finite values.
@@ -282,14 +305,22 @@ fn k_quant_tiles_match_twin_and_f32() {
     for b in &mut r6k {
         b.d = quant::f32_to_f16(0.001);
     }
+    let mut r5k: Vec<BlockQ5K> = quant::as_blocks::<BlockQ5K>(&bytes(rows * nb * 176))
+        .expect("blocks")
+        .to_vec();
+    for b in &mut r5k {
+        b.d = quant::f32_to_f16(0.005);
+        b.dmin = quant::f32_to_f16(0.02);
+    }
     for (name, data, bound) in [
         ("q4_k", quant::block_bytes(&q4k).to_vec(), DOT_Q4_K),
+        ("q5_k", quant::block_bytes(&q5k).to_vec(), DOT_Q5_K),
         ("q6_k", quant::block_bytes(&q6k).to_vec(), DOT_Q6_K),
     ] {
-        let ty = if name == "q4_k" {
-            GgmlType::Q4K
-        } else {
-            GgmlType::Q6K
+        let ty = match name {
+            "q4_k" => GgmlType::Q4K,
+            "q5_k" => GgmlType::Q5K,
+            _ => GgmlType::Q6K,
         };
         let mut deq = vec![0f32; cols];
         for r in 0..rows {
@@ -299,6 +330,7 @@ fn k_quant_tiles_match_twin_and_f32() {
                 let x = &xs[c * cols..(c + 1) * cols];
                 let got = match ty {
                     GgmlType::Q4K => generic::dot_q4k(quant::as_blocks(row).expect("q4k"), xc),
+                    GgmlType::Q5K => generic::dot_q5k(quant::as_blocks(row).expect("q5k"), xc),
                     _ => generic::dot_q6k(quant::as_blocks(row).expect("q6k"), xc),
                 };
                 let want: f32 = deq.iter().zip(x).map(|(a, b)| a * b).sum();
@@ -321,18 +353,24 @@ fn k_quant_tiles_match_twin_and_f32() {
             }
         }
     }
-    for (label, b4, b6) in [("quantized", q4k, q6k), ("random", r4k, r6k)] {
+    for (label, b4, b5, b6) in [("quantized", q4k, q5k, q6k), ("random", r4k, r5k, r6k)] {
         let w4: Vec<&[BlockQ4K]> = b4.chunks(nb).collect();
+        let w5: Vec<&[BlockQ5K]> = b5.chunks(nb).collect();
         let w6: Vec<&[BlockQ6K]> = b6.chunks(nb).collect();
         let mut terms = 0f32;
         for r in 0..rows {
             let mut d4 = vec![0f32; cols];
+            let mut d5 = vec![0f32; cols];
             let mut d6 = vec![0f32; cols];
             quant::dequant_q4k(w4[r], &mut d4);
+            quant::dequant_q5k(w5[r], &mut d5);
             quant::dequant_q6k(w6[r], &mut d6);
             for c in 0..tokens {
                 let x = &xs[c * cols..(c + 1) * cols];
-                terms = terms.max(abs_terms(&d4, x)).max(abs_terms(&d6, x));
+                terms = terms
+                    .max(abs_terms(&d4, x))
+                    .max(abs_terms(&d5, x))
+                    .max(abs_terms(&d6, x));
             }
         }
         for k in fast_kernels() {
@@ -343,6 +381,9 @@ fn k_quant_tiles_match_twin_and_f32() {
                 (kern.tile_q4k)(&w4[..nr], &xrows[..nc], &mut got);
                 generic::tile_q4k(&w4[..nr], &xrows[..nc], &mut want);
                 check(&got, &want, terms, k, &format!("{label} q4_k"), nr, nc);
+                (kern.tile_q5k)(&w5[..nr], &xrows[..nc], &mut got);
+                generic::tile_q5k(&w5[..nr], &xrows[..nc], &mut want);
+                check(&got, &want, terms, k, &format!("{label} q5_k"), nr, nc);
                 (kern.tile_q6k)(&w6[..nr], &xrows[..nc], &mut got);
                 generic::tile_q6k(&w6[..nr], &xrows[..nc], &mut want);
                 check(&got, &want, terms, k, &format!("{label} q6_k"), nr, nc);
@@ -374,8 +415,10 @@ fn matmul_threads_and_types() {
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4K,
+        GgmlType::Q5K,
         GgmlType::Q6K,
     ] {
         let data = quantize(ty, &w);
