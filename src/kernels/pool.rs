@@ -17,8 +17,8 @@
 //! A worker descheduled in the middle of a unit still holds the step up. When the caller waits
 //! for stragglers much longer than a unit takes, the pool runs its steps on one thread fewer
 //! for a while (5 ms, four times longer while stalls keep coming, up to a second), then tries
-//! again: on
-//! a board where another process holds a core, the threads that remain have a core each.
+//! again: on a board where another process holds a core, the threads that remain have a core
+//! each.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
@@ -60,7 +60,6 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 impl Shared {
-    /// Claims units of the current job and runs them until none is left.
     /// Claims units of the current job and runs them until none is left; returns how many.
     fn work(&self, job: &(dyn Fn(usize, usize) + Sync), tid: usize) -> usize {
         let units = self.units.load(Acquire);
@@ -99,7 +98,7 @@ const STALL: Duration = Duration::from_micros(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A stall this soon after the pool tried again (a few scheduler periods) means the contention
-/// goes on: the back-off doubles. A later one starts it again from the minimum.
+/// goes on: the back-off grows fourfold. A later one starts it again from the minimum.
 const AGAIN: Duration = Duration::from_millis(50);
 
 impl Fit {
