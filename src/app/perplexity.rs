@@ -61,7 +61,9 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         return stream(&a, &text);
     }
     let ctx = a.ctx;
-    let spec = a.m.spec(ctx, ctx.min(128))?;
+    let mut spec = a.m.spec(ctx, ctx.min(128))?;
+    // Perplexity scores every token of a batch: logits for all of them.
+    spec.cpu.logit_rows = 0;
     let mut engine = open_engine(&spec, "measuring")?.engine;
     let tok = &engine.tokenizer;
     let mut tokens = tok.encode(&text)?;
@@ -125,7 +127,8 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
 /// `--stream`: the text as one stream through the sliding window.
 fn stream(a: &PerplexityArgs, text: &str) -> Result<()> {
     let (window, sinks, discard) = (a.window, a.sinks, a.discard);
-    let spec = a.m.spec(window, window.min(64))?;
+    let mut spec = a.m.spec(window, window.min(64))?;
+    spec.cpu.logit_rows = 0;
     let mut engine = open_engine(&spec, "measuring")?.engine;
     let mut tokens = engine.tokenizer.encode(text)?;
     if let Some(n) = a.tokens {
