@@ -512,19 +512,25 @@ trait KBlock: Copy {
     unsafe fn prep(&self, j: usize) -> __m256i;
 }
 
+/// Q4_K's and Q5_K's `KBlock::scales`: sub-block j's weights are `d·sc_j·u − dmin·m_j`.
+#[inline(always)]
+fn scale_min_factors(d: u16, dmin: u16, scales: &[u8; 12]) -> ([[f32; 2]; 8], [f32; 8]) {
+    let (d, dmin) = (f16_to_f32(d), f16_to_f32(dmin));
+    let mut f = [[0f32; 2]; 8];
+    let mut k = [0f32; 8];
+    for j in 0..8 {
+        let (sc, m) = q4k_scale_min(j, scales);
+        f[j] = [d * sc as f32; 2];
+        k[j] = -dmin * m as f32;
+    }
+    (f, k)
+}
+
 impl KBlock for BlockQ4K {
     const SIGNED: bool = false;
     #[inline(always)]
     fn scales(&self) -> ([[f32; 2]; 8], [f32; 8]) {
-        let (d, dmin) = (f16_to_f32(self.d), f16_to_f32(self.dmin));
-        let mut f = [[0f32; 2]; 8];
-        let mut k = [0f32; 8];
-        for j in 0..8 {
-            let (sc, m) = q4k_scale_min(j, &self.scales);
-            f[j] = [d * sc as f32; 2];
-            k[j] = -dmin * m as f32;
-        }
-        (f, k)
+        scale_min_factors(self.d, self.dmin, &self.scales)
     }
     #[inline(always)]
     unsafe fn prep(&self, j: usize) -> __m256i {
@@ -538,15 +544,7 @@ impl KBlock for BlockQ5K {
     const SIGNED: bool = false;
     #[inline(always)]
     fn scales(&self) -> ([[f32; 2]; 8], [f32; 8]) {
-        let (d, dmin) = (f16_to_f32(self.d), f16_to_f32(self.dmin));
-        let mut f = [[0f32; 2]; 8];
-        let mut k = [0f32; 8];
-        for j in 0..8 {
-            let (sc, m) = q4k_scale_min(j, &self.scales);
-            f[j] = [d * sc as f32; 2];
-            k[j] = -dmin * m as f32;
-        }
-        (f, k)
+        scale_min_factors(self.d, self.dmin, &self.scales)
     }
     #[inline(always)]
     unsafe fn prep(&self, j: usize) -> __m256i {

@@ -2,8 +2,8 @@
 //! the `scalar` set on CPUs without a SIMD port. Written for clarity, not speed.
 
 use super::quant::{
-    f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
-    BlockQ6K, BlockQ8, BlockQ8_0, QK,
+    f16_to_f32, q4k_scale_min, q5_values, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0,
+    BlockQ5_1, BlockQ6K, BlockQ8, BlockQ8_0, QK,
 };
 
 /// Quantizes activations to 8 bits per block of 32 (symmetric, round to nearest).
@@ -52,14 +52,11 @@ pub fn dot_q4_1(w: &[BlockQ4_1], x: &[BlockQ8]) -> f32 {
 pub fn dot_q5_0(w: &[BlockQ5_0], x: &[BlockQ8]) -> f32 {
     let mut acc = 0f32;
     for (b, y) in w.iter().zip(x) {
-        let qh = u32::from_le_bytes(b.qh);
-        let mut s = 0i32;
-        for j in 0..QK / 2 {
-            let h0 = ((qh >> j) << 4) & 0x10;
-            let h1 = (qh >> (j + 12)) & 0x10;
-            s += (((b.qs[j] & 0x0f) as u32 | h0) as i32 - 16) * y.qs[j] as i32;
-            s += (((b.qs[j] >> 4) as u32 | h1) as i32 - 16) * y.qs[j + QK / 2] as i32;
-        }
+        let s: i32 = q5_values(&b.qs, b.qh)
+            .iter()
+            .zip(&y.qs)
+            .map(|(&v, &a)| (v as i32 - 16) * a as i32)
+            .sum();
         acc += f16_to_f32(b.d) * y.d * s as f32;
     }
     acc
@@ -68,14 +65,11 @@ pub fn dot_q5_0(w: &[BlockQ5_0], x: &[BlockQ8]) -> f32 {
 pub fn dot_q5_1(w: &[BlockQ5_1], x: &[BlockQ8]) -> f32 {
     let mut acc = 0f32;
     for (b, y) in w.iter().zip(x) {
-        let qh = u32::from_le_bytes(b.qh);
-        let mut s = 0i32;
-        for j in 0..QK / 2 {
-            let h0 = ((qh >> j) << 4) & 0x10;
-            let h1 = (qh >> (j + 12)) & 0x10;
-            s += ((b.qs[j] & 0x0f) as u32 | h0) as i32 * y.qs[j] as i32;
-            s += ((b.qs[j] >> 4) as u32 | h1) as i32 * y.qs[j + QK / 2] as i32;
-        }
+        let s: i32 = q5_values(&b.qs, b.qh)
+            .iter()
+            .zip(&y.qs)
+            .map(|(&v, &a)| v as i32 * a as i32)
+            .sum();
         acc += f16_to_f32(b.d) * y.d * s as f32 + f16_to_f32(b.m) * y.s;
     }
     acc

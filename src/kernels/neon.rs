@@ -64,6 +64,18 @@ unsafe fn load_y(y: &BlockQ8) -> (int8x16_t, int8x16_t) {
     (vld1q_s8(y.qs.as_ptr()), vld1q_s8(y.qs.as_ptr().add(16)))
 }
 
+/// Fifth bits of a Q5_0 or Q5_1 block, one per byte at bit 4: byte j is bit j of `qh` (bytes
+/// 0..16 go with the low nibbles, 16..32 with the high ones).
+#[inline(always)]
+fn fifth_bits(qh: [u8; 4]) -> [u8; 32] {
+    let qh = u32::from_le_bytes(qh);
+    let mut h = [0u8; 32];
+    for (j, hj) in h.iter_mut().enumerate() {
+        *hj = (((qh >> j) & 1) << 4) as u8;
+    }
+    h
+}
+
 macro_rules! neon_kernels {
     ($dot32:ident, $feat:literal, $q4_0:ident, $q4_1:ident, $q5_0:ident, $q5_1:ident, $q8_0:ident) => {
         #[target_feature(enable = $feat)]
@@ -105,12 +117,7 @@ macro_rules! neon_kernels {
             let mut acc = vdupq_n_f32(0.0);
             for (b, y) in w.iter().zip(x) {
                 let (lo, hi) = nibbles(&b.qs);
-                // Fifth bits, one per byte: lane j gets bit j (lo) or bit j+16 (hi).
-                let qh = u32::from_le_bytes(b.qh);
-                let mut h = [0u8; 32];
-                for (j, hj) in h.iter_mut().enumerate() {
-                    *hj = (((qh >> j) & 1) << 4) as u8;
-                }
+                let h = fifth_bits(b.qh);
                 let lo = vorrq_u8(lo, vld1q_u8(h.as_ptr()));
                 let hi = vorrq_u8(hi, vld1q_u8(h.as_ptr().add(16)));
                 let off = vdupq_n_s8(16);
@@ -129,11 +136,7 @@ macro_rules! neon_kernels {
             let mut summs = 0f32;
             for (b, y) in w.iter().zip(x) {
                 let (lo, hi) = nibbles(&b.qs);
-                let qh = u32::from_le_bytes(b.qh);
-                let mut h = [0u8; 32];
-                for (j, hj) in h.iter_mut().enumerate() {
-                    *hj = (((qh >> j) & 1) << 4) as u8;
-                }
+                let h = fifth_bits(b.qh);
                 // Unsigned 0..32: as signed bytes they are the same values.
                 let lo = vreinterpretq_s8_u8(vorrq_u8(lo, vld1q_u8(h.as_ptr())));
                 let hi = vreinterpretq_s8_u8(vorrq_u8(hi, vld1q_u8(h.as_ptr().add(16))));

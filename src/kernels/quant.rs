@@ -332,15 +332,35 @@ pub fn dequant_q4_1(b: &[BlockQ4_1], out: &mut [f32]) {
     }
 }
 
+/// The 32 unsigned five-bit values of a Q5_0 or Q5_1 block: element j's low four bits in the
+/// low (j < 16) or high nibble of qs[j % 16], its fifth in bit j of `qh` (little-endian).
+#[inline]
+pub fn q5_values(qs: &[u8; QK / 2], qh: [u8; 4]) -> [u8; QK] {
+    let qh = u32::from_le_bytes(qh);
+    let mut v = [0u8; QK];
+    for j in 0..QK / 2 {
+        v[j] = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+        v[j + QK / 2] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+    v
+}
+
+/// The inverse of [`q5_values`]: qs and qh of 32 values below 32.
+fn pack_q5(q: &[u8; QK]) -> ([u8; QK / 2], [u8; 4]) {
+    let (mut qs, mut qh) = ([0u8; QK / 2], 0u32);
+    for j in 0..QK / 2 {
+        qs[j] = (q[j] & 0x0f) | ((q[j + QK / 2] & 0x0f) << 4);
+        qh |= ((q[j] >> 4) as u32 & 1) << j;
+        qh |= ((q[j + QK / 2] >> 4) as u32 & 1) << (j + 16);
+    }
+    (qs, qh.to_le_bytes())
+}
+
 pub fn dequant_q5_0(b: &[BlockQ5_0], out: &mut [f32]) {
     for (blk, y) in b.iter().zip(out.chunks_exact_mut(QK)) {
         let d = f16_to_f32(blk.d);
-        let qh = u32::from_le_bytes(blk.qh);
-        for j in 0..QK / 2 {
-            let h0 = ((qh >> j) << 4) & 0x10;
-            let h1 = (qh >> (j + 12)) & 0x10;
-            y[j] = (((blk.qs[j] & 0x0f) as u32 | h0) as i32 - 16) as f32 * d;
-            y[j + QK / 2] = (((blk.qs[j] >> 4) as u32 | h1) as i32 - 16) as f32 * d;
+        for (o, &v) in y.iter_mut().zip(&q5_values(&blk.qs, blk.qh)) {
+            *o = (v as i32 - 16) as f32 * d;
         }
     }
 }
@@ -348,12 +368,8 @@ pub fn dequant_q5_0(b: &[BlockQ5_0], out: &mut [f32]) {
 pub fn dequant_q5_1(b: &[BlockQ5_1], out: &mut [f32]) {
     for (blk, y) in b.iter().zip(out.chunks_exact_mut(QK)) {
         let (d, m) = (f16_to_f32(blk.d), f16_to_f32(blk.m));
-        let qh = u32::from_le_bytes(blk.qh);
-        for j in 0..QK / 2 {
-            let h0 = ((qh >> j) << 4) & 0x10;
-            let h1 = (qh >> (j + 12)) & 0x10;
-            y[j] = ((blk.qs[j] & 0x0f) as u32 | h0) as f32 * d + m;
-            y[j + QK / 2] = ((blk.qs[j] >> 4) as u32 | h1) as f32 * d + m;
+        for (o, &v) in y.iter_mut().zip(&q5_values(&blk.qs, blk.qh)) {
+            *o = v as f32 * d + m;
         }
     }
 }
@@ -497,18 +513,14 @@ pub fn quantize_q5_0(x: &[f32]) -> Vec<BlockQ5_0> {
             }
             let d = max / -16.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut qh = 0u32;
-            let mut qs = [0u8; 16];
-            for j in 0..16 {
-                let q0 = ((c[j] * id + 16.5) as i32).clamp(0, 31) as u32;
-                let q1 = ((c[j + 16] * id + 16.5) as i32).clamp(0, 31) as u32;
-                qs[j] = ((q0 & 0x0f) | ((q1 & 0x0f) << 4)) as u8;
-                qh |= ((q0 & 0x10) >> 4) << j;
-                qh |= ((q1 & 0x10) >> 4) << (j + 16);
+            let mut q = [0u8; QK];
+            for (qj, &v) in q.iter_mut().zip(c) {
+                *qj = ((v * id + 16.5) as i32).clamp(0, 31) as u8;
             }
+            let (qs, qh) = pack_q5(&q);
             BlockQ5_0 {
                 d: f32_to_f16(d),
-                qh: qh.to_le_bytes(),
+                qh,
                 qs,
             }
         })
@@ -522,18 +534,15 @@ pub fn quantize_q5_1(x: &[f32]) -> Vec<BlockQ5_1> {
             let max = c.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let d = (max - min) / 31.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let (mut qh, mut qs) = (0u32, [0u8; 16]);
-            for j in 0..16 {
-                let q0 = (((c[j] - min) * id + 0.5) as i32).clamp(0, 31) as u32;
-                let q1 = (((c[j + 16] - min) * id + 0.5) as i32).clamp(0, 31) as u32;
-                qs[j] = ((q0 & 0x0f) | ((q1 & 0x0f) << 4)) as u8;
-                qh |= ((q0 & 0x10) >> 4) << j;
-                qh |= ((q1 & 0x10) >> 4) << (j + 16);
+            let mut q = [0u8; QK];
+            for (qj, &v) in q.iter_mut().zip(c) {
+                *qj = (((v - min) * id + 0.5) as i32).clamp(0, 31) as u8;
             }
+            let (qs, qh) = pack_q5(&q);
             BlockQ5_1 {
                 d: f32_to_f16(d),
                 m: f32_to_f16(min),
-                qh: qh.to_le_bytes(),
+                qh,
                 qs,
             }
         })
