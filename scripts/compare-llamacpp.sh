@@ -6,6 +6,8 @@
 #   scripts/compare-llamacpp.sh [MODEL.gguf ...]   (default: the Q4_1 model, a Q4_0 copy of it
 #                                                   and Qwen2.5-Coder-0.5B Q4_K_M)
 #   ROUNDS=3 (default): alternated runs of the two per file and thread count; medians reported.
+# On one thread it also reports generation's weight reads (bytes per token × tokens/s) against
+# what one thread reads in a plain loop on this machine (`edgellm bench --bandwidth`).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${EDGELLM_PEER_DIR:-${HOME:-/root}/.cache/edgellm/llama.cpp}"
@@ -38,8 +40,9 @@ for m in "$@"; do
     for _ in $(seq "$rounds"); do
       peer=$("$work/build/bin/llama-bench" -m "$m" -p 128 -n 64 -t "$t" -o json 2>/dev/null |
         python3 -c 'import json,sys; r=json.load(sys.stdin); print(" ".join(str(round(x["avg_ts"],1)) for x in r))')
-      ours=$("$root/target/release/edgellm" bench -m "$m" -t "$t" |
-        python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["pp_tps"],1), round(d["tg_tps"],1), d["kernels"])')
+      bw=(); [ "$t" = 1 ] && bw=(--bandwidth)
+      ours=$("$root/target/release/edgellm" bench -m "$m" -t "$t" "${bw[@]}" |
+        python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["pp_tps"],1), round(d["tg_tps"],1), d["kernels"], round(d.get("decode_gbps") or 0,2), round(d.get("read_gbps") or 0,2))')
       runs+=("$peer $ours")
     done
     python3 - "$m" "$t" "${runs[@]}" <<'PY'
@@ -47,8 +50,12 @@ import os, statistics, sys
 m, t, runs = sys.argv[1], sys.argv[2], [r.split() for r in sys.argv[3:]]
 med = lambda i: statistics.median(float(r[i]) for r in runs)
 ppp, ptg, opp, otg, kern = med(0), med(1), med(2), med(3), runs[0][4]
-print(f"{os.path.basename(m)} threads={t}, medians of {len(runs)}: llama.cpp pp {ppp} tg {ptg} | "
-      f"edgellm ({kern}) pp {opp} tg {otg} | ratio pp {opp/ppp:.2f}x tg {otg/ptg:.2f}x")
+line = (f"{os.path.basename(m)} threads={t}, medians of {len(runs)}: llama.cpp pp {ppp} tg {ptg} | "
+        f"edgellm ({kern}) pp {opp} tg {otg} | ratio pp {opp/ppp:.2f}x tg {otg/ptg:.2f}x")
+dec, rd = med(5), med(6)
+if rd > 0:
+    line += f" | decode reads {dec:.1f} GB/s of one thread's {rd:.1f} GB/s ({dec/rd:.0%})"
+print(line)
 PY
   done
 done

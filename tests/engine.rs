@@ -11,7 +11,7 @@ use edgellm::engine::tokenizer::Tokenizer;
 use edgellm::engine::{Engine, EngineError};
 use edgellm::gguf::{Bytes, Gguf};
 use edgellm::kernels::quant::GgmlType;
-use edgellm::kernels::KernelKind;
+use edgellm::kernels::{KernelKind, Kernels};
 use edgellm_testkit::{synth_model, SynthSpec};
 
 use crate::common::{rel_max_diff, synth_backend, synth_backend_with};
@@ -99,6 +99,75 @@ fn fast_path_close_to_exact_for_every_weight_type() {
     }
 }
 
+/// Repacking the matrices into eight-row groups at load (x86) changes their layout, not what
+/// the model computes: for every packable type, with tied embeddings packed too (their rows then
+/// read back from the groups), on every kernel set, against the same set with the weights left
+/// in place. The products agree to float rounding (`kernels::tests::packed_tiles_match_twin`),
+/// but a last-bit difference can round one 8-bit activation the other way, which this random
+/// model carries into every later logit at the size of the 8-bit rounding itself: the logits
+/// are compared within that, and garbage (a row or a group out of place) is far outside it.
+#[test]
+fn repacked_weights_give_the_same_logits() {
+    for (wtype, embd) in [
+        (GgmlType::Q4_0, GgmlType::Q4_0),
+        (GgmlType::Q4_1, GgmlType::Q5_1),
+        (GgmlType::Q5_0, GgmlType::Q8_0),
+        (GgmlType::Q5_1, GgmlType::Q4_1),
+        (GgmlType::Q8_0, GgmlType::Q5_0),
+    ] {
+        let spec = SynthSpec {
+            wtype,
+            embd_type: embd,
+            dim: 128,
+            ffn: 256,
+            min_vocab: 264,
+            ..Default::default()
+        };
+        let toks = tokens();
+        for k in crate::common::fast_kernels() {
+            let opts = |repack| CpuOptions {
+                n_ctx: 128,
+                threads: 2,
+                kernels: Some(k),
+                max_batch: 16,
+                kv_type: KvType::F32,
+                logit_rows: 0,
+                repack,
+            };
+            let mut packed = synth_backend_with(&spec, &opts(true)).expect("loads");
+            let mut plain = synth_backend_with(&spec, &opts(false)).expect("loads");
+            let packs = Kernels::new(k).expect("available").packs;
+            // 2 layers × 7 matrices, and the tied output.
+            let want = if packs { 15 } else { 0 };
+            assert_eq!(
+                packed.info().repacked_matrices,
+                want,
+                "{} {}",
+                k.name(),
+                wtype.name()
+            );
+            assert_eq!(plain.info().repacked_matrices, 0);
+            let p = batched(&mut packed, &toks, 16);
+            let q = batched(&mut plain, &toks, 16);
+            let d = rel_max_diff(&p, &q);
+            assert!(
+                d < FAST_VS_EXACT,
+                "{} {}: packed vs in place {d}",
+                k.name(),
+                wtype.name()
+            );
+            let p1 = batched(&mut packed, &toks, 1);
+            let d1 = rel_max_diff(&p1, &q);
+            assert!(
+                d1 < FAST_VS_EXACT,
+                "{} {}: packed one token at a time {d1}",
+                k.name(),
+                wtype.name()
+            );
+        }
+    }
+}
+
 #[test]
 fn every_kernel_set_agrees() {
     let spec = SynthSpec::default();
@@ -140,6 +209,7 @@ fn attention_in_pieces_equals_one_pass() {
                 max_batch: 64,
                 kv_type,
                 logit_rows: 0,
+                repack: true,
             };
             let mut b = synth_backend_with(&spec, &opts).expect("loads");
             let one = batched(&mut b, &toks, 64);
@@ -462,6 +532,7 @@ fn q8_kv_cache_is_smaller_and_close_to_f32() {
         max_batch: 16,
         kv_type,
         logit_rows: 0,
+        repack: true,
     };
     let mut f = synth_backend_with(&spec, &opts(KvType::F32)).expect("f32 cache");
     let mut q = synth_backend_with(&spec, &opts(KvType::Q8_0)).expect("q8_0 cache");
@@ -522,6 +593,7 @@ fn f16_kv_cache_is_half_and_close_to_f32() {
         max_batch: 16,
         kv_type,
         logit_rows: 0,
+        repack: true,
     };
     assert_eq!(CpuOptions::default().kv_type, KvType::F16, "the default");
     let g = Gguf::parse(Bytes::from_vec(synth_model(&spec))).expect("parses");
@@ -811,6 +883,7 @@ fn logits_for_one_token_are_all_generation_holds() {
         max_batch: 16,
         kv_type: KvType::F32,
         logit_rows,
+        repack: true,
     };
     let g = || Gguf::parse(Bytes::from_vec(synth_model(&spec))).expect("parses");
     let all = CpuBackend::plan(&g(), &opts(0)).expect("plan");

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported)
     #[arg(short = 'r', long, default_value_t = 5)]
     reps: usize,
+    /// Also measure what one thread reads from memory per second (a plain read loop over 512
+    /// MiB) and report generation's weight reads as a fraction of it
+    #[arg(long)]
+    bandwidth: bool,
     /// Per-token latency percentiles of one generation --windows windows long, through the
     /// sliding window (after it first fills)
     #[arg(long, conflicts_with = "session")]
@@ -105,6 +109,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut r = measure(b, &name, n_prompt, n_gen, reps)?;
     r.load_ms = Some(load_ms);
     r.load_to_first_token_ms = Some(first_ms);
+    if a.bandwidth {
+        let read = read_bandwidth();
+        r.read_gbps = Some(read);
+        r.decode_of_read = r.decode_gbps.map(|d| d / read);
+    }
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }
@@ -133,6 +142,12 @@ pub struct BenchReport {
     pub load_ms: Option<f64>,
     /// From the start of loading to the logits of one token.
     pub load_to_first_token_ms: Option<f64>,
+    /// Weights read per second while generating: the bytes one token reads × `tg_tps`.
+    pub decode_gbps: Option<f64>,
+    /// `--bandwidth`: what one thread reads per second from memory in a plain read loop
+    /// (best of 3 passes over 512 MiB), and `decode_gbps` as a fraction of it.
+    pub read_gbps: Option<f64>,
+    pub decode_of_read: Option<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -201,7 +216,66 @@ pub fn measure(
         rss_mib: rss_bytes() as f64 / (1u64 << 20) as f64,
         load_ms: None,
         load_to_first_token_ms: None,
+        decode_gbps: info
+            .token_read_bytes
+            .map(|b| b as f64 * n_gen as f64 / tg_s / 1e9),
+        read_gbps: None,
+        decode_of_read: None,
     })
+}
+
+/// GB/s that one thread reads from memory: a sum over 512 MiB (far beyond any cache), with
+/// 256-bit loads where the CPU has them, best of 3 passes.
+pub fn read_bandwidth() -> f64 {
+    const BYTES: usize = 512 << 20;
+    let words: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let mut best = f64::MAX;
+    let mut sink = 0u64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        sink = sink.wrapping_add(read_sum(&words));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    BYTES as f64 / best / 1e9
+}
+
+fn read_sum(words: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 detected just above.
+        return unsafe { read_sum_avx2(words) };
+    }
+    // Eight independent lanes: the compiler vectorizes this (NEON on aarch64).
+    let mut acc = [0u64; 8];
+    for c in words.chunks_exact(8) {
+        for (a, w) in acc.iter_mut().zip(c) {
+            *a = a.wrapping_add(*w);
+        }
+    }
+    acc.iter().fold(0, |s, a| s.wrapping_add(*a))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn read_sum_avx2(words: &[u64]) -> u64 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let p = words.as_ptr() as *const __m256i;
+    for i in 0..words.len() / 16 {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: 16 words (4 vectors) per i, i < len / 16: inside `words`.
+            *a = _mm256_add_epi64(*a, unsafe { _mm256_loadu_si256(p.add(4 * i + j)) });
+        }
+    }
+    let mut lanes = [0u64; 4];
+    let s = _mm256_add_epi64(
+        _mm256_add_epi64(acc[0], acc[1]),
+        _mm256_add_epi64(acc[2], acc[3]),
+    );
+    // SAFETY: 4 u64 lanes into a 4-word array.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, s) };
+    lanes.iter().fold(0, |s, a| s.wrapping_add(*a))
 }
 
 /// `edgellm bench --long`: one request generating `windows` × n_ctx tokens through the sliding

@@ -179,6 +179,10 @@ pub struct ModelArgs {
     /// KV cache element type
     #[arg(long, value_enum, default_value_t = KvType::F16)]
     pub kv_type: KvType,
+    /// Leave Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices in the mapping as the file has them instead of
+    /// repacking them into eight-row groups at load (x86; slower; for comparison)
+    #[arg(long)]
+    pub no_repack: bool,
 }
 
 impl ModelArgs {
@@ -219,6 +223,7 @@ impl ModelArgs {
             kv_type: self.kv_type,
             // Generation reads the last token's logits only.
             logit_rows: 1,
+            repack: !self.no_repack,
         }
     }
 }

@@ -168,6 +168,11 @@ pub struct BackendInfo {
     /// Bytes of weights (mapped) and of the KV cache and scratch (allocated once).
     pub weight_bytes: u64,
     pub state_bytes: u64,
+    /// Bytes of weights one generated token reads (every layer's matrices and the output
+    /// matrix; one row of the embeddings), where the backend knows it.
+    pub token_read_bytes: Option<u64>,
+    /// Matrices repacked at load into the kernels' own layout (CPU engine on x86).
+    pub repacked_matrices: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -63,6 +63,37 @@ unsafe fn map_readonly(file: &File) -> std::io::Result<Mmap> {
     Ok(map)
 }
 
+impl Bytes {
+    /// See `Gguf::release_range`.
+    pub fn release_range(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(m) = self {
+            // SAFETY: sysconf has no preconditions.
+            let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+                p if p > 0 => p as usize,
+                _ => return,
+            };
+            let end = (offset + len).min(m.len());
+            let start = offset.next_multiple_of(page);
+            let stop = end / page * page;
+            if stop > start {
+                // SAFETY: a private, read-only file mapping: dropping its pages loses nothing,
+                // a later read faults them in from the file again. The range lies inside the
+                // mapping (clamped above) and starts on a page.
+                let _ = unsafe {
+                    m.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        stop - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
+}
+
 impl Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

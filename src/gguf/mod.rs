@@ -366,6 +366,13 @@ impl Gguf {
         &self.bytes
     }
 
+    /// Gives the resident pages of bytes `offset..offset + len` of a mapped image back to the
+    /// system (whole pages inside the range only); they are read from the file again if used.
+    /// For tensors whose data now lives elsewhere (repacked at load). Owned images keep theirs.
+    pub fn release_range(&self, offset: usize, len: usize) {
+        self.bytes.release_range(offset, len);
+    }
+
     /// Whether the image is a memory mapping of the file (weights used in place, not copied).
     pub fn is_mapped(&self) -> bool {
         matches!(self.bytes, Bytes::Mapped(_))

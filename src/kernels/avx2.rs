@@ -5,6 +5,7 @@
 
 use std::arch::x86_64::*;
 
+use super::packed::{P4_0, P4_1, P5_0, P5_1, P8_0, ROWS};
 use super::quant::{
     f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
     BlockQ6K, BlockQ8, BlockQ8_0, QK,
@@ -314,6 +315,11 @@ unsafe fn quantize_q8_imp(x: &[f32], out: &mut [BlockQ8]) {
 trait IDot {
     const VNNI: bool;
     unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256i;
+    /// `acc + dot_us(a, b)`, in one instruction where there is one.
+    #[inline(always)]
+    unsafe fn dot_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, Self::dot_us(a, b))
+    }
 }
 
 struct Madd;
@@ -332,6 +338,10 @@ impl IDot for Vnni {
     unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
     }
+    #[inline(always)]
+    unsafe fn dot_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, a, b)
+    }
 }
 
 /// The same instruction in its AVX-512 encoding (AVX512-VNNI with VL, on 256-bit vectors):
@@ -342,6 +352,10 @@ impl IDot for Vnni512 {
     #[inline(always)]
     unsafe fn dot_us(a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    }
+    #[inline(always)]
+    unsafe fn dot_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, a, b)
     }
 }
 
@@ -872,6 +886,226 @@ ktile_fns!("avx2,fma,f16c", Madd, tile_q4k_imp: BlockQ4K, tile_q5k_imp: BlockQ5K
 ktile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4k_vnni_imp: BlockQ4K, tile_q5k_vnni_imp: BlockQ5K, tile_q6k_vnni_imp: BlockQ6K);
 ktile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4k_v512_imp: BlockQ4K, tile_q5k_v512_imp: BlockQ5K, tile_q6k_v512_imp: BlockQ6K);
 
+/// A packed block of eight rows (see `packed.rs`) as the packed tiles read it.
+trait PBlock: Copy {
+    /// Q8_0: the weights are signed bytes, multiplied through their absolute values with the
+    /// activations' signs flipped to match (`pmaddubsw` and `vpdpbusd` take unsigned × signed).
+    const SIGNED: bool = false;
+    /// Groups h and h + 4 of the block (h < 4): four weights of each of the eight rows.
+    unsafe fn pair(&self, h: usize) -> (__m256i, __m256i);
+    /// The eight rows' scales.
+    unsafe fn d(&self) -> __m256;
+    /// The eight rows' offset coefficients (`coef · s` is added per activation block), given
+    /// their scales.
+    unsafe fn coef(&self, d: __m256) -> __m256;
+}
+
+#[inline(always)]
+unsafe fn load_d(d: &[u16; ROWS]) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i))
+}
+
+/// Low and high nibbles of 32 packed bytes.
+#[inline(always)]
+unsafe fn nibble_pair(p: *const u8) -> (__m256i, __m256i) {
+    let v = _mm256_loadu_si256(p as *const __m256i);
+    let m = _mm256_set1_epi8(0x0f);
+    (
+        _mm256_and_si256(v, m),
+        _mm256_and_si256(_mm256_srli_epi16(v, 4), m),
+    )
+}
+
+/// Fifth bits for groups h and h + 4 from the rearranged `qh` (bit G of each byte for group G),
+/// each moved to bit 4 of its byte.
+#[inline(always)]
+unsafe fn fifth_pair(qh: &[u8; 32], h: usize) -> (__m256i, __m256i) {
+    let v = _mm256_loadu_si256(qh.as_ptr() as *const __m256i);
+    let m = _mm256_set1_epi8(0x10);
+    // 16-bit shifts: a byte's bit 4 after shifting left by 4 − h (or right by h ≤ 3) comes from
+    // the same byte, and the mask drops what crossed over from its neighbour.
+    (
+        _mm256_and_si256(_mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - h as i32)), m),
+        _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(h as i32)), m),
+    )
+}
+
+impl PBlock for P4_0 {
+    #[inline(always)]
+    unsafe fn pair(&self, h: usize) -> (__m256i, __m256i) {
+        nibble_pair(self.qs.as_ptr().add(32 * h))
+    }
+    #[inline(always)]
+    unsafe fn d(&self) -> __m256 {
+        load_d(&self.d)
+    }
+    #[inline(always)]
+    unsafe fn coef(&self, d: __m256) -> __m256 {
+        _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+    }
+}
+
+impl PBlock for P4_1 {
+    #[inline(always)]
+    unsafe fn pair(&self, h: usize) -> (__m256i, __m256i) {
+        nibble_pair(self.qs.as_ptr().add(32 * h))
+    }
+    #[inline(always)]
+    unsafe fn d(&self) -> __m256 {
+        load_d(&self.d)
+    }
+    #[inline(always)]
+    unsafe fn coef(&self, _d: __m256) -> __m256 {
+        load_d(&self.m)
+    }
+}
+
+impl PBlock for P5_0 {
+    #[inline(always)]
+    unsafe fn pair(&self, h: usize) -> (__m256i, __m256i) {
+        let (lo, hi) = nibble_pair(self.qs.as_ptr().add(32 * h));
+        let (flo, fhi) = fifth_pair(&self.qh, h);
+        (_mm256_or_si256(lo, flo), _mm256_or_si256(hi, fhi))
+    }
+    #[inline(always)]
+    unsafe fn d(&self) -> __m256 {
+        load_d(&self.d)
+    }
+    #[inline(always)]
+    unsafe fn coef(&self, d: __m256) -> __m256 {
+        _mm256_mul_ps(d, _mm256_set1_ps(-16.0))
+    }
+}
+
+impl PBlock for P5_1 {
+    #[inline(always)]
+    unsafe fn pair(&self, h: usize) -> (__m256i, __m256i) {
+        let (lo, hi) = nibble_pair(self.qs.as_ptr().add(32 * h));
+        let (flo, fhi) = fifth_pair(&self.qh, h);
+        (_mm256_or_si256(lo, flo), _mm256_or_si256(hi, fhi))
+    }
+    #[inline(always)]
+    unsafe fn d(&self) -> __m256 {
+        load_d(&self.d)
+    }
+    #[inline(always)]
+    unsafe fn coef(&self, _d: __m256) -> __m256 {
+        load_d(&self.m)
+    }
+}
+
+impl PBlock for P8_0 {
+    const SIGNED: bool = true;
+    #[inline(always)]
+    unsafe fn pair(&self, h: usize) -> (__m256i, __m256i) {
+        let p = self.qs.as_ptr();
+        (
+            _mm256_loadu_si256(p.add(32 * h) as *const __m256i),
+            _mm256_loadu_si256(p.add(32 * (h + 4)) as *const __m256i),
+        )
+    }
+    #[inline(always)]
+    unsafe fn d(&self) -> __m256 {
+        load_d(&self.d)
+    }
+    #[inline(always)]
+    unsafe fn coef(&self, _d: __m256) -> __m256 {
+        _mm256_setzero_ps()
+    }
+}
+
+/// Eight packed rows × C tokens: `out[8c + i] = dot(row i, token c)`. Per block, each group of
+/// four weights per row is loaded once and meets each token's four activations broadcast to
+/// every lane; the eight rows' integer sums land in their own lanes, scaled by one vector of
+/// row scales times the token's scale.
+#[inline(always)]
+unsafe fn ptile_fixed<P: PBlock, D: IDot, const C: usize>(
+    w: &[P],
+    x: &[&[BlockQ8]],
+    out: &mut [f32],
+) {
+    let nb = w.len();
+    assert!(x.len() == C && out.len() >= ROWS * C);
+    assert!(x.iter().all(|c| c.len() >= nb));
+    let mut acc = [_mm256_setzero_ps(); C];
+    for b in 0..nb {
+        // SAFETY: b < nb == w.len().
+        let blk = w.get_unchecked(b);
+        let mut isum = [_mm256_setzero_si256(); C];
+        for h in 0..4 {
+            let (lo, hi) = blk.pair(h);
+            for (g, q) in [(h, lo), (h + 4, hi)] {
+                let qa = if P::SIGNED { _mm256_sign_epi8(q, q) } else { q };
+                for (c, s) in isum.iter_mut().enumerate() {
+                    // SAFETY: c < C == x.len(), b < nb <= x[c].len(); 4g + 4 <= 32 bytes of qs.
+                    let yp = x.get_unchecked(c).get_unchecked(b).qs.as_ptr().add(4 * g);
+                    let mut y = _mm256_set1_epi32((yp as *const i32).read_unaligned());
+                    if P::SIGNED {
+                        y = _mm256_sign_epi8(y, q);
+                    }
+                    *s = D::dot_acc(*s, qa, y);
+                }
+            }
+        }
+        let d = blk.d();
+        let coef = blk.coef(d);
+        for c in 0..C {
+            // SAFETY: as above.
+            let yb = x.get_unchecked(c).get_unchecked(b);
+            let s = _mm256_mul_ps(d, _mm256_set1_ps(yb.d));
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[c]), s, acc[c]);
+            if !P::SIGNED {
+                acc[c] = _mm256_fmadd_ps(coef, _mm256_set1_ps(yb.s), acc[c]);
+            }
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(ROWS * c), *a);
+    }
+}
+
+#[inline(always)]
+unsafe fn ptile_any<P: PBlock, D: IDot>(w: &[P], x: &[&[BlockQ8]], out: &mut [f32]) {
+    let mut c0 = 0;
+    while c0 < x.len() {
+        let rest = &x[c0..];
+        let o = &mut out[ROWS * c0..];
+        c0 += match rest.len() {
+            1 => {
+                ptile_fixed::<P, D, 1>(w, rest, o);
+                1
+            }
+            2 => {
+                ptile_fixed::<P, D, 2>(w, rest, o);
+                2
+            }
+            3 => {
+                ptile_fixed::<P, D, 3>(w, rest, o);
+                3
+            }
+            _ => {
+                ptile_fixed::<P, D, 4>(w, &rest[..4], o);
+                4
+            }
+        };
+    }
+}
+
+macro_rules! ptile_fns {
+    ($feat:literal, $d:ty, $($name:ident: $p:ty),*) => {
+        $(
+            #[target_feature(enable = $feat)]
+            unsafe fn $name(w: &[$p], x: &[&[BlockQ8]], out: &mut [f32]) {
+                ptile_any::<$p, $d>(w, x, out)
+            }
+        )*
+    };
+}
+
+ptile_fns!("avx2,fma,f16c", Madd, ptile_q4_0_imp: P4_0, ptile_q4_1_imp: P4_1, ptile_q5_0_imp: P5_0, ptile_q5_1_imp: P5_1, ptile_q8_0_imp: P8_0);
+ptile_fns!("avx2,fma,f16c,avxvnni", Vnni, ptile_q4_0_vnni_imp: P4_0, ptile_q4_1_vnni_imp: P4_1, ptile_q5_0_vnni_imp: P5_0, ptile_q5_1_vnni_imp: P5_1, ptile_q8_0_vnni_imp: P8_0);
+ptile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, ptile_q4_0_v512_imp: P4_0, ptile_q4_1_v512_imp: P4_1, ptile_q5_0_v512_imp: P5_0, ptile_q5_1_v512_imp: P5_1, ptile_q8_0_v512_imp: P8_0);
+
 /// Scores against `out.len()` key rows `stride` apart. Caller: `(out.len() − 1) · stride +
 /// q.len() ≤ k.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1093,6 +1327,44 @@ tile_wrappers!(
     tile_q4k_v512(tile_q4k_v512_imp): BlockQ4K,
     tile_q5k_v512(tile_q5k_v512_imp): BlockQ5K,
     tile_q6k_v512(tile_q6k_v512_imp): BlockQ6K
+);
+
+macro_rules! ptile_wrappers {
+    ($why:literal, $($name:ident($imp:ident): $p:ty),*) => {
+        $(
+            pub(super) fn $name(w: &[$p], x: &[&[BlockQ8]], out: &mut [f32]) {
+                assert!(out.len() >= ROWS * x.len(), "packed tile output too small");
+                // SAFETY: only reachable through the kernel table named by `$why`, built after
+                // detecting its features (see `mod.rs`).
+                unsafe { $imp(w, x, out) }
+            }
+        )*
+    };
+}
+
+ptile_wrappers!(
+    "avx2",
+    ptile_q4_0(ptile_q4_0_imp): P4_0,
+    ptile_q4_1(ptile_q4_1_imp): P4_1,
+    ptile_q5_0(ptile_q5_0_imp): P5_0,
+    ptile_q5_1(ptile_q5_1_imp): P5_1,
+    ptile_q8_0(ptile_q8_0_imp): P8_0
+);
+ptile_wrappers!(
+    "avx-vnni",
+    ptile_q4_0_vnni(ptile_q4_0_vnni_imp): P4_0,
+    ptile_q4_1_vnni(ptile_q4_1_vnni_imp): P4_1,
+    ptile_q5_0_vnni(ptile_q5_0_vnni_imp): P5_0,
+    ptile_q5_1_vnni(ptile_q5_1_vnni_imp): P5_1,
+    ptile_q8_0_vnni(ptile_q8_0_vnni_imp): P8_0
+);
+ptile_wrappers!(
+    "avx512-vnni",
+    ptile_q4_0_v512(ptile_q4_0_v512_imp): P4_0,
+    ptile_q4_1_v512(ptile_q4_1_v512_imp): P4_1,
+    ptile_q5_0_v512(ptile_q5_0_v512_imp): P5_0,
+    ptile_q5_1_v512(ptile_q5_1_v512_imp): P5_1,
+    ptile_q8_0_v512(ptile_q8_0_v512_imp): P8_0
 );
 
 pub(super) fn scores_f32(q: &[f32], k: &[f32], stride: usize, out: &mut [f32]) {

@@ -4,23 +4,37 @@
 //! quantized to 8 bits; F32 and F16, and every type in exact mode, dequantize each weight row
 //! once into a per-thread scratch row and dot it in f32 with every token of the batch.
 
+use super::packed::{self, PTile, Packed, ROWS};
 use super::pool::{split, Pool, Shards};
 use super::quant::{as_blocks, dequantize_row, Block, BlockQ8, GgmlType, QK};
 use super::{Kernels, Tile};
 
-/// A weight matrix in place in the mapping: `rows` rows of `cols` elements of type `ty`.
+/// A weight matrix: `rows` rows of `cols` elements of type `ty`, in place in the mapping in
+/// ggml's layout, or repacked in groups of eight rows (`packed`, see [`super::packed`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Matrix<'a> {
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
+    pub packed: bool,
 }
 
 impl<'a> Matrix<'a> {
+    /// Row `r`'s bytes in ggml's layout (not for packed matrices).
     pub fn row(&self, r: usize) -> &'a [u8] {
+        debug_assert!(!self.packed, "packed matrices have no ggml rows");
         let rb = self.ty.row_bytes(self.cols);
         &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Row `r` in f32, from either layout.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        if self.packed {
+            packed::dequantize_row(self.ty, self.cols, self.data, r, &mut out[..self.cols]);
+        } else {
+            dequantize_row(self.ty, self.row(r), &mut out[..self.cols]);
+        }
     }
 }
 
@@ -72,6 +86,17 @@ pub fn matmul_rows(
     scratch: &mut [f32],
 ) {
     debug_assert_eq!(w.cols, x.cols);
+    if w.packed && !k.exact() {
+        match w.ty {
+            GgmlType::Q4_0 => packed_rows(k.ptile_q4_0, w, x, rows, out),
+            GgmlType::Q4_1 => packed_rows(k.ptile_q4_1, w, x, rows, out),
+            GgmlType::Q5_0 => packed_rows(k.ptile_q5_0, w, x, rows, out),
+            GgmlType::Q5_1 => packed_rows(k.ptile_q5_1, w, x, rows, out),
+            GgmlType::Q8_0 => packed_rows(k.ptile_q8_0, w, x, rows, out),
+            other => unreachable!("{} is never packed", other.name()),
+        }
+        return;
+    }
     if uses_q8(k, w.ty) {
         match w.ty {
             GgmlType::Q4_0 => int_rows(k.tile_q4_0, w, x, rows, out),
@@ -97,7 +122,7 @@ pub fn matmul_rows(
         let row: &[f32] = match direct {
             Some(row) => row,
             None => {
-                dequantize_row(w.ty, w.row(r), &mut scratch[..w.cols]);
+                w.dequantize_row(r, scratch);
                 &scratch[..w.cols]
             }
         };
@@ -192,6 +217,47 @@ fn decode_rows<B: Block>(
         tile(&[blocks(w.row(r))], &xs, &mut o);
         // SAFETY: as above.
         unsafe { out.part(r, 1)[0] = o[0] };
+    }
+}
+
+/// Packed rows (`rows` starts and ends on a group of eight): for a batch, bands of groups small
+/// enough to stay in L1 while every token passes over them, 4 tokens a tile; for one token,
+/// group after group, each one forward stream.
+fn packed_rows<P: Packed>(
+    tile: PTile<P>,
+    w: &Matrix,
+    x: &Acts,
+    rows: std::ops::Range<usize>,
+    out: &Shards<f32>,
+) {
+    debug_assert!(rows.start.is_multiple_of(ROWS) && rows.end.is_multiple_of(ROWS));
+    let nb = w.cols / QK;
+    let all: &[P] = blocks(w.data);
+    let (g0, g1) = (rows.start / ROWS, rows.end / ROWS);
+    let group_bytes = nb * std::mem::size_of::<P>();
+    let band = (16 * 1024 / group_bytes).max(1);
+    let mut o = [0f32; ROWS * 4];
+    let mut b0 = g0;
+    while b0 < g1 {
+        let b1 = (b0 + band).min(g1);
+        let mut t0 = 0;
+        while t0 < x.n {
+            let nc = (x.n - t0).min(4);
+            let mut xs: [&[BlockQ8]; 4] = [&[]; 4];
+            for (c, xc) in xs.iter_mut().enumerate().take(nc) {
+                *xc = x.q_row(t0 + c);
+            }
+            for g in b0..b1 {
+                tile(&all[g * nb..(g + 1) * nb], &xs[..nc], &mut o[..ROWS * nc]);
+                for c in 0..nc {
+                    // SAFETY: this thread's rows only (ranges from `split` are disjoint).
+                    let dst = unsafe { out.part((t0 + c) * w.rows + g * ROWS, ROWS) };
+                    dst.copy_from_slice(&o[ROWS * c..ROWS * (c + 1)]);
+                }
+            }
+            t0 += nc;
+        }
+        b0 = b1;
     }
 }
 

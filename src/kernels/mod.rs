@@ -4,6 +4,8 @@
 //! - [`generic`]: scalar kernels, the reference twin of every SIMD kernel.
 //! - `avx2` (x86_64) and `neon` (aarch64, with a `dotprod` variant): the same operations.
 //! - [`pool`]: the worker pool, started once, that splits rows across threads.
+//! - [`packed`]: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights repacked at load in groups of eight
+//!   rows, for the x86 tiles.
 //! - [`matmul`]: matrix × activations over a range of rows, on top of the table.
 //!
 //! [`Kernels`] is the one dispatch point: a table of function pointers chosen once at start from
@@ -15,12 +17,14 @@ pub mod generic;
 pub mod matmul;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+pub mod packed;
 pub mod pool;
 pub mod quant;
 
 #[cfg(test)]
 mod tests;
 
+use packed::{PTile, P4_0, P4_1, P5_0, P5_1, P8_0};
 use quant::{
     BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8, BlockQ8_0,
 };
@@ -198,6 +202,15 @@ pub struct Kernels {
     pub tile_q4k: Tile<BlockQ4K>,
     pub tile_q5k: Tile<BlockQ5K>,
     pub tile_q6k: Tile<BlockQ6K>,
+    /// Whether the loader repacks Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 matrices into eight-row
+    /// groups for the `ptile_*` entries (x86 only: the NEON tiles read ggml's layout).
+    pub packs: bool,
+    /// Tiles of one packed group of 8 rows × C tokens: `out[8c + i] = dot(row i, x[c])`.
+    pub ptile_q4_0: PTile<P4_0>,
+    pub ptile_q4_1: PTile<P4_1>,
+    pub ptile_q5_0: PTile<P5_0>,
+    pub ptile_q5_1: PTile<P5_1>,
+    pub ptile_q8_0: PTile<P8_0>,
 }
 
 pub type Tile<B> = fn(&[&[B]], &[&[BlockQ8]], &mut [f32]);
@@ -236,6 +249,12 @@ impl Kernels {
             tile_q4k: generic::tile_q4k,
             tile_q5k: generic::tile_q5k,
             tile_q6k: generic::tile_q6k,
+            packs: false,
+            ptile_q4_0: packed::tile_q4_0,
+            ptile_q4_1: packed::tile_q4_1,
+            ptile_q5_0: packed::tile_q5_0,
+            ptile_q5_1: packed::tile_q5_1,
+            ptile_q8_0: packed::tile_q8_0,
         };
         Ok(match kind {
             KernelKind::Scalar => scalar,
@@ -269,6 +288,12 @@ impl Kernels {
                 tile_q4k: avx2::tile_q4k,
                 tile_q5k: avx2::tile_q5k,
                 tile_q6k: avx2::tile_q6k,
+                packs: true,
+                ptile_q4_0: avx2::ptile_q4_0,
+                ptile_q4_1: avx2::ptile_q4_1,
+                ptile_q5_0: avx2::ptile_q5_0,
+                ptile_q5_1: avx2::ptile_q5_1,
+                ptile_q8_0: avx2::ptile_q8_0,
             },
             #[cfg(target_arch = "x86_64")]
             // The AVX2 table with the tiles, where the time goes, on the VNNI instruction.
@@ -282,6 +307,11 @@ impl Kernels {
                 tile_q4k: avx2::tile_q4k_vnni,
                 tile_q5k: avx2::tile_q5k_vnni,
                 tile_q6k: avx2::tile_q6k_vnni,
+                ptile_q4_0: avx2::ptile_q4_0_vnni,
+                ptile_q4_1: avx2::ptile_q4_1_vnni,
+                ptile_q5_0: avx2::ptile_q5_0_vnni,
+                ptile_q5_1: avx2::ptile_q5_1_vnni,
+                ptile_q8_0: avx2::ptile_q8_0_vnni,
                 ..Kernels::new(KernelKind::Avx2)?
             },
             #[cfg(target_arch = "x86_64")]
@@ -295,6 +325,11 @@ impl Kernels {
                 tile_q4k: avx2::tile_q4k_v512,
                 tile_q5k: avx2::tile_q5k_v512,
                 tile_q6k: avx2::tile_q6k_v512,
+                ptile_q4_0: avx2::ptile_q4_0_v512,
+                ptile_q4_1: avx2::ptile_q4_1_v512,
+                ptile_q5_0: avx2::ptile_q5_0_v512,
+                ptile_q5_1: avx2::ptile_q5_1_v512,
+                ptile_q8_0: avx2::ptile_q8_0_v512,
                 ..Kernels::new(KernelKind::Avx2)?
             },
             #[cfg(target_arch = "aarch64")]
@@ -320,6 +355,7 @@ impl Kernels {
                 tile_q4k: neon::tile_q4k,
                 tile_q5k: neon::tile_q5k,
                 tile_q6k: neon::tile_q6k,
+                ..scalar
             },
             #[cfg(target_arch = "aarch64")]
             KernelKind::NeonDotprod => Kernels {
@@ -344,6 +380,7 @@ impl Kernels {
                 tile_q4k: neon::tile_q4k_dotprod,
                 tile_q5k: neon::tile_q5k_dotprod,
                 tile_q6k: neon::tile_q6k_dotprod,
+                ..scalar
             },
             #[allow(unreachable_patterns)]
             _ => return Err(KernelError::Unavailable(kind.name())),

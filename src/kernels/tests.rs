@@ -3,6 +3,7 @@
 
 use super::generic;
 use super::matmul::{matmul, Acts, Matrix};
+use super::packed::{self, Packed, P4_0, P4_1, P5_0, P5_1, P8_0};
 use super::pool::Pool;
 use super::quant::{
     self, dequantize_row, quantize, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
@@ -272,6 +273,146 @@ fn tiles_match_twin() {
     }
 }
 
+/// Packing eight rows and unpacking any of them gives back its blocks bit for bit, on blocks
+/// from the quantizers and on random bytes (every bit pattern of the quants and fifth bits).
+#[test]
+fn packed_blocks_round_trip() {
+    fn check<P: Packed>(src: &[P::Src], name: &str)
+    where
+        P::Src: PartialEqBytes,
+    {
+        for (gi, rows) in src.chunks_exact(8).enumerate() {
+            let p = P::pack(std::array::from_fn(|i| &rows[i]));
+            for (i, r) in rows.iter().enumerate() {
+                assert!(p.unpack(i).same(r), "{name}: group {gi} row {i}");
+            }
+        }
+    }
+    let w = random_f32(21, 8 * 4 * 32, 1.0);
+    check::<P4_0>(&quant::quantize_q4_0(&w), "q4_0");
+    check::<P4_1>(&quant::quantize_q4_1(&w), "q4_1");
+    check::<P5_0>(&quant::quantize_q5_0(&w), "q5_0");
+    check::<P5_1>(&quant::quantize_q5_1(&w), "q5_1");
+    check::<P8_0>(&quant::quantize_q8_0(&w), "q8_0");
+    let mut rng = Rng::new(22);
+    let bytes: Vec<u8> = (0..8 * 34 * 16).map(|_| rng.next_u64() as u8).collect();
+    check::<P4_0>(&blocks_of(&bytes[..8 * 18 * 16]), "q4_0 random");
+    check::<P4_1>(&blocks_of(&bytes[..8 * 20 * 16]), "q4_1 random");
+    check::<P5_0>(&blocks_of(&bytes[..8 * 22 * 16]), "q5_0 random");
+    check::<P5_1>(&blocks_of(&bytes[..8 * 24 * 16]), "q5_1 random");
+    check::<P8_0>(&blocks_of(&bytes[..8 * 34 * 16]), "q8_0 random");
+}
+
+/// Byte equality of plain-old-data blocks.
+trait PartialEqBytes: quant::Block {
+    fn same(&self, other: &Self) -> bool {
+        quant::block_bytes(std::slice::from_ref(self))
+            == quant::block_bytes(std::slice::from_ref(other))
+    }
+}
+impl PartialEqBytes for BlockQ4_0 {}
+impl PartialEqBytes for BlockQ4_1 {}
+impl PartialEqBytes for BlockQ5_0 {}
+impl PartialEqBytes for BlockQ5_1 {}
+impl PartialEqBytes for BlockQ8_0 {}
+
+/// Blocks with the given bytes (copied to an aligned buffer first).
+fn blocks_of<T: quant::Block>(bytes: &[u8]) -> Vec<T> {
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: the same memory as bytes; u8 has no alignment or validity requirements.
+    let dst =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * 8) };
+    dst[..bytes.len()].copy_from_slice(bytes);
+    quant::as_blocks(&dst[..bytes.len()])
+        .expect("aligned blocks")
+        .to_vec()
+}
+
+/// The packed tiles of every fast set against the scalar twin (the same rows unpacked), for 1
+/// to 6 tokens, on quantized weights and on random blocks (Q8_0 weights of −128 included).
+#[test]
+fn packed_tiles_match_twin() {
+    let cols = 32 * 18;
+    let tokens = 6;
+    let w = random_f32(23, 8 * cols, 1.0);
+    let xs = random_f32(24, tokens * cols, 2.0);
+    let scalar = Kernels::new(KernelKind::Scalar).expect("scalar");
+    let xq = q8(&scalar, &xs);
+    let nb = cols / 32;
+    let xrows: Vec<&[BlockQ8]> = xq.chunks(nb).collect();
+    let terms: f32 = (0..8)
+        .flat_map(|r| (0..tokens).map(move |c| (r, c)))
+        .map(|(r, c)| abs_terms(&w[r * cols..(r + 1) * cols], &xs[c * cols..(c + 1) * cols]))
+        .fold(0f32, f32::max);
+    fn pack<P: Packed>(src: &[P::Src], nb: usize) -> Vec<P> {
+        (0..nb)
+            .map(|b| P::pack(std::array::from_fn(|i| &src[i * nb + b])))
+            .collect()
+    }
+    let mut rng = Rng::new(25);
+    let mut random_q8: Vec<BlockQ8_0> = (0..8 * nb)
+        .map(|_| BlockQ8_0 {
+            d: quant::f32_to_f16(0.01),
+            qs: std::array::from_fn(|_| rng.next_u64() as i8),
+        })
+        .collect();
+    random_q8[3].qs[5] = -128;
+    let mut deq = vec![0f32; 8 * cols];
+    quant::dequant_q8_0(&random_q8, &mut deq);
+    let rterms: f32 = (0..8)
+        .flat_map(|r| (0..tokens).map(move |c| (r, c)))
+        .map(|(r, c)| {
+            abs_terms(
+                &deq[r * cols..(r + 1) * cols],
+                &xs[c * cols..(c + 1) * cols],
+            )
+        })
+        .fold(0f32, f32::max);
+    let p4_0 = pack::<P4_0>(&quant::quantize_q4_0(&w), nb);
+    let p4_1 = pack::<P4_1>(&quant::quantize_q4_1(&w), nb);
+    let p5_0 = pack::<P5_0>(&quant::quantize_q5_0(&w), nb);
+    let p5_1 = pack::<P5_1>(&quant::quantize_q5_1(&w), nb);
+    let p8_0 = pack::<P8_0>(&quant::quantize_q8_0(&w), nb);
+    let p8_r = pack::<P8_0>(&random_q8, nb);
+    // The twin itself: each row's unpacked blocks give the plain scalar dot.
+    let q5 = quant::quantize_q5_0(&w);
+    let mut twin = vec![0f32; 8];
+    packed::tile_q5_0(&p5_0, &xrows[..1], &mut twin);
+    for (i, t) in twin.iter().enumerate() {
+        let plain = generic::dot_q5_0(&q5[i * nb..(i + 1) * nb], xrows[0]);
+        assert!(
+            (t - plain).abs() <= TWIN * terms,
+            "twin row {i}: {t} vs {plain}"
+        );
+    }
+    for k in fast_kernels() {
+        let kern = Kernels::new(k).expect("available");
+        for nc in 1..=tokens {
+            let mut got = vec![0f32; 8 * nc];
+            let mut want = vec![0f32; 8 * nc];
+            let x = &xrows[..nc];
+            (kern.ptile_q4_0)(&p4_0, x, &mut got);
+            packed::tile_q4_0(&p4_0, x, &mut want);
+            check(&got, &want, terms, k, "packed q4_0", 8, nc);
+            (kern.ptile_q4_1)(&p4_1, x, &mut got);
+            packed::tile_q4_1(&p4_1, x, &mut want);
+            check(&got, &want, terms, k, "packed q4_1", 8, nc);
+            (kern.ptile_q5_0)(&p5_0, x, &mut got);
+            packed::tile_q5_0(&p5_0, x, &mut want);
+            check(&got, &want, terms, k, "packed q5_0", 8, nc);
+            (kern.ptile_q5_1)(&p5_1, x, &mut got);
+            packed::tile_q5_1(&p5_1, x, &mut want);
+            check(&got, &want, terms, k, "packed q5_1", 8, nc);
+            (kern.ptile_q8_0)(&p8_0, x, &mut got);
+            packed::tile_q8_0(&p8_0, x, &mut want);
+            check(&got, &want, terms, k, "packed q8_0", 8, nc);
+            (kern.ptile_q8_0)(&p8_r, x, &mut got);
+            packed::tile_q8_0(&p8_r, x, &mut want);
+            check(&got, &want, rterms, k, "packed random q8_0", 8, nc);
+        }
+    }
+}
+
 /// K-quants (blocks of 256 under eight activation blocks): the scalar twin against f32 within
 /// a bound per format, and every tile shape of every fast set against the twin — on weights
 /// whose scales and mins cover their whole range, from real quantizers and from random bytes.
@@ -427,12 +568,40 @@ fn matmul_threads_and_types() {
             rows,
             cols,
             data: &data,
+            packed: false,
         };
         let mut deq = vec![0f32; rows * cols];
         for r in 0..rows {
             dequantize_row(ty, m.row(r), &mut deq[r * cols..(r + 1) * cols]);
         }
-        for k in [KernelKind::Reference, KernelKind::best()] {
+        // The same matrix repacked in groups of eight rows, where its type can be.
+        let mut pdata = vec![0u64; data.len().div_ceil(8)];
+        // SAFETY: the same memory as bytes; u8 has no alignment or validity requirements.
+        let pbytes =
+            unsafe { std::slice::from_raw_parts_mut(pdata.as_mut_ptr() as *mut u8, data.len()) };
+        let mut layouts = vec![m];
+        if packed::packable(ty) {
+            packed::pack_groups(ty, cols, &data, 0, rows / 8, pbytes);
+            layouts.push(Matrix {
+                data: pbytes,
+                packed: true,
+                ..m
+            });
+            for r in [0, 13, rows - 1] {
+                let mut row = vec![0f32; cols];
+                layouts[1].dequantize_row(r, &mut row);
+                assert_eq!(
+                    row,
+                    deq[r * cols..(r + 1) * cols],
+                    "{} packed row {r}",
+                    ty.name()
+                );
+            }
+        }
+        for (k, m) in [KernelKind::Reference, KernelKind::best()]
+            .into_iter()
+            .flat_map(|k| layouts.iter().map(move |m| (k, m)))
+        {
             let kern = Kernels::new(k).expect("available");
             let xq = q8(&Kernels::new(KernelKind::Scalar).expect("scalar"), &x);
             let acts = Acts {
@@ -450,7 +619,7 @@ fn matmul_threads_and_types() {
                     &mut pool,
                     &kern,
                     &acts,
-                    &mut [(&m, &mut out[..])],
+                    &mut [(m, &mut out[..])],
                     &mut scratch,
                 );
                 outs.push(out);
@@ -458,9 +627,10 @@ fn matmul_threads_and_types() {
             assert_eq!(
                 outs[0],
                 outs[1],
-                "{} {}: threads disagree",
+                "{} {} (packed: {}): threads disagree",
                 ty.name(),
-                k.name()
+                k.name(),
+                m.packed
             );
             for t in 0..n {
                 for r in 0..rows {
@@ -480,9 +650,10 @@ fn matmul_threads_and_types() {
                     };
                     assert!(
                         (got - want).abs() <= bound * scale,
-                        "{} {}: row {r} token {t}: {got} vs {want}",
+                        "{} {} (packed: {}): row {r} token {t}: {got} vs {want}",
                         ty.name(),
-                        k.name()
+                        k.name(),
+                        m.packed
                     );
                 }
             }

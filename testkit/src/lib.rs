@@ -27,6 +27,10 @@ pub struct SynthSpec {
     pub embd_type: GgmlType,
     pub separate_output: bool,
     pub seed: u64,
+    /// Control tokens `<|pad0|>`, … appended until the vocabulary has at least this many
+    /// (0: the 263 tokens of [`vocab`]): a multiple of 8 lets the kernels repack the tied
+    /// embeddings.
+    pub min_vocab: usize,
 }
 
 impl Default for SynthSpec {
@@ -43,6 +47,7 @@ impl Default for SynthSpec {
             embd_type: GgmlType::Q8_0,
             separate_output: false,
             seed: 42,
+            min_vocab: 0,
         }
     }
 }
@@ -84,7 +89,11 @@ fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 
 /// The bytes of a synthetic GGUF model.
 pub fn synth_model(spec: &SynthSpec) -> Vec<u8> {
-    let (tokens, types, merges) = vocab();
+    let (mut tokens, mut types, merges) = vocab();
+    while tokens.len() < spec.min_vocab {
+        tokens.push(format!("<|pad{}|>", tokens.len()));
+        types.push(3);
+    }
     let vocab = tokens.len();
     let hd = spec.dim / spec.n_head;
     let (qd, kvd) = (spec.n_head * hd, spec.n_kv_head * hd);

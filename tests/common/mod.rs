@@ -19,6 +19,7 @@ pub fn synth_backend(spec: &SynthSpec, kernels: Option<KernelKind>, threads: usi
         max_batch: 16,
         kv_type: KvType::F32,
         logit_rows: 0,
+        repack: true,
     };
     synth_backend_with(spec, &opts).expect("synthetic model loads")
 }

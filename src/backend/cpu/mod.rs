@@ -14,10 +14,10 @@ use crate::backend::{Backend, BackendError, BackendInfo, KvType, MemoryPlan, Voc
 use crate::gguf::Gguf;
 use crate::kernels::matmul::{matmul, Acts, Matrix};
 use crate::kernels::pool::{Pool, Shards};
-use crate::kernels::quant::{dequant_q8_0, dequantize_row, f16_to_f32, BlockQ8, QK};
+use crate::kernels::quant::{dequant_q8_0, f16_to_f32, BlockQ8, QK};
 use crate::kernels::{KernelKind, Kernels};
 use kv::{KvCache, LayerKv};
-use model::{Config, ModelError, RopeStyle, Weights};
+use model::{Config, ModelError, Packs, RopeStyle, Weights};
 
 /// How to load a model on the CPU.
 #[derive(Debug, Clone)]
@@ -36,6 +36,10 @@ pub struct CpuOptions {
     /// every token of a batch; generation needs the last one's only). 0: `max_batch`. Each row
     /// is `vocab` floats: 64 rows of Qwen2.5's 151,936 are 37 MiB.
     pub logit_rows: usize,
+    /// Repack Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 matrices into eight-row groups at load where
+    /// the kernels read that layout (x86); `false` keeps them in the mapping as they are (to
+    /// compare the two).
+    pub repack: bool,
 }
 
 impl Default for CpuOptions {
@@ -47,6 +51,7 @@ impl Default for CpuOptions {
             max_batch: 64,
             kv_type: KvType::F16,
             logit_rows: 0,
+            repack: true,
         }
     }
 }
@@ -156,6 +161,8 @@ pub struct CpuBackend {
     logit_rows: usize,
     s: State,
     kv: KvCache,
+    /// Matrices repacked at load for the kernels (see `Weights::repack`).
+    packs: Packs,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -194,10 +201,15 @@ impl CpuBackend {
     /// Validates the model and allocates every buffer it will ever use.
     pub fn load(gguf: Gguf, opts: &CpuOptions) -> Result<CpuBackend, ModelError> {
         let cfg = Config::from_gguf(&gguf)?;
-        let w = Weights::from_gguf(&gguf, &cfg)?;
+        let mut w = Weights::from_gguf(&gguf, &cfg)?;
         let kernels = Kernels::select(opts.kernels)?;
         let r = resolve(&cfg, opts)?;
-        let pool = Pool::new(r.threads).map_err(ModelError::Threads)?;
+        let mut pool = Pool::new(r.threads).map_err(ModelError::Threads)?;
+        let packs = if opts.repack {
+            w.repack(&gguf, &kernels, &mut pool)
+        } else {
+            Packs::default()
+        };
         let s = Shapes::new(&cfg, &r).alloc();
         let kv = KvCache::new(opts.kv_type, cfg.n_layer, r.n_ctx, cfg.kv_dim());
         Ok(CpuBackend {
@@ -212,6 +224,7 @@ impl CpuBackend {
             logit_rows: r.logit_rows,
             s,
             kv,
+            packs,
         })
     }
 
@@ -316,6 +329,8 @@ impl Backend for CpuBackend {
             kv_type: self.kv.ty().name().into(),
             weight_bytes: all.iter().map(|t| t.len as u64).sum(),
             state_bytes: self.state_bytes(),
+            token_read_bytes: Some(self.w.token_read_bytes()),
+            repacked_matrices: self.packs.count(),
         }
     }
 
@@ -446,6 +461,7 @@ impl CpuBackend {
             n_ctx,
             s,
             kv,
+            packs,
             ..
         } = self;
         let bytes = gguf.bytes();
@@ -453,13 +469,9 @@ impl CpuBackend {
         let (dim, qd, kvd, hd) = (c.dim, c.q_dim(), c.kv_dim(), c.head_dim);
         let n_ctx = *n_ctx;
 
-        let embd = w.token_embd.mat(bytes);
+        let embd = w.token_embd.mat(bytes, packs);
         for (t, &tok) in tokens.iter().enumerate() {
-            dequantize_row(
-                embd.ty,
-                embd.row(tok as usize),
-                &mut s.x[t * dim..(t + 1) * dim],
-            );
+            embd.dequantize_row(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
         }
         rope_table(c, pos, n, &mut s.rope);
 
@@ -467,7 +479,11 @@ impl CpuBackend {
             // Attention block.
             let attn_norm = l.attn_norm.f32s(bytes);
             rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], attn_norm, c.eps);
-            let (wq, wk, wv) = (l.wq.mat(bytes), l.wk.mat(bytes), l.wv.mat(bytes));
+            let (wq, wk, wv) = (
+                l.wq.mat(bytes, packs),
+                l.wk.mat(bytes, packs),
+                l.wv.mat(bytes, packs),
+            );
             project(
                 pool,
                 k,
@@ -516,7 +532,7 @@ impl CpuBackend {
                 n_ctx,
                 &mut s.xb,
             );
-            let wo = l.wo.mat(bytes);
+            let wo = l.wo.mat(bytes, packs);
             project(
                 pool,
                 k,
@@ -531,7 +547,7 @@ impl CpuBackend {
             // Feed-forward block (SwiGLU).
             let ffn_norm = l.ffn_norm.f32s(bytes);
             rmsnorm(&mut s.xb[..n * dim], &s.x[..n * dim], ffn_norm, c.eps);
-            let (wg, wu) = (l.w_gate.mat(bytes), l.w_up.mat(bytes));
+            let (wg, wu) = (l.w_gate.mat(bytes, packs), l.w_up.mat(bytes, packs));
             project(
                 pool,
                 k,
@@ -545,7 +561,7 @@ impl CpuBackend {
             for (g, u) in s.hb[..nf].iter_mut().zip(&s.hb2[..nf]) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            let wd = l.w_down.mat(bytes);
+            let wd = l.w_down.mat(bytes, packs);
             project(
                 pool,
                 k,
@@ -567,7 +583,7 @@ impl CpuBackend {
             w.output_norm.f32s(bytes),
             c.eps,
         );
-        let wout = w.output.mat(bytes);
+        let wout = w.output.mat(bytes, packs);
         project(
             pool,
             k,

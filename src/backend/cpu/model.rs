@@ -3,7 +3,10 @@
 
 use crate::gguf::{Gguf, GgufError, TensorInfo};
 use crate::kernels::matmul::Matrix;
+use crate::kernels::packed;
+use crate::kernels::pool::{Pool, Shards};
 use crate::kernels::quant::{as_blocks, GgmlType};
+use crate::kernels::Kernels;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -209,7 +212,8 @@ impl Config {
     }
 }
 
-/// A tensor in the mapping: `rows` × `cols` of type `ty` at `offset`.
+/// A tensor in the mapping: `rows` × `cols` of type `ty` at `offset`, or repacked at load
+/// (`packed`: its index in the [`Packs`]).
 #[derive(Debug, Clone, Copy)]
 pub struct TensorRef {
     pub ty: GgmlType,
@@ -217,15 +221,21 @@ pub struct TensorRef {
     pub cols: usize,
     pub offset: usize,
     pub len: usize,
+    pub packed: Option<usize>,
 }
 
 impl TensorRef {
-    pub fn mat<'a>(&self, bytes: &'a [u8]) -> Matrix<'a> {
+    pub fn mat<'a>(&self, bytes: &'a [u8], packs: &'a Packs) -> Matrix<'a> {
+        let (data, packed) = match self.packed {
+            Some(i) => (packs.bytes(i), true),
+            None => (&bytes[self.offset..self.offset + self.len], false),
+        };
         Matrix {
             ty: self.ty,
             rows: self.rows,
             cols: self.cols,
-            data: &bytes[self.offset..self.offset + self.len],
+            data,
+            packed,
         }
     }
 
@@ -326,6 +336,92 @@ impl Weights {
         })
     }
 
+    /// Repacks every matrix the kernels `k` read in eight-row groups (see
+    /// [`crate::kernels::packed`]) into memory of its own, on the pool's threads, and gives the
+    /// mapped pages it came from back to the system. The embeddings are repacked only when they
+    /// are also the output matrix (rows are then read back from the packed groups); alone, they
+    /// are read a row per token and stay in the mapping.
+    pub fn repack(&mut self, g: &Gguf, k: &Kernels, pool: &mut Pool) -> Packs {
+        let mut packs = Packs::default();
+        if !k.packs || k.exact() {
+            return packs;
+        }
+        let want = |t: &TensorRef| packed::packable(t.ty) && t.rows.is_multiple_of(packed::ROWS);
+        let tied = self.output.offset == self.token_embd.offset;
+        let mut refs: Vec<&mut TensorRef> = Vec::new();
+        for l in &mut self.layers {
+            refs.extend([
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ]);
+        }
+        refs.push(&mut self.output);
+        refs.retain(|t| want(t));
+        // Units of at most 64 groups (of any tensor), claimed by the threads in turn.
+        const UNIT: usize = 64;
+        let mut units: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, t) in refs.iter().enumerate() {
+            let groups = t.rows / packed::ROWS;
+            for g0 in (0..groups).step_by(UNIT) {
+                units.push((i, g0, (g0 + UNIT).min(groups)));
+            }
+            packs.bufs.push(huge_zeroed(t.len / 8));
+        }
+        let bytes = g.bytes();
+        let t0 = std::time::Instant::now();
+        {
+            let outs: Vec<Shards<u64>> = packs.bufs.iter_mut().map(|b| Shards::new(b)).collect();
+            let refs = &refs;
+            pool.run(units.len(), &|u, _tid| {
+                let (i, g0, g1) = units[u];
+                let t = &refs[i];
+                let group_bytes = t.len / (t.rows / packed::ROWS);
+                let words = group_bytes / 8;
+                // SAFETY: units cover disjoint group ranges of each tensor's buffer.
+                let out = unsafe { outs[i].part(g0 * words, (g1 - g0) * words) };
+                let out = bytemuck_u8(out);
+                let src = &bytes[t.offset..t.offset + t.len];
+                packed::pack_groups(t.ty, t.cols, src, g0, g1, out);
+                // The source rows are not read again: their pages go now, so that the mapped
+                // and the packed copy of a tensor are not both resident at once.
+                g.release_range(t.offset + g0 * group_bytes, (g1 - g0) * group_bytes);
+            });
+        }
+        for (i, t) in refs.into_iter().enumerate() {
+            // Whole pages the units' edges shared.
+            g.release_range(t.offset, t.len);
+            t.packed = Some(i);
+        }
+        if tied {
+            self.token_embd.packed = self.output.packed;
+        }
+        tracing::debug!(
+            matrices = packs.count(),
+            mib = packs.total_bytes() as f64 / (1 << 20) as f64,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "weights repacked in eight-row groups"
+        );
+        packs
+    }
+
+    /// Bytes of weights a one-token step reads: every layer's matrices and the output matrix
+    /// (norms, biases and one embedding row are noise beside them).
+    pub fn token_read_bytes(&self) -> u64 {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.wq.len + l.wk.len + l.wv.len + l.wo.len + l.w_gate.len + l.w_up.len + l.w_down.len
+            })
+            .sum();
+        (layers + self.output.len) as u64
+    }
+
     /// Every tensor used, once.
     pub fn all(&self) -> Vec<TensorRef> {
         let mut v = vec![self.token_embd, self.output_norm];
@@ -348,6 +444,56 @@ impl Weights {
         }
         v
     }
+}
+
+/// Matrices repacked at load, each in memory of its own (8-byte aligned, like a mapping).
+#[derive(Default)]
+pub struct Packs {
+    bufs: Vec<Vec<u64>>,
+}
+
+impl Packs {
+    pub fn bytes(&self, i: usize) -> &[u8] {
+        let b = &self.bufs[i];
+        // SAFETY: u64 to u8 of the same memory, 8 bytes a word; u8 has no alignment or validity
+        // requirements.
+        unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, b.len() * 8) }
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.bufs.iter().map(|b| b.len() as u64 * 8).sum()
+    }
+
+    pub fn count(&self) -> usize {
+        self.bufs.len()
+    }
+}
+
+/// `words` zeroed words, in transparent huge pages where the system gives them on request: a
+/// repacked model is hundreds of MiB written once at load, which 4 KiB pages would fault in
+/// one at a time.
+fn huge_zeroed(words: usize) -> Vec<u64> {
+    let v = vec![0u64; words];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (v.as_ptr() as usize + words * 8) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: advice on whole pages inside this Vec's allocation; MADV_HUGEPAGE changes
+            // how they are backed, never their contents.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v
+}
+
+fn bytemuck_u8(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: the same memory viewed as bytes (u8 has no alignment or validity requirements);
+    // the borrow is unique.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * 8) }
 }
 
 fn check_shape(t: &TensorInfo, expected: &[u64]) -> Result<(), ModelError> {
@@ -380,5 +526,6 @@ fn tref(t: &TensorInfo, rows: usize, cols: usize) -> Result<TensorRef, ModelErro
         cols,
         offset: t.offset as usize,
         len: t.n_bytes as usize,
+        packed: None,
     })
 }

@@ -558,6 +558,8 @@ impl Backend for OrtBackend {
             kv_type: "f32".into(),
             weight_bytes: weights,
             state_bytes: kv + (self.logits.len() * 4) as u64,
+            token_read_bytes: None,
+            repacked_matrices: 0,
         }
     }
 
