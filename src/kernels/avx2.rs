@@ -1014,10 +1014,10 @@ impl PBlock for P8_0 {
     }
 }
 
-/// Eight packed rows × C tokens: `out[8c + i] = dot(row i, token c)`. Per block, each group of
-/// four weights per row is loaded once and meets each token's four activations broadcast to
-/// every lane; the eight rows' integer sums land in their own lanes, scaled by one vector of
-/// row scales times the token's scale.
+/// One packed group of eight rows × C tokens: `out[8c + i] = dot(row i, token c)`. Per block,
+/// each group of four weights per row is loaded once and meets each token's four activations
+/// broadcast to every lane; the eight rows' integer sums land in their own lanes, scaled by one
+/// vector of row scales times the token's scale.
 #[inline(always)]
 unsafe fn ptile_fixed<P: PBlock, D: IDot, const C: usize>(
     w: &[P],
@@ -1064,30 +1064,36 @@ unsafe fn ptile_fixed<P: PBlock, D: IDot, const C: usize>(
     }
 }
 
+/// Any number of groups × tokens: each group with the tokens four at a time. (Taking two or
+/// four groups at once for one token, sharing the broadcasts, ran at half the speed here:
+/// the arrays of registers were not kept in registers.)
 #[inline(always)]
-unsafe fn ptile_any<P: PBlock, D: IDot>(w: &[P], x: &[&[BlockQ8]], out: &mut [f32]) {
-    let mut c0 = 0;
-    while c0 < x.len() {
-        let rest = &x[c0..];
-        let o = &mut out[ROWS * c0..];
-        c0 += match rest.len() {
-            1 => {
-                ptile_fixed::<P, D, 1>(w, rest, o);
-                1
-            }
-            2 => {
-                ptile_fixed::<P, D, 2>(w, rest, o);
-                2
-            }
-            3 => {
-                ptile_fixed::<P, D, 3>(w, rest, o);
-                3
-            }
-            _ => {
-                ptile_fixed::<P, D, 4>(w, &rest[..4], o);
-                4
-            }
-        };
+unsafe fn ptile_any<P: PBlock, D: IDot>(w: &[&[P]], x: &[&[BlockQ8]], out: &mut [f32]) {
+    let nc = x.len();
+    for (r, g) in w.iter().enumerate() {
+        let mut c0 = 0;
+        while c0 < nc {
+            let rest = &x[c0..];
+            let o = &mut out[ROWS * (r * nc + c0)..];
+            c0 += match rest.len() {
+                1 => {
+                    ptile_fixed::<P, D, 1>(g, rest, o);
+                    1
+                }
+                2 => {
+                    ptile_fixed::<P, D, 2>(g, rest, o);
+                    2
+                }
+                3 => {
+                    ptile_fixed::<P, D, 3>(g, rest, o);
+                    3
+                }
+                _ => {
+                    ptile_fixed::<P, D, 4>(g, &rest[..4], o);
+                    4
+                }
+            };
+        }
     }
 }
 
@@ -1095,7 +1101,7 @@ macro_rules! ptile_fns {
     ($feat:literal, $d:ty, $($name:ident: $p:ty),*) => {
         $(
             #[target_feature(enable = $feat)]
-            unsafe fn $name(w: &[$p], x: &[&[BlockQ8]], out: &mut [f32]) {
+            unsafe fn $name(w: &[&[$p]], x: &[&[BlockQ8]], out: &mut [f32]) {
                 ptile_any::<$p, $d>(w, x, out)
             }
         )*
@@ -1332,8 +1338,8 @@ tile_wrappers!(
 macro_rules! ptile_wrappers {
     ($why:literal, $($name:ident($imp:ident): $p:ty),*) => {
         $(
-            pub(super) fn $name(w: &[$p], x: &[&[BlockQ8]], out: &mut [f32]) {
-                assert!(out.len() >= ROWS * x.len(), "packed tile output too small");
+            pub(super) fn $name(w: &[&[$p]], x: &[&[BlockQ8]], out: &mut [f32]) {
+                assert!(out.len() >= ROWS * w.len() * x.len(), "packed tile output too small");
                 // SAFETY: only reachable through the kernel table named by `$why`, built after
                 // detecting its features (see `mod.rs`).
                 unsafe { $imp(w, x, out) }

@@ -221,8 +221,8 @@ fn decode_rows<B: Block>(
 }
 
 /// Packed rows (`rows` starts and ends on a group of eight): for a batch, bands of groups small
-/// enough to stay in L1 while every token passes over them, 4 tokens a tile; for one token,
-/// group after group, each one forward stream.
+/// enough to stay in L1 while every token passes over them, one group × 4 tokens a tile; for
+/// one token, four groups a call, each group one forward stream.
 fn packed_rows<P: Packed>(
     tile: PTile<P>,
     w: &Matrix,
@@ -233,10 +233,26 @@ fn packed_rows<P: Packed>(
     debug_assert!(rows.start.is_multiple_of(ROWS) && rows.end.is_multiple_of(ROWS));
     let nb = w.cols / QK;
     let all: &[P] = blocks(w.data);
+    let group = |g: usize| &all[g * nb..(g + 1) * nb];
     let (g0, g1) = (rows.start / ROWS, rows.end / ROWS);
-    let group_bytes = nb * std::mem::size_of::<P>();
-    let band = (16 * 1024 / group_bytes).max(1);
     let mut o = [0f32; ROWS * 4];
+    if x.n == 1 {
+        let xs = [x.q_row(0)];
+        let mut g = g0;
+        while g < g1 {
+            let ng = (g1 - g).min(4);
+            let mut ws: [&[P]; 4] = [&[]; 4];
+            for (i, wi) in ws.iter_mut().enumerate().take(ng) {
+                *wi = group(g + i);
+            }
+            tile(&ws[..ng], &xs, &mut o[..ROWS * ng]);
+            // SAFETY: this thread's rows only (ranges from `split` are disjoint).
+            unsafe { out.part(g * ROWS, ROWS * ng) }.copy_from_slice(&o[..ROWS * ng]);
+            g += ng;
+        }
+        return;
+    }
+    let band = (16 * 1024 / (nb * std::mem::size_of::<P>())).max(1);
     let mut b0 = g0;
     while b0 < g1 {
         let b1 = (b0 + band).min(g1);
@@ -248,7 +264,7 @@ fn packed_rows<P: Packed>(
                 *xc = x.q_row(t0 + c);
             }
             for g in b0..b1 {
-                tile(&all[g * nb..(g + 1) * nb], &xs[..nc], &mut o[..ROWS * nc]);
+                tile(&[group(g)], &xs[..nc], &mut o[..ROWS * nc]);
                 for c in 0..nc {
                     // SAFETY: this thread's rows only (ranges from `split` are disjoint).
                     let dst = unsafe { out.part((t0 + c) * w.rows + g * ROWS, ROWS) };

@@ -303,41 +303,44 @@ fn as_blocks_mut<T: Block>(bytes: &mut [u8]) -> &mut [T] {
     unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, bytes.len() / size) }
 }
 
-/// Tiles on packed weights: one group of eight rows (`w`: its blocks across the row) × C
-/// tokens (`x`), `out[8c + i] = dot(row i, token c)`.
-pub type PTile<P> = fn(&[P], &[&[BlockQ8]], &mut [f32]);
+/// Tiles on packed weights: groups of eight rows (`w`: each group's blocks across the row) × C
+/// tokens (`x`), `out[8(rC + c) + i] = dot(row i of group r, token c)`.
+pub type PTile<P> = fn(&[&[P]], &[&[BlockQ8]], &mut [f32]);
 
 /// The scalar twin of the packed tiles: each row unpacked block by block and dotted with
 /// `dot`, the source type's scalar dot product.
 pub fn tile<P: Packed>(
     dot: fn(&[P::Src], &[BlockQ8]) -> f32,
-    w: &[P],
+    w: &[&[P]],
     x: &[&[BlockQ8]],
     out: &mut [f32],
 ) {
-    for (c, xc) in x.iter().enumerate() {
-        for i in 0..ROWS {
-            out[ROWS * c + i] = w
-                .iter()
-                .zip(xc.iter())
-                .map(|(blk, y)| dot(&[blk.unpack(i)], std::slice::from_ref(y)))
-                .sum();
+    let nc = x.len();
+    for (r, g) in w.iter().enumerate() {
+        for (c, xc) in x.iter().enumerate() {
+            for i in 0..ROWS {
+                out[ROWS * (r * nc + c) + i] = g
+                    .iter()
+                    .zip(xc.iter())
+                    .map(|(blk, y)| dot(&[blk.unpack(i)], std::slice::from_ref(y)))
+                    .sum();
+            }
         }
     }
 }
 
-pub fn tile_q4_0(w: &[P4_0], x: &[&[BlockQ8]], out: &mut [f32]) {
+pub fn tile_q4_0(w: &[&[P4_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
     tile(super::generic::dot_q4_0, w, x, out)
 }
-pub fn tile_q4_1(w: &[P4_1], x: &[&[BlockQ8]], out: &mut [f32]) {
+pub fn tile_q4_1(w: &[&[P4_1]], x: &[&[BlockQ8]], out: &mut [f32]) {
     tile(super::generic::dot_q4_1, w, x, out)
 }
-pub fn tile_q5_0(w: &[P5_0], x: &[&[BlockQ8]], out: &mut [f32]) {
+pub fn tile_q5_0(w: &[&[P5_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
     tile(super::generic::dot_q5_0, w, x, out)
 }
-pub fn tile_q5_1(w: &[P5_1], x: &[&[BlockQ8]], out: &mut [f32]) {
+pub fn tile_q5_1(w: &[&[P5_1]], x: &[&[BlockQ8]], out: &mut [f32]) {
     tile(super::generic::dot_q5_1, w, x, out)
 }
-pub fn tile_q8_0(w: &[P8_0], x: &[&[BlockQ8]], out: &mut [f32]) {
+pub fn tile_q8_0(w: &[&[P8_0]], x: &[&[BlockQ8]], out: &mut [f32]) {
     tile(super::generic::dot_q8_0, w, x, out)
 }

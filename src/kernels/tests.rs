@@ -334,32 +334,39 @@ fn blocks_of<T: quant::Block>(bytes: &[u8]) -> Vec<T> {
 fn packed_tiles_match_twin() {
     let cols = 32 * 18;
     let tokens = 6;
-    let w = random_f32(23, 8 * cols, 1.0);
+    // Six different groups of eight rows.
+    const G: usize = 6;
+    let w = random_f32(23, G * 8 * cols, 1.0);
     let xs = random_f32(24, tokens * cols, 2.0);
     let scalar = Kernels::new(KernelKind::Scalar).expect("scalar");
     let xq = q8(&scalar, &xs);
     let nb = cols / 32;
     let xrows: Vec<&[BlockQ8]> = xq.chunks(nb).collect();
-    let terms: f32 = (0..8)
+    let terms: f32 = (0..G * 8)
         .flat_map(|r| (0..tokens).map(move |c| (r, c)))
         .map(|(r, c)| abs_terms(&w[r * cols..(r + 1) * cols], &xs[c * cols..(c + 1) * cols]))
         .fold(0f32, f32::max);
-    fn pack<P: Packed>(src: &[P::Src], nb: usize) -> Vec<P> {
-        (0..nb)
-            .map(|b| P::pack(std::array::from_fn(|i| &src[i * nb + b])))
+    /// Each group's packed blocks.
+    fn pack<P: Packed>(src: &[P::Src], nb: usize) -> Vec<Vec<P>> {
+        src.chunks(8 * nb)
+            .map(|g| {
+                (0..nb)
+                    .map(|b| P::pack(std::array::from_fn(|i| &g[i * nb + b])))
+                    .collect()
+            })
             .collect()
     }
     let mut rng = Rng::new(25);
-    let mut random_q8: Vec<BlockQ8_0> = (0..8 * nb)
+    let mut random_q8: Vec<BlockQ8_0> = (0..G * 8 * nb)
         .map(|_| BlockQ8_0 {
             d: quant::f32_to_f16(0.01),
             qs: std::array::from_fn(|_| rng.next_u64() as i8),
         })
         .collect();
     random_q8[3].qs[5] = -128;
-    let mut deq = vec![0f32; 8 * cols];
+    let mut deq = vec![0f32; G * 8 * cols];
     quant::dequant_q8_0(&random_q8, &mut deq);
-    let rterms: f32 = (0..8)
+    let rterms: f32 = (0..G * 8)
         .flat_map(|r| (0..tokens).map(move |c| (r, c)))
         .map(|(r, c)| {
             abs_terms(
@@ -377,7 +384,7 @@ fn packed_tiles_match_twin() {
     // The twin itself: each row's unpacked blocks give the plain scalar dot.
     let q5 = quant::quantize_q5_0(&w);
     let mut twin = vec![0f32; 8];
-    packed::tile_q5_0(&p5_0, &xrows[..1], &mut twin);
+    packed::tile_q5_0(&[&p5_0[0]], &xrows[..1], &mut twin);
     for (i, t) in twin.iter().enumerate() {
         let plain = generic::dot_q5_0(&q5[i * nb..(i + 1) * nb], xrows[0]);
         assert!(
@@ -387,28 +394,25 @@ fn packed_tiles_match_twin() {
     }
     for k in fast_kernels() {
         let kern = Kernels::new(k).expect("available");
-        for nc in 1..=tokens {
-            let mut got = vec![0f32; 8 * nc];
-            let mut want = vec![0f32; 8 * nc];
+        // One to six groups × one token, two groups × one to six tokens.
+        for (ng, nc) in (1..=G).map(|g| (g, 1)).chain((1..=tokens).map(|c| (2, c))) {
+            let mut got = vec![0f32; 8 * ng * nc];
+            let mut want = vec![0f32; 8 * ng * nc];
             let x = &xrows[..nc];
-            (kern.ptile_q4_0)(&p4_0, x, &mut got);
-            packed::tile_q4_0(&p4_0, x, &mut want);
-            check(&got, &want, terms, k, "packed q4_0", 8, nc);
-            (kern.ptile_q4_1)(&p4_1, x, &mut got);
-            packed::tile_q4_1(&p4_1, x, &mut want);
-            check(&got, &want, terms, k, "packed q4_1", 8, nc);
-            (kern.ptile_q5_0)(&p5_0, x, &mut got);
-            packed::tile_q5_0(&p5_0, x, &mut want);
-            check(&got, &want, terms, k, "packed q5_0", 8, nc);
-            (kern.ptile_q5_1)(&p5_1, x, &mut got);
-            packed::tile_q5_1(&p5_1, x, &mut want);
-            check(&got, &want, terms, k, "packed q5_1", 8, nc);
-            (kern.ptile_q8_0)(&p8_0, x, &mut got);
-            packed::tile_q8_0(&p8_0, x, &mut want);
-            check(&got, &want, terms, k, "packed q8_0", 8, nc);
-            (kern.ptile_q8_0)(&p8_r, x, &mut got);
-            packed::tile_q8_0(&p8_r, x, &mut want);
-            check(&got, &want, rterms, k, "packed random q8_0", 8, nc);
+            macro_rules! case {
+                ($fast:ident, $twin:ident, $p:expr, $t:expr, $name:literal) => {
+                    let w: Vec<&[_]> = $p[..ng].iter().map(|g| &g[..]).collect();
+                    (kern.$fast)(&w, x, &mut got);
+                    packed::$twin(&w, x, &mut want);
+                    check(&got, &want, $t, k, $name, 8 * ng, nc);
+                };
+            }
+            case!(ptile_q4_0, tile_q4_0, p4_0, terms, "packed q4_0");
+            case!(ptile_q4_1, tile_q4_1, p4_1, terms, "packed q4_1");
+            case!(ptile_q5_0, tile_q5_0, p5_0, terms, "packed q5_0");
+            case!(ptile_q5_1, tile_q5_1, p5_1, terms, "packed q5_1");
+            case!(ptile_q8_0, tile_q8_0, p8_0, terms, "packed q8_0");
+            case!(ptile_q8_0, tile_q8_0, p8_r, rterms, "packed random q8_0");
         }
     }
 }
