@@ -208,8 +208,44 @@ fn bench_prints_one_json_object() {
     assert!(v["pp_tps"].as_f64().expect("pp") > 0.0);
     assert!(v["tg_tps"].as_f64().expect("tg") > 0.0);
     assert_eq!(v["threads"], 1);
-    // Weights are mapped, not copied: resident memory stays below weights + a copy of them.
+    // Weights are mapped, or repacked with their mapped pages given back as they go: resident
+    // memory stays below weights + a copy of them.
     assert!(v["peak_rss_mib"].as_f64().expect("rss") < 180.0, "{out}");
+    // The weights one token reads, at the speed generation ran.
+    let gbps = v["decode_gbps"].as_f64().expect("decode_gbps");
+    assert!(gbps > 0.0, "{out}");
+    assert!(
+        v["read_gbps"].is_null(),
+        "the read loop runs on --bandwidth only: {out}"
+    );
+}
+
+/// `bench --bandwidth` adds one thread's read-loop speed and generation's weight reads as a
+/// fraction of it.
+#[test]
+fn bench_bandwidth_reports_generation_reads_against_a_read_loop() {
+    let m = model();
+    let (out, err, code) = edgellm(&[
+        "bench",
+        "--model",
+        m.to_str().expect("utf-8"),
+        "-t",
+        "1",
+        "-p",
+        "4",
+        "-n",
+        "8",
+        "-r",
+        "1",
+        "--bandwidth",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Json = serde_json::from_str(out.trim()).expect("one JSON object");
+    let read = v["read_gbps"].as_f64().expect("read_gbps");
+    let decode = v["decode_gbps"].as_f64().expect("decode_gbps");
+    let frac = v["decode_of_read"].as_f64().expect("decode_of_read");
+    assert!(read > 0.1, "{out}");
+    assert!((frac - decode / read).abs() < 1e-9, "{out}");
 }
 
 /// `bench --long` generates `windows` × n_ctx tokens in one request through the sliding window
