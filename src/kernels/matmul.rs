@@ -1,8 +1,9 @@
 //! Matrix × activations for a batch of tokens, split over the pool by output rows.
 //!
 //! Integer types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) dot their blocks with the activations
-//! quantized to 8 bits; F32 and F16, and every type in exact mode, dequantize each weight row
-//! once into a per-thread scratch row and dot it in f32 with every token of the batch.
+//! quantized to 8 bits — in ggml's layout, or repacked in groups of eight rows (`packed`, x86);
+//! F32 and F16, and every type in exact mode, dequantize each weight row once into a per-thread
+//! scratch row and dot it in f32 with every token of the batch.
 
 use super::packed::{self, PTile, Packed, ROWS};
 use super::pool::{split, Pool, Shards};
