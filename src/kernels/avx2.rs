@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::packed::{P4_0, P4_1, P5_0, P5_1, P8_0, ROWS};
+use super::packed::{Packed, P4_0, P4_1, P5_0, P5_1, P8_0, ROWS};
 use super::quant::{
     f16_to_f32, q4k_scale_min, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
     BlockQ6K, BlockQ8, BlockQ8_0, QK,
@@ -857,44 +857,38 @@ unsafe fn tile_any<B: WBlock, D: IDot>(w: &[&[B]], x: &[&[BlockQ8]], out: &mut [
     }
 }
 
+/// Tile entry points compiled for one feature set: `$any` (`tile_any`, `ktile_any` or
+/// `ptile_any`) for each weight block type.
 macro_rules! tile_fns {
-    ($feat:literal, $d:ty, $($name:ident: $b:ty),*) => {
+    ($any:ident, $feat:literal, $d:ty, $($name:ident: $b:ty),*) => {
         $(
             #[target_feature(enable = $feat)]
             unsafe fn $name(w: &[&[$b]], x: &[&[BlockQ8]], out: &mut [f32]) {
-                tile_any::<$b, $d>(w, x, out)
+                $any::<$b, $d>(w, x, out)
             }
         )*
     };
 }
 
-macro_rules! ktile_fns {
-    ($feat:literal, $d:ty, $($name:ident: $b:ty),*) => {
-        $(
-            #[target_feature(enable = $feat)]
-            unsafe fn $name(w: &[&[$b]], x: &[&[BlockQ8]], out: &mut [f32]) {
-                ktile_any::<$b, $d>(w, x, out)
-            }
-        )*
-    };
-}
-
-tile_fns!("avx2,fma,f16c", Madd, tile_q4_0_imp: BlockQ4_0, tile_q4_1_imp: BlockQ4_1, tile_q5_0_imp: BlockQ5_0, tile_q5_1_imp: BlockQ5_1, tile_q8_0_imp: BlockQ8_0);
-tile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4_0_vnni_imp: BlockQ4_0, tile_q4_1_vnni_imp: BlockQ4_1, tile_q5_0_vnni_imp: BlockQ5_0, tile_q5_1_vnni_imp: BlockQ5_1, tile_q8_0_vnni_imp: BlockQ8_0);
-tile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4_0_v512_imp: BlockQ4_0, tile_q4_1_v512_imp: BlockQ4_1, tile_q5_0_v512_imp: BlockQ5_0, tile_q5_1_v512_imp: BlockQ5_1, tile_q8_0_v512_imp: BlockQ8_0);
-ktile_fns!("avx2,fma,f16c", Madd, tile_q4k_imp: BlockQ4K, tile_q5k_imp: BlockQ5K, tile_q6k_imp: BlockQ6K);
-ktile_fns!("avx2,fma,f16c,avxvnni", Vnni, tile_q4k_vnni_imp: BlockQ4K, tile_q5k_vnni_imp: BlockQ5K, tile_q6k_vnni_imp: BlockQ6K);
-ktile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4k_v512_imp: BlockQ4K, tile_q5k_v512_imp: BlockQ5K, tile_q6k_v512_imp: BlockQ6K);
+tile_fns!(tile_any, "avx2,fma,f16c", Madd, tile_q4_0_imp: BlockQ4_0, tile_q4_1_imp: BlockQ4_1, tile_q5_0_imp: BlockQ5_0, tile_q5_1_imp: BlockQ5_1, tile_q8_0_imp: BlockQ8_0);
+tile_fns!(tile_any, "avx2,fma,f16c,avxvnni", Vnni, tile_q4_0_vnni_imp: BlockQ4_0, tile_q4_1_vnni_imp: BlockQ4_1, tile_q5_0_vnni_imp: BlockQ5_0, tile_q5_1_vnni_imp: BlockQ5_1, tile_q8_0_vnni_imp: BlockQ8_0);
+tile_fns!(tile_any, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4_0_v512_imp: BlockQ4_0, tile_q4_1_v512_imp: BlockQ4_1, tile_q5_0_v512_imp: BlockQ5_0, tile_q5_1_v512_imp: BlockQ5_1, tile_q8_0_v512_imp: BlockQ8_0);
+tile_fns!(ktile_any, "avx2,fma,f16c", Madd, tile_q4k_imp: BlockQ4K, tile_q5k_imp: BlockQ5K, tile_q6k_imp: BlockQ6K);
+tile_fns!(ktile_any, "avx2,fma,f16c,avxvnni", Vnni, tile_q4k_vnni_imp: BlockQ4K, tile_q5k_vnni_imp: BlockQ5K, tile_q6k_vnni_imp: BlockQ6K);
+tile_fns!(ktile_any, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, tile_q4k_v512_imp: BlockQ4K, tile_q5k_v512_imp: BlockQ5K, tile_q6k_v512_imp: BlockQ6K);
 
 /// A packed block of eight rows (see `packed.rs`) as the packed tiles read it.
-trait PBlock: Copy {
+trait PBlock: Packed {
     /// Q8_0: the weights are signed bytes, multiplied through their absolute values with the
     /// activations' signs flipped to match (`pmaddubsw` and `vpdpbusd` take unsigned × signed).
     const SIGNED: bool = false;
     /// Groups h and h + 4 of the block (h < 4): four weights of each of the eight rows.
     unsafe fn pair(&self, h: usize) -> (__m256i, __m256i);
     /// The eight rows' scales.
-    unsafe fn d(&self) -> __m256;
+    #[inline(always)]
+    unsafe fn d(&self) -> __m256 {
+        load_d(self.d_bits())
+    }
     /// The eight rows' offset coefficients (`coef · s` is added per activation block), given
     /// their scales.
     unsafe fn coef(&self, d: __m256) -> __m256;
@@ -936,10 +930,6 @@ impl PBlock for P4_0 {
         nibble_pair(self.qs.as_ptr().add(32 * h))
     }
     #[inline(always)]
-    unsafe fn d(&self) -> __m256 {
-        load_d(&self.d)
-    }
-    #[inline(always)]
     unsafe fn coef(&self, d: __m256) -> __m256 {
         _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
     }
@@ -949,10 +939,6 @@ impl PBlock for P4_1 {
     #[inline(always)]
     unsafe fn pair(&self, h: usize) -> (__m256i, __m256i) {
         nibble_pair(self.qs.as_ptr().add(32 * h))
-    }
-    #[inline(always)]
-    unsafe fn d(&self) -> __m256 {
-        load_d(&self.d)
     }
     #[inline(always)]
     unsafe fn coef(&self, _d: __m256) -> __m256 {
@@ -968,10 +954,6 @@ impl PBlock for P5_0 {
         (_mm256_or_si256(lo, flo), _mm256_or_si256(hi, fhi))
     }
     #[inline(always)]
-    unsafe fn d(&self) -> __m256 {
-        load_d(&self.d)
-    }
-    #[inline(always)]
     unsafe fn coef(&self, d: __m256) -> __m256 {
         _mm256_mul_ps(d, _mm256_set1_ps(-16.0))
     }
@@ -983,10 +965,6 @@ impl PBlock for P5_1 {
         let (lo, hi) = nibble_pair(self.qs.as_ptr().add(32 * h));
         let (flo, fhi) = fifth_pair(&self.qh, h);
         (_mm256_or_si256(lo, flo), _mm256_or_si256(hi, fhi))
-    }
-    #[inline(always)]
-    unsafe fn d(&self) -> __m256 {
-        load_d(&self.d)
     }
     #[inline(always)]
     unsafe fn coef(&self, _d: __m256) -> __m256 {
@@ -1003,10 +981,6 @@ impl PBlock for P8_0 {
             _mm256_loadu_si256(p.add(32 * h) as *const __m256i),
             _mm256_loadu_si256(p.add(32 * (h + 4)) as *const __m256i),
         )
-    }
-    #[inline(always)]
-    unsafe fn d(&self) -> __m256 {
-        load_d(&self.d)
     }
     #[inline(always)]
     unsafe fn coef(&self, _d: __m256) -> __m256 {
@@ -1097,20 +1071,9 @@ unsafe fn ptile_any<P: PBlock, D: IDot>(w: &[&[P]], x: &[&[BlockQ8]], out: &mut 
     }
 }
 
-macro_rules! ptile_fns {
-    ($feat:literal, $d:ty, $($name:ident: $p:ty),*) => {
-        $(
-            #[target_feature(enable = $feat)]
-            unsafe fn $name(w: &[&[$p]], x: &[&[BlockQ8]], out: &mut [f32]) {
-                ptile_any::<$p, $d>(w, x, out)
-            }
-        )*
-    };
-}
-
-ptile_fns!("avx2,fma,f16c", Madd, ptile_q4_0_imp: P4_0, ptile_q4_1_imp: P4_1, ptile_q5_0_imp: P5_0, ptile_q5_1_imp: P5_1, ptile_q8_0_imp: P8_0);
-ptile_fns!("avx2,fma,f16c,avxvnni", Vnni, ptile_q4_0_vnni_imp: P4_0, ptile_q4_1_vnni_imp: P4_1, ptile_q5_0_vnni_imp: P5_0, ptile_q5_1_vnni_imp: P5_1, ptile_q8_0_vnni_imp: P8_0);
-ptile_fns!("avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, ptile_q4_0_v512_imp: P4_0, ptile_q4_1_v512_imp: P4_1, ptile_q5_0_v512_imp: P5_0, ptile_q5_1_v512_imp: P5_1, ptile_q8_0_v512_imp: P8_0);
+tile_fns!(ptile_any, "avx2,fma,f16c", Madd, ptile_q4_0_imp: P4_0, ptile_q4_1_imp: P4_1, ptile_q5_0_imp: P5_0, ptile_q5_1_imp: P5_1, ptile_q8_0_imp: P8_0);
+tile_fns!(ptile_any, "avx2,fma,f16c,avxvnni", Vnni, ptile_q4_0_vnni_imp: P4_0, ptile_q4_1_vnni_imp: P4_1, ptile_q5_0_vnni_imp: P5_0, ptile_q5_1_vnni_imp: P5_1, ptile_q8_0_vnni_imp: P8_0);
+tile_fns!(ptile_any, "avx2,fma,f16c,avx512vnni,avx512vl", Vnni512, ptile_q4_0_v512_imp: P4_0, ptile_q4_1_v512_imp: P4_1, ptile_q5_0_v512_imp: P5_0, ptile_q5_1_v512_imp: P5_1, ptile_q8_0_v512_imp: P8_0);
 
 /// Scores against `out.len()` key rows `stride` apart. Caller: `(out.len() − 1) · stride +
 /// q.len() ≤ k.len()`.
@@ -1335,20 +1298,7 @@ tile_wrappers!(
     tile_q6k_v512(tile_q6k_v512_imp): BlockQ6K
 );
 
-macro_rules! ptile_wrappers {
-    ($why:literal, $($name:ident($imp:ident): $p:ty),*) => {
-        $(
-            pub(super) fn $name(w: &[&[$p]], x: &[&[BlockQ8]], out: &mut [f32]) {
-                assert!(out.len() >= ROWS * w.len() * x.len(), "packed tile output too small");
-                // SAFETY: only reachable through the kernel table named by `$why`, built after
-                // detecting its features (see `mod.rs`).
-                unsafe { $imp(w, x, out) }
-            }
-        )*
-    };
-}
-
-ptile_wrappers!(
+tile_wrappers!(
     "avx2",
     ptile_q4_0(ptile_q4_0_imp): P4_0,
     ptile_q4_1(ptile_q4_1_imp): P4_1,
@@ -1356,7 +1306,7 @@ ptile_wrappers!(
     ptile_q5_1(ptile_q5_1_imp): P5_1,
     ptile_q8_0(ptile_q8_0_imp): P8_0
 );
-ptile_wrappers!(
+tile_wrappers!(
     "avx-vnni",
     ptile_q4_0_vnni(ptile_q4_0_vnni_imp): P4_0,
     ptile_q4_1_vnni(ptile_q4_1_vnni_imp): P4_1,
@@ -1364,7 +1314,7 @@ ptile_wrappers!(
     ptile_q5_1_vnni(ptile_q5_1_vnni_imp): P5_1,
     ptile_q8_0_vnni(ptile_q8_0_vnni_imp): P8_0
 );
-ptile_wrappers!(
+tile_wrappers!(
     "avx512-vnni",
     ptile_q4_0_v512(ptile_q4_0_v512_imp): P4_0,
     ptile_q4_1_v512(ptile_q4_1_v512_imp): P4_1,

@@ -33,6 +33,8 @@ pub trait Packed: Block {
     }
     /// Row `r`'s block, as it was.
     fn unpack(&self, r: usize) -> Self::Src;
+    /// The eight rows' f16 scales.
+    fn d_bits(&self) -> &[u16; ROWS];
 }
 
 /// Q4_0 × 8: `qs[32h + 4i + k]` is `qs[4h + k]` of row i (h, k < 4): its low nibbles are
@@ -143,6 +145,9 @@ fn unpack_fifth(qh: &[u8; 32], i: usize) -> [u8; 4] {
 
 impl Packed for P4_0 {
     type Src = BlockQ4_0;
+    fn d_bits(&self) -> &[u16; ROWS] {
+        &self.d
+    }
     fn pack_into(src: [&BlockQ4_0; ROWS], out: &mut P4_0) {
         out.d = src.map(|b| b.d);
         pack_nibbles(src.map(|b| &b.qs), &mut out.qs);
@@ -157,6 +162,9 @@ impl Packed for P4_0 {
 
 impl Packed for P4_1 {
     type Src = BlockQ4_1;
+    fn d_bits(&self) -> &[u16; ROWS] {
+        &self.d
+    }
     fn pack_into(src: [&BlockQ4_1; ROWS], out: &mut P4_1) {
         out.d = src.map(|b| b.d);
         out.m = src.map(|b| b.m);
@@ -173,6 +181,9 @@ impl Packed for P4_1 {
 
 impl Packed for P5_0 {
     type Src = BlockQ5_0;
+    fn d_bits(&self) -> &[u16; ROWS] {
+        &self.d
+    }
     fn pack_into(src: [&BlockQ5_0; ROWS], out: &mut P5_0) {
         out.d = src.map(|b| b.d);
         pack_fifth(src.map(|b| b.qh), &mut out.qh);
@@ -189,6 +200,9 @@ impl Packed for P5_0 {
 
 impl Packed for P5_1 {
     type Src = BlockQ5_1;
+    fn d_bits(&self) -> &[u16; ROWS] {
+        &self.d
+    }
     fn pack_into(src: [&BlockQ5_1; ROWS], out: &mut P5_1) {
         out.d = src.map(|b| b.d);
         out.m = src.map(|b| b.m);
@@ -207,6 +221,9 @@ impl Packed for P5_1 {
 
 impl Packed for P8_0 {
     type Src = BlockQ8_0;
+    fn d_bits(&self) -> &[u16; ROWS] {
+        &self.d
+    }
     fn pack_into(src: [&BlockQ8_0; ROWS], out: &mut P8_0) {
         for (i, s) in src.iter().enumerate() {
             for g in 0..8 {

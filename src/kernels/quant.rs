@@ -244,6 +244,8 @@ unsafe impl Block for BlockQ6K {}
 unsafe impl Block for u16 {}
 // SAFETY: as above.
 unsafe impl Block for f32 {}
+// SAFETY: as above (the words behind repacked matrices).
+unsafe impl Block for u64 {}
 
 /// Views `bytes` as a slice of blocks, or `None` when the length or alignment does not fit.
 pub fn as_blocks<T: Block>(bytes: &[u8]) -> Option<&[T]> {
@@ -257,7 +259,7 @@ pub fn as_blocks<T: Block>(bytes: &[u8]) -> Option<&[T]> {
     }
 }
 
-/// Views a slice of blocks as bytes (for writing files).
+/// Views a slice of blocks as bytes (for writing files, reading repacked matrices).
 pub fn block_bytes<T: Block>(blocks: &[T]) -> &[u8] {
     // SAFETY: T is plain old data without padding, so all its bytes are initialised.
     unsafe {

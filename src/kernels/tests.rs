@@ -277,14 +277,15 @@ fn tiles_match_twin() {
 /// from the quantizers and on random bytes (every bit pattern of the quants and fifth bits).
 #[test]
 fn packed_blocks_round_trip() {
-    fn check<P: Packed>(src: &[P::Src], name: &str)
-    where
-        P::Src: PartialEqBytes,
-    {
+    fn check<P: Packed>(src: &[P::Src], name: &str) {
         for (gi, rows) in src.chunks_exact(8).enumerate() {
             let p = P::pack(std::array::from_fn(|i| &rows[i]));
             for (i, r) in rows.iter().enumerate() {
-                assert!(p.unpack(i).same(r), "{name}: group {gi} row {i}");
+                assert!(
+                    quant::block_bytes(&[p.unpack(i)])
+                        == quant::block_bytes(std::slice::from_ref(r)),
+                    "{name}: group {gi} row {i}"
+                );
             }
         }
     }
@@ -303,29 +304,10 @@ fn packed_blocks_round_trip() {
     check::<P8_0>(&blocks_of(&bytes[..8 * 34 * 16]), "q8_0 random");
 }
 
-/// Byte equality of plain-old-data blocks.
-trait PartialEqBytes: quant::Block {
-    fn same(&self, other: &Self) -> bool {
-        quant::block_bytes(std::slice::from_ref(self))
-            == quant::block_bytes(std::slice::from_ref(other))
-    }
-}
-impl PartialEqBytes for BlockQ4_0 {}
-impl PartialEqBytes for BlockQ4_1 {}
-impl PartialEqBytes for BlockQ5_0 {}
-impl PartialEqBytes for BlockQ5_1 {}
-impl PartialEqBytes for BlockQ8_0 {}
-
 /// Blocks with the given bytes (copied to an aligned buffer first).
 fn blocks_of<T: quant::Block>(bytes: &[u8]) -> Vec<T> {
-    let mut words = vec![0u64; bytes.len().div_ceil(8)];
-    // SAFETY: the same memory as bytes; u8 has no alignment or validity requirements.
-    let dst =
-        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * 8) };
-    dst[..bytes.len()].copy_from_slice(bytes);
-    quant::as_blocks(&dst[..bytes.len()])
-        .expect("aligned blocks")
-        .to_vec()
+    let aligned = crate::gguf::Bytes::from_vec(bytes.to_vec());
+    quant::as_blocks(&aligned).expect("aligned blocks").to_vec()
 }
 
 /// The packed tiles of every fast set against the scalar twin (the same rows unpacked), for 1

@@ -5,7 +5,7 @@ use crate::gguf::{Gguf, GgufError, TensorInfo};
 use crate::kernels::matmul::Matrix;
 use crate::kernels::packed;
 use crate::kernels::pool::{Pool, Shards};
-use crate::kernels::quant::{as_blocks, GgmlType};
+use crate::kernels::quant::{as_blocks, block_bytes, GgmlType};
 use crate::kernels::Kernels;
 
 #[derive(Debug, thiserror::Error)]
@@ -454,10 +454,7 @@ pub struct Packs {
 
 impl Packs {
     pub fn bytes(&self, i: usize) -> &[u8] {
-        let b = &self.bufs[i];
-        // SAFETY: u64 to u8 of the same memory, 8 bytes a word; u8 has no alignment or validity
-        // requirements.
-        unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, b.len() * 8) }
+        block_bytes(&self.bufs[i])
     }
 
     pub fn total_bytes(&self) -> u64 {
