@@ -370,20 +370,23 @@ impl Weights {
             for g0 in (0..groups).step_by(UNIT) {
                 units.push((i, g0, (g0 + UNIT).min(groups)));
             }
-            packs.bufs.push(huge_zeroed(t.len / 8));
+            let start = packs.ranges.last().map_or(0, |r| r.end);
+            packs.ranges.push(start..start + t.len / 8);
         }
+        packs.buf = huge_zeroed(packs.ranges.last().map_or(0, |r| r.end));
         let bytes = g.bytes();
         let t0 = std::time::Instant::now();
         {
-            let outs: Vec<Shards<u64>> = packs.bufs.iter_mut().map(|b| Shards::new(b)).collect();
-            let refs = &refs;
+            let out = Shards::new(&mut packs.buf);
+            let (refs, ranges) = (&refs, &packs.ranges);
             pool.run(units.len(), &|u, _tid| {
                 let (i, g0, g1) = units[u];
                 let t = &refs[i];
                 let group_bytes = t.len / (t.rows / packed::ROWS);
                 let words = group_bytes / 8;
-                // SAFETY: units cover disjoint group ranges of each tensor's buffer.
-                let out = unsafe { outs[i].part(g0 * words, (g1 - g0) * words) };
+                // SAFETY: the tensors' ranges are disjoint, and units cover disjoint group
+                // ranges of each.
+                let out = unsafe { out.part(ranges[i].start + g0 * words, (g1 - g0) * words) };
                 let out = bytemuck_u8(out);
                 let src = &bytes[t.offset..t.offset + t.len];
                 packed::pack_groups(t.ty, t.cols, src, g0, g1, out);
@@ -446,23 +449,28 @@ impl Weights {
     }
 }
 
-/// Matrices repacked at load, each in memory of its own (8-byte aligned, like a mapping).
+/// Matrices repacked at load, one after another in one buffer (8-byte aligned, like a
+/// mapping) in the order a step reads them: layer by layer, then the output matrix. The
+/// hardware prefetcher then runs on from one matrix into the next, instead of starting cold
+/// at each (a one-token step is a read of the whole buffer, front to back).
 #[derive(Default)]
 pub struct Packs {
-    bufs: Vec<Vec<u64>>,
+    buf: Vec<u64>,
+    /// Each matrix's words in `buf`.
+    ranges: Vec<std::ops::Range<usize>>,
 }
 
 impl Packs {
     pub fn bytes(&self, i: usize) -> &[u8] {
-        block_bytes(&self.bufs[i])
+        block_bytes(&self.buf[self.ranges[i].clone()])
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.bufs.iter().map(|b| b.len() as u64 * 8).sum()
+        self.buf.len() as u64 * 8
     }
 
     pub fn count(&self) -> usize {
-        self.bufs.len()
+        self.ranges.len()
     }
 }
 
