@@ -136,6 +136,10 @@ fn repacked_weights_give_the_same_logits() {
             };
             let mut packed = synth_backend_with(&spec, &opts(true)).expect("loads");
             let mut plain = synth_backend_with(&spec, &opts(false)).expect("loads");
+            // Without an engine to finish loading, the first step repacks.
+            assert_eq!(packed.info().repacked_matrices, 0);
+            let p = batched(&mut packed, &toks, 16);
+            let q = batched(&mut plain, &toks, 16);
             let packs = Kernels::new(k).expect("available").packs;
             // 2 layers × 7 matrices, and the tied output.
             let want = if packs { 15 } else { 0 };
@@ -147,8 +151,6 @@ fn repacked_weights_give_the_same_logits() {
                 wtype.name()
             );
             assert_eq!(plain.info().repacked_matrices, 0);
-            let p = batched(&mut packed, &toks, 16);
-            let q = batched(&mut plain, &toks, 16);
             let d = rel_max_diff(&p, &q);
             assert!(
                 d < FAST_VS_EXACT,
@@ -922,14 +924,18 @@ fn logits_for_one_token_are_all_generation_holds() {
 
 /// Once the engine has built its tokenizer, the GGUF's vocabulary arrays are dropped (they
 /// take several times their file size as parsed values), and the tokenizer, which holds its
-/// own copy, still encodes and decodes every token.
+/// own copy, still encodes and decodes every token. The tokenizer is built on a thread of its
+/// own while the weights are repacked: both are done when the engine is.
 #[test]
 fn the_engine_frees_the_parsed_vocabulary() {
     let g = Gguf::parse(Bytes::from_vec(synth_model(&SynthSpec::default()))).expect("parses");
     let reference = Tokenizer::from_gguf(&g, None).expect("tokenizer");
     let before = g.get_array("tokenizer.ggml.tokens").expect("tokens").len();
     let b = CpuBackend::load(g, &CpuOptions::default()).expect("loads");
+    assert_eq!(b.info().repacked_matrices, 0);
     let engine = Engine::from_backend(Box::new(b)).expect("engine");
+    let packs = Kernels::select(None).expect("kernels").packs;
+    assert_eq!(engine.backend.info().repacked_matrices > 0, packs);
     match engine.backend.vocabulary() {
         edgellm::backend::Vocabulary::Gguf { gguf, .. } => {
             assert!(gguf.get("tokenizer.ggml.tokens").is_none());

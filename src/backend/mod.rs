@@ -244,6 +244,15 @@ pub trait Backend: Send {
     /// Most tokens one `forward` call takes; longer prompts are fed in chunks.
     fn max_batch(&self) -> usize;
 
+    /// Finishes loading: work a backend leaves from opening until it is needed (the CPU
+    /// engine's repacking of its weights) is done now, with `beside` given the vocabulary and
+    /// run on another thread meanwhile, so that building the tokenizer and loading the weights
+    /// overlap. The default runs `beside` alone; where no thread can be had, `beside` may not
+    /// run at all.
+    fn finish_load(&mut self, beside: &mut (dyn FnMut(Vocabulary<'_>) + Send)) {
+        beside(self.vocabulary())
+    }
+
     /// The engine has built its tokenizer from [`Backend::vocabulary`]: a backend may free
     /// what it kept only for that (a GGUF's vocabulary and merges, 24 MiB on Qwen2.5). After
     /// this, `vocabulary` may no longer give a whole tokenizer.

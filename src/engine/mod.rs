@@ -66,6 +66,37 @@ pub enum EngineError {
     Interrupted(FinishReason),
 }
 
+/// The tokenizer and chat template a backend's vocabulary gives, checked against its
+/// `n_vocab` logits.
+fn tokenizer_of(
+    v: Vocabulary<'_>,
+    n_vocab: usize,
+) -> Result<(Tokenizer, Option<String>), EngineError> {
+    Ok(match v {
+        Vocabulary::Gguf { gguf, dir } => {
+            let t = Tokenizer::from_gguf(gguf, dir)?;
+            if t.n_vocab() != n_vocab {
+                return Err(vocab_mismatch(t.n_vocab(), n_vocab));
+            }
+            let template = gguf.get_str("tokenizer.chat_template").ok();
+            (t, template.map(str::to_string))
+        }
+        Vocabulary::Folder {
+            tokenizer_json,
+            bos,
+            eos,
+            chat_template,
+        } => {
+            let t = Tokenizer::from_json(&tokenizer_json, bos, &eos)?;
+            // A graph's vocabulary may be padded past the tokenizer's.
+            if t.n_vocab() > n_vocab {
+                return Err(vocab_mismatch(t.n_vocab(), n_vocab));
+            }
+            (t, chat_template)
+        }
+    })
+}
+
 fn vocab_mismatch(tokenizer: usize, model: usize) -> EngineError {
     EngineError::Tokenizer(TokenizerError::Bad(format!(
         "tokenizer has {tokenizer} tokens, the model {model}"
@@ -157,28 +188,11 @@ impl Engine {
     /// [`Vocabulary`].
     pub fn from_backend(mut backend: Box<dyn Backend>) -> Result<Engine, EngineError> {
         let n_vocab = backend.n_vocab();
-        let (tokenizer, template) = match backend.vocabulary() {
-            Vocabulary::Gguf { gguf, dir } => {
-                let t = Tokenizer::from_gguf(gguf, dir)?;
-                if t.n_vocab() != n_vocab {
-                    return Err(vocab_mismatch(t.n_vocab(), n_vocab));
-                }
-                let template = gguf.get_str("tokenizer.chat_template").ok();
-                (t, template.map(str::to_string))
-            }
-            Vocabulary::Folder {
-                tokenizer_json,
-                bos,
-                eos,
-                chat_template,
-            } => {
-                let t = Tokenizer::from_json(&tokenizer_json, bos, &eos)?;
-                // A graph's vocabulary may be padded past the tokenizer's.
-                if t.n_vocab() > n_vocab {
-                    return Err(vocab_mismatch(t.n_vocab(), n_vocab));
-                }
-                (t, chat_template)
-            }
+        let mut built = None;
+        backend.finish_load(&mut |v| built = Some(tokenizer_of(v, n_vocab)));
+        let (tokenizer, template) = match built {
+            Some(b) => b?,
+            None => tokenizer_of(backend.vocabulary(), n_vocab)?,
         };
         let bos = tokenizer.bos.and_then(|b| tokenizer.text(b)).unwrap_or("");
         let eos = tokenizer.eos.and_then(|b| tokenizer.text(b)).unwrap_or("");

@@ -161,8 +161,11 @@ pub struct CpuBackend {
     logit_rows: usize,
     s: State,
     kv: KvCache,
-    /// Matrices repacked at load for the kernels (see `Weights::repack`).
+    /// Matrices repacked for the kernels (see `Weights::repack`).
     packs: Packs,
+    /// The repacking is still to do: at [`Backend::finish_load`], beside the tokenizer, or
+    /// else before the first step.
+    repack_pending: bool,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -201,15 +204,10 @@ impl CpuBackend {
     /// Validates the model and allocates every buffer it will ever use.
     pub fn load(gguf: Gguf, opts: &CpuOptions) -> Result<CpuBackend, ModelError> {
         let cfg = Config::from_gguf(&gguf)?;
-        let mut w = Weights::from_gguf(&gguf, &cfg)?;
+        let w = Weights::from_gguf(&gguf, &cfg)?;
         let kernels = Kernels::select(opts.kernels)?;
         let r = resolve(&cfg, opts)?;
-        let mut pool = Pool::new(r.threads).map_err(ModelError::Threads)?;
-        let packs = if opts.repack {
-            w.repack(&gguf, &kernels, &mut pool)
-        } else {
-            Packs::default()
-        };
+        let pool = Pool::new(r.threads).map_err(ModelError::Threads)?;
         let s = Shapes::new(&cfg, &r).alloc();
         let kv = KvCache::new(opts.kv_type, cfg.n_layer, r.n_ctx, cfg.kv_dim());
         Ok(CpuBackend {
@@ -224,8 +222,16 @@ impl CpuBackend {
             logit_rows: r.logit_rows,
             s,
             kv,
-            packs,
+            packs: Packs::default(),
+            repack_pending: opts.repack,
         })
+    }
+
+    /// Repacks the weights now if that is still to do.
+    fn finish_repack(&mut self) {
+        if std::mem::take(&mut self.repack_pending) {
+            self.packs = self.w.repack(&self.gguf, &self.kernels, &mut self.pool);
+        }
     }
 
     pub fn gguf(&self) -> &Gguf {
@@ -350,6 +356,44 @@ impl Backend for CpuBackend {
         self.logit_rows
     }
 
+    fn finish_load(&mut self, beside: &mut (dyn FnMut(Vocabulary<'_>) + Send)) {
+        if !self.repack_pending {
+            return beside(self.vocabulary());
+        }
+        self.repack_pending = false;
+        let CpuBackend {
+            gguf,
+            dir,
+            w,
+            kernels,
+            pool,
+            packs,
+            ..
+        } = self;
+        let vocabulary = Vocabulary::Gguf {
+            gguf,
+            dir: dir.as_deref(),
+        };
+        std::thread::scope(|s| {
+            let side = std::thread::Builder::new()
+                .name("edgellm-load".into())
+                .spawn_scoped(s, || beside(vocabulary));
+            *packs = w.repack(gguf, kernels, pool);
+            match side {
+                Ok(h) => {
+                    if let Err(p) = h.join() {
+                        std::panic::resume_unwind(p);
+                    }
+                }
+                // No thread to be had: `beside` is not run, and the caller builds its
+                // tokenizer after.
+                Err(e) => {
+                    tracing::debug!(error = %e, "no loader thread; tokenizer after the weights")
+                }
+            }
+        });
+    }
+
     fn release_vocabulary(&mut self) {
         self.gguf.release_vocabulary();
     }
@@ -440,6 +484,7 @@ impl Backend for CpuBackend {
                 max: self.logit_rows,
             });
         }
+        self.finish_repack();
         self.run(tokens, pos, all_logits);
         let out = if all_logits {
             &self.s.logits[..n * vocab]
