@@ -13,6 +13,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{json, Value as Json};
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::AddedToken;
 
 use crate::gguf::{Gguf, GgufError, Value};
 
@@ -121,17 +123,18 @@ impl Tokenizer {
         };
         let special: Vec<bool> = types.iter().map(|&t| t == TYPE_CONTROL).collect();
 
+        // A byte-level BPE's vocabulary and merges (150,000 of each on Qwen2.5) go to the
+        // library as a model built here: through its JSON they took a third of the load.
+        let mut bpe = None;
         let (inner_json, pieces) = match model.as_str() {
             "gpt2" => {
                 let merges = match g.get("tokenizer.ggml.merges") {
-                    Some(Value::Array(a)) => strings(a, "merges")?,
+                    Some(Value::Array(a)) => a,
                     _ => return Err(TokenizerError::Bad("gpt2 tokenizer without merges".into())),
                 };
                 let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
-                (
-                    gpt2_json(&tokens, &types, &merges, pre),
-                    byte_level_pieces(&tokens, &types),
-                )
+                bpe = Some((&tokens, merges));
+                (gpt2_json(pre), byte_level_pieces(&tokens, &types))
             }
             "llama" => {
                 let scores: Vec<f64> = match g.get("tokenizer.ggml.scores") {
@@ -156,10 +159,18 @@ impl Tokenizer {
         {
             Some(p) => tokenizers::Tokenizer::from_file(&p)
                 .map_err(|e| TokenizerError::Library(format!("{}: {e}", p.display())))?,
-            None => inner_json
-                .to_string()
-                .parse::<tokenizers::Tokenizer>()
-                .map_err(|e| TokenizerError::Library(e.to_string()))?,
+            None => {
+                let mut t = inner_json
+                    .to_string()
+                    .parse::<tokenizers::Tokenizer>()
+                    .map_err(|e| TokenizerError::Library(e.to_string()))?;
+                if let Some((tokens, merges)) = bpe {
+                    t.with_model(bpe_model(tokens, merges)?);
+                    // After the model: each added token keeps the model's id for its text.
+                    t.add_tokens(&added_tokens(tokens, &types));
+                }
+                t
+            }
         };
 
         let mut eog: Vec<u32> = Vec::new();
@@ -483,7 +494,7 @@ fn strings(a: &[Value], what: &str) -> Result<Vec<String>, TokenizerError> {
         .collect()
 }
 
-fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<Json> {
+fn added_tokens_json(tokens: &[String], types: &[i64]) -> Vec<Json> {
     tokens
         .iter()
         .zip(types)
@@ -498,7 +509,60 @@ fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<Json> {
         .collect()
 }
 
-fn gpt2_json(tokens: &[String], types: &[i64], merges: &[String], pre: &str) -> Json {
+/// The byte-level BPE model of a GGUF's `tokens` and `merges` ("left right" strings, in
+/// rank order), as the library reads them from a `tokenizer.json`.
+fn bpe_model(tokens: &[String], merges: &[Value]) -> Result<BPE, TokenizerError> {
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let mut pairs = Vec::with_capacity(merges.len());
+    for (rank, m) in merges.iter().enumerate() {
+        let Value::String(m) = m else {
+            return Err(TokenizerError::Bad(format!(
+                "tokenizer merges: element {rank} of type {}",
+                m.type_name()
+            )));
+        };
+        if m.starts_with("#version") {
+            continue;
+        }
+        let mut parts = m.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), None) => pairs.push((a.to_string(), b.to_string())),
+            _ => {
+                return Err(TokenizerError::Bad(format!(
+                    "tokenizer merges: element {rank} ({m:?}) is not two pieces and a space"
+                )))
+            }
+        }
+    }
+    BPE::builder()
+        .vocab_and_merges(vocab, pairs)
+        .build()
+        .map_err(|e| TokenizerError::Library(e.to_string()))
+}
+
+/// The special and user-defined tokens, which the tokenizer matches whole before splitting.
+fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<AddedToken> {
+    tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, &t)| t == TYPE_CONTROL || t == TYPE_USER)
+        .map(|(s, &t)| {
+            AddedToken::from(s.clone(), t == TYPE_CONTROL)
+                .single_word(false)
+                .lstrip(false)
+                .rstrip(false)
+                .normalized(false)
+        })
+        .collect()
+}
+
+/// A byte-level BPE tokenizer with GGUF pre-tokenizer `pre`, the model (vocabulary and merges)
+/// and the added tokens left empty: [`bpe_model`] and [`added_tokens`] give them.
+fn gpt2_json(pre: &str) -> Json {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex});
     let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     let pre_tokenizer = match pre {
@@ -518,16 +582,11 @@ fn gpt2_json(tokens: &[String], types: &[i64], merges: &[String], pre: &str) -> 
             json!({"type": "Sequence", "pretokenizers": [split(GPT2_SPLIT), byte_level(false)]})
         }
     };
-    let vocab: serde_json::Map<String, Json> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
     json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": added_tokens(tokens, types),
+        "added_tokens": [],
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
@@ -536,7 +595,7 @@ fn gpt2_json(tokens: &[String], types: &[i64], merges: &[String], pre: &str) -> 
             "type": "BPE", "dropout": null, "unk_token": null,
             "continuing_subword_prefix": null, "end_of_word_suffix": null,
             "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": merges,
+            "vocab": {}, "merges": [],
         }
     })
 }
@@ -556,7 +615,7 @@ fn spm_json(tokens: &[String], types: &[i64], scores: &[f64], unk: u32, add_spac
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": added_tokens(tokens, types),
+        "added_tokens": added_tokens_json(tokens, types),
         "normalizer": {"type": "Sequence", "normalizers": norms},
         "pre_tokenizer": null,
         "post_processor": null,
@@ -633,4 +692,48 @@ fn spm_pieces(tokens: &[String], types: &[i64]) -> Vec<Vec<u8>> {
             _ => t.replace('\u{2581}', " ").into_bytes(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strs(v: &[&str]) -> Vec<Value> {
+        v.iter().map(|s| Value::String(s.to_string())).collect()
+    }
+
+    /// Merges go to the library as pairs, in rank order; one that is not two pieces and a
+    /// space, or not a string, is named in the error, not dropped.
+    #[test]
+    fn bpe_merges_are_pairs_or_named_errors() {
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "abc"].map(String::from).to_vec();
+        let m = bpe_model(&tokens, &strs(&["#version: 0.2", "a b", "ab c"])).expect("model");
+        let ids: Vec<u32> = tokenizers::Model::tokenize(&m, "abc")
+            .expect("tokenize")
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, [4]);
+        // Rank decides: with "b c" first, "a" stays alone.
+        let tokens2: Vec<String> = ["a", "b", "c", "ab", "bc"].map(String::from).to_vec();
+        let m = bpe_model(&tokens2, &strs(&["b c", "a b"])).expect("model");
+        let ids: Vec<u32> = tokenizers::Model::tokenize(&m, "abc")
+            .expect("tokenize")
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, [0, 4]);
+        for (bad, says) in [
+            (strs(&["a b", "ab c d"]), "element 1"),
+            (strs(&["abc"]), "element 0"),
+            (vec![Value::U32(7)], "element 0 of type"),
+        ] {
+            match bpe_model(&tokens, &bad) {
+                Err(TokenizerError::Bad(e)) => assert!(e.contains(says), "{e}"),
+                other => panic!("{bad:?}: {:?}", other.map(|_| ())),
+            }
+        }
+        // A merge of pieces the vocabulary lacks is the library's error.
+        assert!(bpe_model(&tokens, &strs(&["x y"])).is_err());
+    }
 }
