@@ -230,7 +230,9 @@ impl CpuBackend {
     /// Repacks the weights now if that is still to do.
     fn finish_repack(&mut self) {
         if std::mem::take(&mut self.repack_pending) {
-            self.packs = self.w.repack(&self.gguf, &self.kernels, &mut self.pool);
+            self.packs = self
+                .w
+                .repack(&self.gguf, &self.kernels, &mut self.pool, None);
         }
     }
 
@@ -370,28 +372,11 @@ impl Backend for CpuBackend {
             packs,
             ..
         } = self;
-        let vocabulary = Vocabulary::Gguf {
+        let vocabulary = || Vocabulary::Gguf {
             gguf,
             dir: dir.as_deref(),
         };
-        std::thread::scope(|s| {
-            let side = std::thread::Builder::new()
-                .name("edgellm-load".into())
-                .spawn_scoped(s, || beside(vocabulary));
-            *packs = w.repack(gguf, kernels, pool);
-            match side {
-                Ok(h) => {
-                    if let Err(p) = h.join() {
-                        std::panic::resume_unwind(p);
-                    }
-                }
-                // No thread to be had: `beside` is not run, and the caller builds its
-                // tokenizer after.
-                Err(e) => {
-                    tracing::debug!(error = %e, "no loader thread; tokenizer after the weights")
-                }
-            }
-        });
+        *packs = w.repack(gguf, kernels, pool, Some(&mut || beside(vocabulary())));
     }
 
     fn release_vocabulary(&mut self) {

@@ -7,6 +7,7 @@ use crate::kernels::packed;
 use crate::kernels::pool::{Pool, Shards};
 use crate::kernels::quant::{as_blocks, block_bytes, GgmlType};
 use crate::kernels::Kernels;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -341,9 +342,21 @@ impl Weights {
     /// mapped pages it came from back to the system. The embeddings are repacked only when they
     /// are also the output matrix (rows are then read back from the packed groups); alone, they
     /// are read a row per token and stay in the mapping.
-    pub fn repack(&mut self, g: &Gguf, k: &Kernels, pool: &mut Pool) -> Packs {
+    ///
+    /// `beside`, if given, runs on a thread of its own meanwhile, which then helps with the
+    /// repacking; where no thread can be had, it is not run.
+    pub fn repack(
+        &mut self,
+        g: &Gguf,
+        k: &Kernels,
+        pool: &mut Pool,
+        beside: Option<&mut (dyn FnMut() + Send)>,
+    ) -> Packs {
         let mut packs = Packs::default();
         if !k.packs || k.exact() {
+            if let Some(f) = beside {
+                f();
+            }
             return packs;
         }
         let want = |t: &TensorRef| packed::packable(t.ty) && t.rows.is_multiple_of(packed::ROWS);
@@ -379,7 +392,7 @@ impl Weights {
         {
             let out = Shards::new(&mut packs.buf);
             let (refs, ranges) = (&refs, &packs.ranges);
-            pool.run(units.len(), &|u, _tid| {
+            let pack = |u: usize| {
                 let (i, g0, g1) = units[u];
                 let t = &refs[i];
                 let group_bytes = t.len / (t.rows / packed::ROWS);
@@ -393,6 +406,36 @@ impl Weights {
                 // The source rows are not read again: their pages go now, so that the mapped
                 // and the packed copy of a tensor are not both resident at once.
                 g.release_range(t.offset + g0 * group_bytes, (g1 - g0) * group_bytes);
+            };
+            // The pool's threads and the one beside claim units from one counter.
+            let next = AtomicUsize::new(0);
+            let drain = || loop {
+                let u = next.fetch_add(1, Relaxed);
+                if u >= units.len() {
+                    break;
+                }
+                pack(u);
+            };
+            std::thread::scope(|s| {
+                let side = beside.and_then(|f| {
+                    let spawned = std::thread::Builder::new()
+                        .name("edgellm-load".into())
+                        .spawn_scoped(s, || {
+                            f();
+                            drain();
+                        });
+                    match spawned {
+                        Ok(h) => Some(h),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "no loader thread; repacking on the pool alone");
+                            None
+                        }
+                    }
+                });
+                pool.run(pool.n_threads(), &|_, _| drain());
+                if let Some(Err(p)) = side.map(|h| h.join()) {
+                    std::panic::resume_unwind(p);
+                }
             });
         }
         for (i, t) in refs.into_iter().enumerate() {
