@@ -459,6 +459,9 @@ fn sentencepiece_tokenizer_from_metadata() {
         "{ids:?}"
     );
     assert_eq!(tok.decode(&ids).trim_start(), "hé");
+    // A control token's text is matched whole, not spelt in pieces.
+    let ids = tok.encode("hello</s>").expect("encode");
+    assert_eq!(ids.last(), Some(&2), "{ids:?}");
 }
 
 /// After `shift`, the cache holds what a fresh run of the kept tokens at their new positions

@@ -124,7 +124,8 @@ impl Tokenizer {
         let special: Vec<bool> = types.iter().map(|&t| t == TYPE_CONTROL).collect();
 
         // A byte-level BPE's vocabulary and merges (150,000 of each on Qwen2.5) go to the
-        // library as a model built here: through its JSON they took a third of the load.
+        // library as a model built here (its merges: `bpe`): through its JSON they took a third
+        // of the load.
         let mut bpe = None;
         let (inner_json, pieces) = match model.as_str() {
             "gpt2" => {
@@ -133,7 +134,7 @@ impl Tokenizer {
                     _ => return Err(TokenizerError::Bad("gpt2 tokenizer without merges".into())),
                 };
                 let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
-                bpe = Some((&tokens, merges));
+                bpe = Some(merges);
                 (gpt2_json(pre), byte_level_pieces(&tokens, &types))
             }
             "llama" => {
@@ -147,7 +148,7 @@ impl Tokenizer {
                 };
                 let unk = id("tokenizer.ggml.unknown_token_id")?.unwrap_or(0);
                 (
-                    spm_json(&tokens, &types, &scores, unk, add_space),
+                    spm_json(&tokens, &scores, unk, add_space),
                     spm_pieces(&tokens, &types),
                 )
             }
@@ -164,11 +165,12 @@ impl Tokenizer {
                     .to_string()
                     .parse::<tokenizers::Tokenizer>()
                     .map_err(|e| TokenizerError::Library(e.to_string()))?;
-                if let Some((tokens, merges)) = bpe {
-                    t.with_model(bpe_model(tokens, merges)?);
-                    // After the model: each added token keeps the model's id for its text.
-                    t.add_tokens(&added_tokens(tokens, &types));
+                if let Some(merges) = bpe {
+                    t.with_model(bpe_model(&tokens, merges)?);
                 }
+                // After the model, as the library's own reader does: each added token keeps
+                // the model's id for its text.
+                t.add_tokens(&added_tokens(&tokens, &types));
                 t
             }
         };
@@ -494,21 +496,6 @@ fn strings(a: &[Value], what: &str) -> Result<Vec<String>, TokenizerError> {
         .collect()
 }
 
-fn added_tokens_json(tokens: &[String], types: &[i64]) -> Vec<Json> {
-    tokens
-        .iter()
-        .zip(types)
-        .enumerate()
-        .filter(|(_, (_, &t))| t == TYPE_CONTROL || t == TYPE_USER)
-        .map(|(i, (s, &t))| {
-            json!({
-                "id": i, "content": s, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": t == TYPE_CONTROL,
-            })
-        })
-        .collect()
-}
-
 /// The byte-level BPE model of a GGUF's `tokens` and `merges` ("left right" strings, in
 /// rank order), as the library reads them from a `tokenizer.json`.
 fn bpe_model(tokens: &[String], merges: &[Value]) -> Result<BPE, TokenizerError> {
@@ -600,7 +587,8 @@ fn gpt2_json(pre: &str) -> Json {
     })
 }
 
-fn spm_json(tokens: &[String], types: &[i64], scores: &[f64], unk: u32, add_space: bool) -> Json {
+/// A SentencePiece (Unigram) tokenizer; its added tokens come after, from [`added_tokens`].
+fn spm_json(tokens: &[String], scores: &[f64], unk: u32, add_space: bool) -> Json {
     let vocab: Vec<Json> = tokens
         .iter()
         .enumerate()
@@ -615,7 +603,7 @@ fn spm_json(tokens: &[String], types: &[i64], scores: &[f64], unk: u32, add_spac
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": added_tokens_json(tokens, types),
+        "added_tokens": [],
         "normalizer": {"type": "Sequence", "normalizers": norms},
         "pre_tokenizer": null,
         "post_processor": null,
