@@ -378,15 +378,16 @@ impl Weights {
         // Units of at most 64 groups (of any tensor), claimed by the threads in turn.
         const UNIT: usize = 64;
         let mut units: Vec<(usize, usize, usize)> = Vec::new();
+        let mut words = 0;
         for (i, t) in refs.iter().enumerate() {
             let groups = t.rows / packed::ROWS;
             for g0 in (0..groups).step_by(UNIT) {
                 units.push((i, g0, (g0 + UNIT).min(groups)));
             }
-            let start = packs.ranges.last().map_or(0, |r| r.end);
-            packs.ranges.push(start..start + t.len / 8);
+            packs.ranges.push(words..words + t.len / 8);
+            words += t.len / 8;
         }
-        packs.buf = huge_zeroed(packs.ranges.last().map_or(0, |r| r.end));
+        packs.buf = huge_zeroed(words);
         let bytes = g.bytes();
         let t0 = std::time::Instant::now();
         {
