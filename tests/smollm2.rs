@@ -175,24 +175,31 @@ fn ask_command_streams_only_the_answer() {
     assert!(err.contains("/nonexistent/model.gguf"), "{err}");
 }
 
-#[test]
-fn bench_prints_one_json_object() {
+/// `edgellm bench` on the model, one thread, 8 generated tokens, one repetition, with `extra`
+/// arguments: its one JSON object and the text it printed.
+fn bench_once(extra: &[&str]) -> (Json, String) {
     let m = model();
-    let (out, err, code) = edgellm(&[
+    let mut args = vec![
         "bench",
         "--model",
         m.to_str().expect("utf-8"),
         "-t",
         "1",
-        "-p",
-        "16",
         "-n",
         "8",
         "-r",
         "1",
-    ]);
+    ];
+    args.extend(extra);
+    let (out, err, code) = edgellm(&args);
     assert_eq!(code, 0, "{err}");
     let v: Json = serde_json::from_str(out.trim()).expect("one JSON object");
+    (v, out)
+}
+
+#[test]
+fn bench_prints_one_json_object() {
+    let (v, out) = bench_once(&["-p", "16"]);
     for key in [
         "model",
         "tensor_types",
@@ -224,23 +231,7 @@ fn bench_prints_one_json_object() {
 /// fraction of it.
 #[test]
 fn bench_bandwidth_reports_generation_reads_against_a_read_loop() {
-    let m = model();
-    let (out, err, code) = edgellm(&[
-        "bench",
-        "--model",
-        m.to_str().expect("utf-8"),
-        "-t",
-        "1",
-        "-p",
-        "4",
-        "-n",
-        "8",
-        "-r",
-        "1",
-        "--bandwidth",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v: Json = serde_json::from_str(out.trim()).expect("one JSON object");
+    let (v, out) = bench_once(&["-p", "4", "--bandwidth"]);
     let read = v["read_gbps"].as_f64().expect("read_gbps");
     let decode = v["decode_gbps"].as_f64().expect("decode_gbps");
     let frac = v["decode_of_read"].as_f64().expect("decode_of_read");
