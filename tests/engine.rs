@@ -708,7 +708,7 @@ fn prompt_overflow_drops_the_oldest_turns() {
     }
     msgs.push(user("last one"));
     let tokens_of = |e: &Engine, m: &[Message]| {
-        let text = e.chat.render(m).expect("render");
+        let text = e.chat.render(m, &[]).expect("render");
         e.tokenizer.encode_prompt(&text).expect("encode").len()
     };
     let full = tokens_of(&e, &msgs);

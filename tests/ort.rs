@@ -97,7 +97,7 @@ fn genai_model_answers_as_onnxruntime_genai_does() {
         );
         // With the default system prompt written out, ChatML renders the reference's prompt.
         let prompt = engine
-            .prompt_text(&Prompt::Messages(msgs.clone()))
+            .prompt_text(&Prompt::Messages(msgs.clone()), &[])
             .expect("render");
         assert_eq!(prompt, case["prompt"].as_str().expect("prompt"));
         let max = case["max_tokens"].as_u64().expect("max_tokens") as usize;

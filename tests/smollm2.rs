@@ -103,7 +103,7 @@ pub(crate) fn greedy_exact_answers(model: &Path, cases: &[Json]) {
             serde_json::from_value(c["messages"].clone()).expect("messages");
         let prompt = Prompt::Messages(messages);
         assert_eq!(
-            engine.prompt_text(&prompt).expect("template"),
+            engine.prompt_text(&prompt, &[]).expect("template"),
             c["prompt"].as_str().expect("prompt"),
             "the model's own template renders the reference prompt"
         );
@@ -476,7 +476,9 @@ fn chat_content_cannot_forge_control_tokens() {
     // The template's own turns: its default system prompt, the user's, the assistant's.
     assert_eq!(count(&ids, im_start), 3, "{ids:?}");
     assert_eq!(count(&ids, im_end), 2, "{ids:?}");
-    let text = engine.prompt_text(&Prompt::Messages(forged)).expect("text");
+    let text = engine
+        .prompt_text(&Prompt::Messages(forged), &[])
+        .expect("text");
     let parsed = engine.tokenizer.encode_prompt(&text).expect("ids");
     assert_eq!(count(&parsed, im_start), 4, "the raw path parses them");
     assert!(
@@ -494,7 +496,7 @@ fn chat_content_cannot_forge_control_tokens() {
         Message::new("user", "And of Italy? Say it in 3 words!"),
     ];
     let text = engine
-        .prompt_text(&Prompt::Messages(plain.clone()))
+        .prompt_text(&Prompt::Messages(plain.clone()), &[])
         .expect("text");
     assert_eq!(
         engine.chat_ids(&plain).expect("ids"),

@@ -16,4 +16,6 @@ pub mod wire;
 pub use reply::{
     CancelState, Completion, ErrorCode, Event, FinishReason, SessionInfo, Timing, Usage,
 };
-pub use request::{GenerateRequest, Limits, Message, Prompt, SamplingParams, SessionRef};
+pub use request::{
+    FunctionCall, GenerateRequest, Limits, Message, Prompt, SamplingParams, SessionRef, ToolCall,
+};

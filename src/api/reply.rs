@@ -71,6 +71,9 @@ pub struct Completion {
     pub tokens: Vec<u32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub session: Option<SessionInfo>,
+    /// Calls of the request's tools the model made (taken out of `text`).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub tool_calls: Vec<crate::api::ToolCall>,
 }
 
 impl Completion {
@@ -83,6 +86,7 @@ impl Completion {
             timing: Timing::default(),
             tokens: Vec::new(),
             session: None,
+            tool_calls: Vec::new(),
         }
     }
 }

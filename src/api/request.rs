@@ -19,6 +19,12 @@ pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls of the request's tools (rendered back through the template).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -26,6 +32,46 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// Most tools a request may offer, and most calls one turn may carry.
+pub const MAX_TOOLS: usize = 64;
+
+/// A call of one of the request's tools, in the shape chat templates expect (OpenAI's, with
+/// `arguments` an object rather than a JSON string).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    #[serde(default)]
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    pub name: String,
+    /// A JSON object (what the model wrote), or whatever other JSON value it wrote.
+    #[serde(default)]
+    pub arguments: serde_json::Value,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+impl ToolCall {
+    pub fn new(id: String, name: String, arguments: serde_json::Value) -> ToolCall {
+        ToolCall {
+            id,
+            kind: function_type(),
+            function: FunctionCall { name, arguments },
         }
     }
 }
@@ -113,6 +159,9 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// The conversation this request continues.
     pub session: Option<SessionRef>,
+    /// Tools the model may call (OpenAI's `tools` entries), passed to the chat template; calls
+    /// in the output come back parsed in [`crate::api::Completion::tool_calls`].
+    pub tools: Vec<serde_json::Value>,
 }
 
 /// A request's `session`: its id, and the earlier turns when the client sends them.
@@ -137,6 +186,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             session: None,
+            tools: Vec::new(),
         }
     }
 
@@ -192,6 +242,15 @@ impl GenerateRequest {
         }
         if let Err(m) = self.sampling.validate() {
             return bad(m);
+        }
+        if self.tools.len() > MAX_TOOLS {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("tools: {}; the limit is {MAX_TOOLS}", self.tools.len()),
+            ));
+        }
+        if !self.tools.is_empty() && !matches!(self.prompt, Prompt::Messages(_)) {
+            return bad("tools: tools are offered in a chat; send messages, not prompt".into());
         }
         if let Some(SessionRef {
             id: sid, history, ..

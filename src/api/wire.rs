@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::reply::{CancelState, Completion, ErrorCode, Event, FinishReason, Timing, Usage};
-use super::request::{GenerateRequest, Limits, Message, Prompt, SamplingParams, SessionRef};
+use super::request::{
+    GenerateRequest, Limits, Message, Prompt, SamplingParams, SessionRef, ToolCall,
+};
 pub use super::request::{MAX_ID_BYTES, MAX_STOPS, MAX_STOP_BYTES};
 use super::status::Status;
 use super::SessionInfo;
@@ -65,6 +67,9 @@ pub struct GenerateBody {
     /// MQTT 3.1.1 reply topic; other front-ends refuse it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// Tools the model may call (OpenAI's `tools` entries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Value>>,
 }
 
 /// The requests that are not generations: `{"op":"status"}`, `{"op":"cancel","id":…}`.
@@ -125,6 +130,8 @@ pub enum Response {
         timing: Timing,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session: Option<SessionInfo>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<ToolCall>,
     },
     /// Terminal: the request failed or was refused. `id` is `null` when none could be read.
     Error {
@@ -175,6 +182,7 @@ impl Response {
                 total_ms: round2(t.total_ms),
             },
             session: c.session.clone(),
+            tool_calls: c.tool_calls.clone(),
         }
     }
 
@@ -187,6 +195,7 @@ impl Response {
                 usage,
                 timing,
                 session,
+                tool_calls,
                 ..
             } => Some(Completion {
                 text,
@@ -195,6 +204,7 @@ impl Response {
                 timing,
                 tokens: Vec::new(),
                 session,
+                tool_calls,
             }),
             _ => None,
         }
@@ -477,6 +487,7 @@ fn check(
         stop: w.stop.unwrap_or_default(),
         ignore_eos: w.ignore_eos,
         session,
+        tools: w.tools.unwrap_or_default(),
     };
     req.validate(limits)
         .map_err(|(code, m)| Refusal::new(id, code, m))?;

@@ -90,6 +90,7 @@ pub fn run(a: AskArgs) -> Result<()> {
         stop: a.stop,
         ignore_eos: false,
         session: None,
+        tools: Vec::new(),
     };
     // Checked here, where the command line is parsed, as the daemon checks what it parses
     // (a daemon applies its own limits.max_tokens on top).

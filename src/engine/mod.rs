@@ -20,6 +20,7 @@ pub mod sampler;
 pub mod session;
 pub mod stream;
 pub mod tokenizer;
+pub mod tools;
 pub mod worker;
 
 use std::time::Instant;
@@ -31,9 +32,11 @@ use crate::api::{
 use crate::backend::{Backend, BackendError, OpenError, Vocabulary};
 use chat::{ChatError, ChatTemplate, Rendered};
 use sampler::Sampler;
+use serde_json::Value;
 use session::{Session, SessionStore};
 use stream::TextStream;
 use tokenizer::{Tokenizer, TokenizerError};
+use tools::{ToolFormat, ToolParser};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -114,6 +117,24 @@ pub trait Sink {
     /// After every prefill chunk and token: positions of the window in use, and positions
     /// evicted so far by this request.
     fn kv(&mut self, _used: usize, _evicted: usize) {}
+}
+
+/// A sink that sends text through the tool-call parser to the client's sink.
+struct Split<'a> {
+    parser: &'a mut ToolParser,
+    inner: &'a mut dyn Sink,
+}
+
+impl Sink for Split<'_> {
+    fn text(&mut self, text: &str) {
+        self.parser.push(text, self.inner);
+    }
+    fn interrupt(&mut self) -> Option<FinishReason> {
+        self.inner.interrupt()
+    }
+    fn kv(&mut self, used: usize, evicted: usize) {
+        self.inner.kv(used, evicted)
+    }
 }
 
 /// A sink that only collects.
@@ -226,14 +247,14 @@ impl Engine {
         self.window = window.filter(|_| self.backend.can_shift());
     }
 
-    /// Prompt text as the model sees it (template applied to messages).
-    pub fn prompt_text(&self, prompt: &Prompt) -> Result<String, EngineError> {
+    /// Prompt text as the model sees it (template applied to messages, offering `tools`).
+    pub fn prompt_text(&self, prompt: &Prompt, tools: &[Value]) -> Result<String, EngineError> {
         Ok(match prompt {
             Prompt::Messages(m) => {
                 if m.is_empty() {
                     return Err(EngineError::EmptyPrompt);
                 }
-                self.chat.render(m)?
+                self.chat.render(m, tools)?
             }
             Prompt::Raw(s) => s.clone(),
         })
@@ -242,7 +263,7 @@ impl Engine {
     /// The prompt ids of a chat as a request's are made: the template's structure yields
     /// control tokens, the messages' content is tokenized as text.
     pub fn chat_ids(&mut self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
-        let r = self.chat.render_marked(messages)?;
+        let r = self.chat.render_marked(messages, &[])?;
         Ok(self.tokenize_chat(&r, true, &mut String::new())?.0)
     }
 
@@ -310,6 +331,7 @@ impl Engine {
     fn fit_messages(
         &mut self,
         messages: &[Message],
+        tools: &[Value],
         budget: usize,
         sink: &mut dyn Sink,
     ) -> Result<(Vec<Message>, String, Vec<u32>, usize), EngineError> {
@@ -323,7 +345,7 @@ impl Engine {
             .unwrap_or(messages.len() - 1)
             .max(first);
         let mut kept = messages.to_vec();
-        let mut r = self.chat.render_marked(&kept)?;
+        let mut r = self.chat.render_marked(&kept, tools)?;
         let (mut ids, mut starts) = self.tokenize_chat(&r, true, sink)?;
         let full = ids.len();
         while ids.len() > budget && first < last_user {
@@ -339,7 +361,7 @@ impl Engine {
             if let Some(why) = sink.interrupt() {
                 return Err(EngineError::Interrupted(why));
             }
-            r = self.chat.render_marked(&kept)?;
+            r = self.chat.render_marked(&kept, tools)?;
             (ids, starts) = self.tokenize_chat(&r, true, sink)?;
         }
         let n_ctx = self.backend.n_ctx();
@@ -393,7 +415,7 @@ impl Engine {
                     (t.clone(), ids, 0)
                 }
                 Prompt::Messages(m) => {
-                    let (_, text, ids, dropped) = self.fit_messages(m, budget, sink)?;
+                    let (_, text, ids, dropped) = self.fit_messages(m, &req.tools, budget, sink)?;
                     (text, ids, dropped)
                 }
             };
@@ -435,7 +457,7 @@ impl Engine {
         let mut all = prev;
         all.extend(new.iter().cloned());
         if let Some(s) = held {
-            let r = self.chat.render_marked(&all)?;
+            let r = self.chat.render_marked(&all, &req.tools)?;
             if let Some(suffix) = r.text.strip_prefix(s.text.as_str()) {
                 // The new turn's text, with its content ranges moved to the suffix.
                 let skip = s.text.len();
@@ -480,7 +502,7 @@ impl Engine {
             }
             tracing::debug!(session = %s.id, "session cache not reusable; prefilling the conversation again");
         }
-        let (kept, text, ids, dropped) = self.fit_messages(&all, budget, sink)?;
+        let (kept, text, ids, dropped) = self.fit_messages(&all, &req.tools, budget, sink)?;
         let session = Session::new(&sref.owner, &sref.id);
         Ok(Prepared::fresh(Some(session), kept, text, ids, dropped))
     }
@@ -559,6 +581,11 @@ impl Engine {
         sink: &mut dyn Sink,
     ) -> Result<Completion, EngineError> {
         let start = Instant::now();
+        if !req.tools.is_empty() && !self.chat.takes_tools() {
+            return Err(EngineError::BadRequest(
+                "tools: this model's chat template has no place for tools; send the request without them".into(),
+            ));
+        }
         let p = self.prepare(req, sink)?;
         let n_ctx = self.backend.n_ctx();
         self.sampler.reset(req.sampling.clone());
@@ -586,6 +613,21 @@ impl Engine {
         let prefill_done = Instant::now();
 
         let mut stream = TextStream::new(&req.stop);
+        // With tools, the text goes through the tool-call parser on its way to the client.
+        let mut parser = (!req.tools.is_empty())
+            .then(|| ToolParser::new(ToolFormat::of_template(&self.chat.source), &req.tools));
+        let client = sink;
+        let mut split;
+        let sink: &mut dyn Sink = match &mut parser {
+            Some(p) => {
+                split = Split {
+                    parser: p,
+                    inner: &mut *client,
+                };
+                &mut split
+            }
+            None => &mut *client,
+        };
         let mut generated: Vec<u32> = Vec::with_capacity(req.max_tokens.min(n_ctx));
         let mut first_token_at = None;
         let mut logits_ready = true;
@@ -633,7 +675,10 @@ impl Engine {
         }
         stream.finish(sink);
         let end = Instant::now();
-        let text = stream.into_text();
+        let (text, tool_calls) = match parser {
+            Some(p) => p.finish(client),
+            None => (stream.into_text(), Vec::new()),
+        };
         let session = p.session.map(|mut s| {
             let mut reply = Vec::new();
             for &t in &generated {
@@ -642,7 +687,10 @@ impl Engine {
             s.text = p.text;
             s.text.push_str(&String::from_utf8_lossy(&reply));
             s.messages = p.messages;
-            s.messages.push(Message::new("assistant", &text));
+            s.messages.push(Message {
+                tool_calls: tool_calls.clone(),
+                ..Message::new("assistant", &text)
+            });
             s.tokens.clear();
             s.tokens.extend_from_slice(&self.history);
             s.cached = pos.min(self.history.len());
@@ -684,6 +732,7 @@ impl Engine {
             },
             tokens: generated,
             session: session_info,
+            tool_calls,
         })
     }
 }

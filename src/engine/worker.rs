@@ -206,7 +206,7 @@ fn take_over(
     let mut req = job.req.clone();
     let mut tokens = 0;
     if !sent.is_empty() {
-        let prompt = match engine.prompt_text(&req.prompt) {
+        let prompt = match engine.prompt_text(&req.prompt, &req.tools) {
             Ok(p) => p,
             Err(e) => return Event::Error(ErrorCode::Internal, e.to_string()),
         };
