@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::latency::Latency;
 use crate::api::status::{Counters, Running};
 use crate::api::{CancelState, Completion, ErrorCode, Event, FinishReason, GenerateRequest};
 
@@ -118,6 +119,7 @@ pub struct QueueStatus {
     pub accepting: bool,
     pub running: Option<Running>,
     pub counters: Counters,
+    pub latency: Latency,
 }
 
 type Key = (u64, Arc<str>);
@@ -141,6 +143,7 @@ struct Inner {
     running: Option<(Arc<str>, Owner, &'static str, Instant)>,
     accepting: bool,
     counters: Counters,
+    latency: Latency,
 }
 
 pub struct Queue {
@@ -167,6 +170,7 @@ impl Queue {
                 running: None,
                 accepting: true,
                 counters: Counters::default(),
+                latency: Latency::default(),
             }),
             changed: Condvar::new(),
             capacity,
@@ -282,9 +286,14 @@ impl Queue {
         let mut g = self.lock();
         g.active.remove(&key(job));
         g.running = None;
-        let c = &mut g.counters;
         match outcome {
             Event::Done(d) => {
+                g.latency.record(
+                    d.usage.completion_tokens,
+                    d.timing.ttft_ms,
+                    d.timing.decode_tps,
+                );
+                let c = &mut g.counters;
                 c.done += 1;
                 c.prompt_tokens += d.usage.prompt_tokens as u64;
                 c.completion_tokens += d.usage.completion_tokens as u64;
@@ -294,7 +303,7 @@ impl Queue {
                     _ => {}
                 }
             }
-            Event::Error(..) => c.failed += 1,
+            Event::Error(..) => g.counters.failed += 1,
             Event::Token(_) => {}
         }
         drop(g);
@@ -437,6 +446,7 @@ impl Queue {
                     elapsed_ms: since.elapsed().as_millis() as u64,
                 }),
             counters: g.counters.clone(),
+            latency: g.latency.clone(),
         }
     }
 }

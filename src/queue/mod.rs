@@ -9,5 +9,7 @@
 //! never blocks, so neither the engine nor the queue waits on a slow client.
 
 mod jobs;
+mod latency;
 
 pub use jobs::{Caller, Job, Owner, Queue, QueueStatus, Reply, ReplyTx, Submit};
+pub use latency::{Histogram, Latency};
