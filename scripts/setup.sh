@@ -7,7 +7,9 @@
 #   scripts/setup.sh --test   also what the test suite needs: systemd's tools (systemd-analyze,
 #                             systemd-socket-activate), mosquitto and its clients, openssl, and
 #                             the aarch64 cross toolchain and qemu, and the second model
-#                             (Qwen2.5-Coder-0.5B Q4_K_M, 491 MB, fetched once into the cache)
+#                             (Qwen2.5-Coder-0.5B Q4_K_M, 491 MB, fetched once into the cache),
+#                             curl, and a virtualenv with the official `openai` and `ollama`
+#                             Python clients (~/.cache/edgellm/venv) for the HTTP API tests
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 want_test=0
@@ -34,6 +36,8 @@ if [ $want_test = 1 ]; then
   # MQTT tests: the broker, its command-line clients and mosquitto_passwd; openssl makes the
   # TLS certificates.
   need mosquitto mosquitto-clients openssl
+  # HTTP API tests: curl runs the README's examples; the official clients run in a virtualenv.
+  need curl python3-venv
   # Debian's rustc (rustc-web) has an aarch64 std; rustup's cannot use it (README, "Cross-compiling").
   need rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 fi
@@ -49,3 +53,12 @@ if [ "$want_test" = 1 ]; then
   bash "$root/models/fetch.sh" qwen2.5-coder-0.5b >/dev/null
 fi
 bash "$root/scripts/fetch-ort.sh" >/dev/null
+if [ "$want_test" = 1 ]; then
+  # The official clients, pinned; pip's cache keeps the wheels for reruns.
+  venv="$HOME/.cache/edgellm/venv"
+  if ! "$venv/bin/python" -c 'import openai, ollama' 2>/dev/null; then
+    echo "setup: making $venv with the openai and ollama clients" >&2
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check openai==3.60.0 ollama==0.6.3
+  fi
+fi

@@ -26,6 +26,7 @@ pub struct Config {
     pub limits: Limits,
     pub socket: SocketConfig,
     pub mqtt: MqttConfig,
+    pub http: HttpConfig,
     pub memory: MemoryConfig,
     pub ort: OrtConfig,
     pub sessions: SessionsConfig,
@@ -176,6 +177,86 @@ impl Default for MqttConfig {
             discovery_remove_on_stop: false,
             state_interval_s: 5,
             group: String::new(),
+        }
+    }
+}
+
+/// The HTTP front-end (OpenAI- and Ollama-compatible API).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where to listen: `host:port` (`[::1]:port` for IPv6) or `unix:/path`. Empty: off.
+    pub listen: Vec<String>,
+    /// The bearer token clients must send (`Authorization: Bearer …`); at most one of the
+    /// three; required when a listener is not loopback or a Unix socket.
+    pub api_key: String,
+    pub api_key_file: String,
+    pub api_key_env: String,
+    /// Other names clients may give for the loaded model.
+    pub model_aliases: Vec<String>,
+    /// Largest request body in bytes; 0: `limits.max_line_bytes`.
+    pub max_body_bytes: usize,
+    /// Time a request may take, from its first byte to its last reply byte.
+    pub request_timeout_ms: u64,
+    /// Connections served at once; beyond, a connection is answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: Vec::new(),
+            api_key: String::new(),
+            api_key_file: String::new(),
+            api_key_env: String::new(),
+            model_aliases: Vec::new(),
+            max_body_bytes: 0,
+            request_timeout_ms: 600_000,
+            max_connections: 64,
+        }
+    }
+}
+
+/// An address of `http.listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpListen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl HttpListen {
+    /// Parses one `http.listen` entry; the error names the key and what is allowed.
+    pub fn parse(s: &str) -> Result<HttpListen, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            let len = p.len();
+            if !p.starts_with('/') || len > MAX_SOCKET_PATH {
+                return Err(format!(
+                    "http.listen: {s:?}: a Unix socket needs an absolute path of at most {MAX_SOCKET_PATH} bytes"
+                ));
+            }
+            return Ok(HttpListen::Unix(PathBuf::from(p)));
+        }
+        s.parse().map(HttpListen::Tcp).map_err(|_| {
+            format!(
+                "http.listen: {s:?}: allowed \"host:port\" with an IP address (\"127.0.0.1:11434\", \"[::1]:11434\", \"0.0.0.0:11434\") or \"unix:/absolute/path\""
+            )
+        })
+    }
+
+    /// Only this machine can reach it: a loopback address or a Unix socket.
+    pub fn is_local(&self) -> bool {
+        match self {
+            HttpListen::Tcp(a) => a.ip().is_loopback(),
+            HttpListen::Unix(_) => true,
+        }
+    }
+}
+
+impl std::fmt::Display for HttpListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpListen::Tcp(a) => write!(f, "http://{a}"),
+            HttpListen::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
 }
@@ -352,6 +433,9 @@ const RANGES: &[(&str, u64, u64)] = &[
     ("sessions.max_count", 0, 4096),
     ("sessions.max_bytes", 0, 1 << 40),
     ("ort.max_batch", 1, 4096),
+    ("http.max_body_bytes", 0, 64 << 20),
+    ("http.request_timeout_ms", 1000, 86_400_000),
+    ("http.max_connections", 1, 4096),
 ];
 
 /// Longest path a `sockaddr_un` holds (108 bytes with the terminating NUL).
@@ -377,6 +461,7 @@ impl Config {
         }
         c.socket.path = base.join(&c.socket.path);
         for f in [
+            &mut c.http.api_key_file,
             &mut c.mqtt.password_file,
             &mut c.mqtt.ca_file,
             &mut c.mqtt.client_cert,
@@ -423,6 +508,9 @@ impl Config {
             self.sessions.max_count as u64,
             self.sessions.max_bytes,
             self.ort.max_batch as u64,
+            self.http.max_body_bytes as u64,
+            self.http.request_timeout_ms,
+            self.http.max_connections as u64,
         ];
         for (&(key, lo, hi), v) in RANGES.iter().zip(values) {
             if !(lo..=hi).contains(&v) {
@@ -471,6 +559,7 @@ impl Config {
             }
         }
         self.validate_mqtt()?;
+        self.validate_http()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| {
             format!(
                 "log.filter = {:?}: {e}; allowed a tracing filter such as \"info\" or \"edgellm=debug\"",
@@ -537,6 +626,41 @@ impl Config {
         {
             return Err(format!(
                 "mqtt.reply_prefixes: {p:?}: allowed non-empty topic prefixes without wildcards"
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_http(&self) -> Result<(), String> {
+        let h = &self.http;
+        let listen = h
+            .listen
+            .iter()
+            .map(|l| HttpListen::parse(l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sources = [&h.api_key, &h.api_key_file, &h.api_key_env]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .count();
+        if sources > 1 {
+            return Err(
+                "http.api_key, http.api_key_file, http.api_key_env: give at most one".into(),
+            );
+        }
+        if let Some(open) = listen.iter().find(|l| !l.is_local()) {
+            if sources == 0 {
+                return Err(format!(
+                    "http.listen: {open} is reachable from other machines; set http.api_key_file (or http.api_key_env, http.api_key) so that clients must send a bearer token, or listen on a loopback address"
+                ));
+            }
+        }
+        if let Some(a) = h
+            .model_aliases
+            .iter()
+            .find(|a| a.is_empty() || a.len() > 128 || a.chars().any(char::is_control))
+        {
+            return Err(format!(
+                "http.model_aliases: {a:?}: allowed 1..=128 characters, no control characters"
             ));
         }
         Ok(())

@@ -17,14 +17,14 @@ use edgellm::engine::sampler::Rng;
 use edgellm::gguf::{Bytes, Gguf};
 use edgellm_testkit::{synth_model, SynthSpec};
 
-fn cases() -> u64 {
+pub fn cases() -> u64 {
     std::env::var("EDGELLM_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000)
 }
 
-fn first_seed() -> u64 {
+pub fn first_seed() -> u64 {
     std::env::var("EDGELLM_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -46,7 +46,7 @@ const EDGES: [u64; 9] = [
 
 /// One mutation of `b` within `b[..end]`: a byte set, a bit flipped, an 8-byte field set to an
 /// edge value, a chunk deleted, duplicated, or the tail cut.
-fn mutate(b: &mut Vec<u8>, end: usize, rng: &mut Rng) {
+pub fn mutate(b: &mut Vec<u8>, end: usize, rng: &mut Rng) {
     if b.is_empty() {
         b.push(rng.next_u64() as u8);
         return;
@@ -146,7 +146,7 @@ fn corpus() -> Vec<Vec<u8>> {
 }
 
 /// Pieces spliced into lines: JSON structure, big and odd numbers, escapes, control text.
-const PIECES: [&str; 16] = [
+pub const PIECES: [&str; 16] = [
     "{",
     "}",
     "[",

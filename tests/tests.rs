@@ -4,6 +4,7 @@
 //! - `fuzz`: deterministic mutators over GGUF headers and request lines.
 //! - `engine`: a synthetic model through the whole engine (runs under qemu on aarch64 too).
 //! - `daemon`: config, protocol, queue; `edgellm serve` over a real socket, notify, units.
+//! - `http`: the HTTP API against the official `openai` and `ollama` Python clients.
 //! - `mqtt`: the MQTT front-end against real mosquitto brokers.
 //! - `ort`: the ONNX Runtime backend on real ONNX Runtime and onnxruntime-genai's model.
 //! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
@@ -14,6 +15,7 @@ mod daemon;
 mod engine;
 mod fuzz;
 mod gguf_errors;
+mod http;
 mod mqtt;
 mod ort;
 mod qwen;

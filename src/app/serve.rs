@@ -15,7 +15,7 @@ use edgellm::daemon::budget::{self, own_cgroup_limit, Budget};
 use edgellm::daemon::notify::Notifier;
 use edgellm::daemon::{guard, Daemon, Listener, Reload};
 use edgellm::engine::{worker, Engine, Window};
-use edgellm::frontend::{mqtt, unix};
+use edgellm::frontend::{http, mqtt, unix};
 
 use super::{file_name, init_logging, model_path, UsageError};
 
@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// MQTT fleet group: also take requests sent to the group (overrides mqtt.group)
     #[arg(long)]
     group: Option<String>,
+    /// Serve the HTTP API (OpenAI and Ollama) on ADDR: host:port or unix:/path; repeatable
+    /// (overrides http.listen)
+    #[arg(long, value_name = "ADDR")]
+    http: Vec<String>,
     /// Print the memory budget (weights, KV cache, scratch, sessions) and its limit, and
     /// exit: 0 when it fits, 1 when it does not
     #[arg(long)]
@@ -136,6 +140,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Some(g) = a.group {
         cfg.mqtt.group = g;
     }
+    if !a.http.is_empty() {
+        cfg.http.listen = a.http;
+    }
     cfg.validate().map_err(|message| ConfigError::Invalid {
         path: a
             .config
@@ -167,6 +174,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if activated.is_none() {
         unix::claim_path(&cfg.socket.path)?;
     }
+    // Bound before the model loads: a port in use is refused at once.
+    let http_settings = http::Settings::from_config(&cfg.http, http::ModelCard::default())?;
+    let http_bound = http::bind(
+        &http_settings.listen,
+        cfg.socket_mode().map_err(UsageError)?,
+        cfg.socket.group.as_deref(),
+    )?;
     let shown = spec.model_path().map(PathBuf::from).unwrap_or_default();
     tracing::info!(model = %shown.display(), backend = ?cfg.model.backend, "loading the model");
     let opened = backend::open(&spec).with_context(|| format!("loading {}", shown.display()))?;
@@ -192,6 +206,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         guard::install_sigbus_handler(&opened.path, mapped)
             .context("installing the SIGBUS handler")?;
     }
+    let about = about_model(&opened.path, opened.backend.vocabulary());
     let mut engine = Engine::from_backend(opened.backend)
         .with_context(|| format!("loading {}", opened.path.display()))?;
     let n_ctx = engine.backend.n_ctx();
@@ -233,6 +248,31 @@ pub fn run(a: ServeArgs) -> Result<()> {
             }
         }
     };
+    let http = if http_bound.is_empty() {
+        None
+    } else {
+        let info = engine.backend.info();
+        let mut s = http_settings;
+        s.model = http::ModelCard {
+            n_ctx: info.n_ctx,
+            template: engine.chat.source.clone(),
+            tools: engine.chat.takes_tools(),
+            quantization: about.quantization.unwrap_or_else(|| {
+                // The most common tensor type.
+                info.tensor_types
+                    .iter()
+                    .max_by_key(|(_, n)| *n)
+                    .map(|(t, _)| t.clone())
+                    .unwrap_or_default()
+            }),
+            ..about.card
+        };
+        s.model.aliases = cfg.http.model_aliases.clone();
+        for b in &http_bound {
+            tracing::info!(api = %b.describe(), model = %s.model.name, "serving HTTP");
+        }
+        Some((http_bound, s))
+    };
     let mut daemon = Daemon {
         model: file_name(&opened.path),
         config: cfg,
@@ -242,6 +282,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         listener,
         notifier: Notifier::from_env(),
         mqtt,
+        http,
         budget,
         model_file,
         reload: a.config.map(|path| Reload {
@@ -253,4 +294,87 @@ pub fn run(a: ServeArgs) -> Result<()> {
     daemon.warm_up()?;
     daemon.run(std::future::pending())?;
     Ok(())
+}
+
+/// What the HTTP API says of a model, read off its file and metadata before the engine takes
+/// the vocabulary.
+struct About {
+    card: http::ModelCard,
+    quantization: Option<String>,
+}
+
+fn about_model(path: &std::path::Path, v: edgellm::backend::Vocabulary<'_>) -> About {
+    use std::hash::{Hash, Hasher};
+    let meta = std::fs::metadata(path).ok();
+    let size = if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    } else {
+        meta.as_ref().map_or(0, std::fs::Metadata::len)
+    };
+    let modified = meta.and_then(|m| m.modified().ok());
+    let name = file_name(path);
+    let name = name.strip_suffix(".gguf").unwrap_or(&name).to_string();
+    // Names this file as Ollama's digests name blobs, without reading 500 MB for it.
+    let digest: String = (0..4u8)
+        .map(|k| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (k, &name, size, modified).hash(&mut h);
+            format!("{:016x}", h.finish())
+        })
+        .collect();
+    let (mut family, mut parameter_size, mut quantization) = (String::new(), String::new(), None);
+    if let edgellm::backend::Vocabulary::Gguf { gguf, .. } = v {
+        family = gguf
+            .get_str("general.architecture")
+            .unwrap_or("")
+            .to_string();
+        parameter_size = gguf.get_str("general.size_label").unwrap_or("").to_string();
+        quantization = gguf
+            .get("general.file_type")
+            .and_then(|t| t.as_u64())
+            .and_then(file_type_name)
+            .map(str::to_string);
+    }
+    About {
+        card: http::ModelCard {
+            name,
+            size,
+            modified,
+            digest,
+            family,
+            parameter_size,
+            ..Default::default()
+        },
+        quantization,
+    }
+}
+
+/// llama.cpp's `general.file_type` values.
+fn file_type_name(t: u64) -> Option<&'static str> {
+    Some(match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return None,
+    })
 }

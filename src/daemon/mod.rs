@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::engine::worker::{self, Progress};
 use crate::engine::Engine;
 use crate::frontend::mqtt::{self, MqttState};
-use crate::frontend::{unix, Access, Context, Live};
+use crate::frontend::{http, unix, Access, Context, Live};
 use crate::queue::{Queue, QueueStatus};
 use notify::Notifier;
 
@@ -87,6 +87,8 @@ pub struct Daemon {
     pub model: String,
     /// The MQTT front-end, when configured.
     pub mqtt: Option<mqtt::Settings>,
+    /// The HTTP front-end, when configured: its bound listeners and settings.
+    pub http: Option<(Vec<http::Bound>, http::Settings)>,
     /// The memory budget checked at start (reported in status).
     pub budget: budget::Budget,
     /// Why ONNX Runtime is not in use though configured (the int4 engine took over at start).
@@ -239,6 +241,7 @@ impl Daemon {
             notifier,
             model,
             mqtt,
+            http,
             budget,
             fallback_reason,
             fallback,
@@ -316,6 +319,21 @@ impl Daemon {
                 ))),
                 _ => None,
             };
+            let http_paths: Vec<PathBuf> = http
+                .as_ref()
+                .map(|(bound, _)| {
+                    bound
+                        .iter()
+                        .filter_map(|b| match b {
+                            http::Bound::Unix(_, p) => Some(p.clone()),
+                            http::Bound::Tcp(_) => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let http_task = http.map(|(bound, settings)| {
+                tokio::spawn(http::serve(bound, settings, ctx.clone(), shutdown_rx.clone()))
+            });
             let reaper = {
                 let queue = queue.clone();
                 tokio::spawn(async move {
@@ -435,6 +453,13 @@ impl Daemon {
             // timeout when the broker is away), then says `offline` and disconnects.
             if let Some(t) = mqtt_task {
                 let _ = tokio::time::timeout(STOP_TIMEOUT * 2, t).await;
+            }
+            // HTTP connections end once their responses are written.
+            if let Some(t) = http_task {
+                let _ = tokio::time::timeout(STOP_TIMEOUT, t).await;
+            }
+            for p in http_paths {
+                let _ = std::fs::remove_file(p);
             }
             reaper.abort();
             ticker.abort();

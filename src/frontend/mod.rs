@@ -12,6 +12,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod http;
 pub mod mqtt;
 pub mod unix;
 

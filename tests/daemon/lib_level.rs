@@ -223,6 +223,7 @@ fn wedged_engine_stops_the_watchdog_pings() {
         .expect("notifier"),
         model: "synth".into(),
         mqtt: None,
+        http: None,
         budget: budget(&plan, 0, 0, None),
         fallback_reason: None,
         fallback: None,
