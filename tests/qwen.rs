@@ -119,3 +119,46 @@ fn perplexity_matches_llama_cpp() {
         "mean KL divergence {kld} vs llama.cpp's {kld_ref}"
     );
 }
+
+/// The file's chat template with tools, an assistant's call and the tool's result renders as
+/// Hugging Face's Jinja renders it (its `tojson`: `", "` and `": "`, keys in the order given, no
+/// HTML escapes); an assistant turn with only calls has no empty content line.
+#[test]
+fn chat_template_renders_tools_and_tool_turns_as_hugging_face() {
+    use edgellm::api::{Message, ToolCall};
+    use edgellm::engine::chat::ChatTemplate;
+    use serde_json::json;
+
+    let g = Gguf::open(&qwen_model()).expect("open");
+    let t = ChatTemplate::new(
+        Some(g.get_str("tokenizer.chat_template").expect("template")),
+        "",
+        "<|im_end|>",
+    )
+    .expect("compiles");
+    let tools = [json!({"type": "function", "function": {"name": "turn_on",
+        "description": "Turn on a device",
+        "parameters": {"type": "object", "properties": {"name": {"type": "string"}},
+                       "required": ["name"]}}})];
+    let messages = [
+        Message::new("user", "Turn on the kitchen light"),
+        Message {
+            tool_calls: vec![ToolCall::new(
+                "call_1".into(),
+                "turn_on".into(),
+                json!({"name": "kitchen light"}),
+            )],
+            ..Message::new("assistant", "")
+        },
+        Message {
+            tool_call_id: Some("call_1".into()),
+            ..Message::new("tool", "{\"ok\": true}")
+        },
+    ];
+    let text = t.render(&messages, &tools).expect("renders");
+    let want = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"turn_on\", \"description\": \"Turn on a device\", \"parameters\": {\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\"}}, \"required\": [\"name\"]}}}\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n<|im_start|>user\nTurn on the kitchen light<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"turn_on\", \"arguments\": {\"name\": \"kitchen light\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{\"ok\": true}\n</tool_response><|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(text, want);
+    // Without tools the same template renders no tools section.
+    let plain = t.render(&messages[..1], &[]).expect("renders");
+    assert!(!plain.contains("# Tools"), "{plain}");
+}
