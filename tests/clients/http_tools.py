@@ -33,7 +33,7 @@ m = r.choices[0].message
 calls = [{"id": c.id, "name": c.function.name, "arguments": json.loads(c.function.arguments)}
          for c in (m.tool_calls or [])]
 out["openai"] = {"finish_reason": r.choices[0].finish_reason, "content": m.content,
-                 "calls": calls}
+                 "calls": calls, "prompt_tokens": r.usage.prompt_tokens}
 
 streamed, text, finish = {}, [], None
 for c in oa.chat.completions.create(model=model, messages=question, tools=tools, temperature=0,
@@ -55,7 +55,7 @@ out["openai_stream"] = {
               for _, s in sorted(streamed.items())],
 }
 
-# The call's result goes back; the model answers in words.
+# The call's result goes back as a `tool` message after the assistant's call.
 follow = question + [
     {"role": "assistant", "content": None, "tool_calls": [
         {"id": calls[0]["id"] if calls else "call_0", "type": "function",
@@ -67,6 +67,7 @@ r = oa.chat.completions.create(model=model, messages=follow, tools=tools, temper
                                max_tokens=48)
 out["openai_after_tool"] = {"finish_reason": r.choices[0].finish_reason,
                             "content": r.choices[0].message.content,
+                            "calls": len(r.choices[0].message.tool_calls or []),
                             "prompt_tokens": r.usage.prompt_tokens}
 
 ol = ollama.Client(host=base, timeout=300)
