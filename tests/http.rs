@@ -347,8 +347,9 @@ fn idle(d: &TestDaemon) -> Value {
     }
 }
 
-/// A client that goes away mid-stream, or while its request waits or runs unstreamed, has the
-/// request cancelled; a streamed one within a token or two of what it had read.
+/// A client that goes away mid-stream, or while its request runs unstreamed, has the request
+/// cancelled; a streamed one within one token of what the daemon had sent when it saw the
+/// hang-up.
 #[test]
 fn a_client_that_disconnects_cancels_its_request() {
     let (d, addr) = start(
@@ -384,8 +385,22 @@ fn a_client_that_disconnects_cancels_its_request() {
     let generated = after["completion_tokens"].as_u64().unwrap_or(0)
         - before["completion_tokens"].as_u64().unwrap_or(0);
     assert!(
-        generated >= read as u64 && generated <= read as u64 + 2,
-        "read {read} tokens, {generated} generated"
+        generated >= read as u64,
+        "read {read}, {generated} generated"
+    );
+    // The daemon logs how many tokens the engine had sent when it saw the hang-up: at most the
+    // one in progress then follows.
+    let log = d.log();
+    let seen: u64 = log
+        .lines()
+        .find(|l| l.contains("client went away") && l.contains("http-1"))
+        .and_then(|l| l.split("tokens=").nth(1))
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no hang-up line with tokens=: {log}"));
+    assert!(
+        seen >= read as u64 && generated <= seen + 1,
+        "read {read}, {seen} sent when the hang-up was seen, {generated} generated"
     );
     assert!(d.log().contains("client went away"), "{}", d.log());
 
@@ -482,7 +497,8 @@ fn limits_errors_and_metrics() {
     let r = read_response(&mut BufReader::new(s)).expect("answered");
     assert_eq!(r.status, 408, "{}", r.text());
     assert!(t.elapsed() < Duration::from_secs(5));
-    // Connections beyond http.max_connections: 503 at once.
+    // Connections beyond http.max_connections: 503 at once (after the ones above have closed).
+    std::thread::sleep(Duration::from_millis(300));
     let held: Vec<TcpStream> = (0..3)
         .map(|_| TcpStream::connect(addr).expect("connect"))
         .collect();

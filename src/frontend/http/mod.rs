@@ -495,6 +495,8 @@ impl Streamed {
                 self.job.finished = true;
                 self.ended = true;
                 self.trailer = self.format.end();
+            } else {
+                self.job.tokens += 1;
             }
             if let Some(b) = self.format.event(&reply.event) {
                 return Poll::Ready(Some(b));
@@ -510,6 +512,8 @@ pub struct Inflight {
     pub id: Arc<str>,
     rx: mpsc::UnboundedReceiver<Reply>,
     finished: bool,
+    /// Token events the engine has sent (streamed requests).
+    tokens: usize,
     pub model: String,
     pub started: Instant,
 }
@@ -530,10 +534,20 @@ impl Inflight {
 
 impl Drop for Inflight {
     fn drop(&mut self) {
+        // What the engine sent that the client never took: a terminal reply means the request
+        // ended anyway; tokens say how far it had come when the hang-up was seen.
+        while let Ok(r) = self.rx.try_recv() {
+            if r.event.is_terminal() {
+                self.finished = true;
+            } else {
+                self.tokens += 1;
+            }
+        }
         if !self.finished {
             tracing::info!(
                 id = &*self.id,
                 peer = &*self.owner.peer,
+                tokens = self.tokens,
                 "http: client went away; cancelling its request"
             );
             self.shared.ctx.queue.cancel(
@@ -941,6 +955,7 @@ pub fn submit(
         id,
         rx,
         finished: false,
+        tokens: 0,
         model,
         started: r.arrived,
     };
