@@ -141,6 +141,28 @@ fn ask_command_streams_only_the_answer() {
     assert_eq!(out, "The capital of France is Paris.\n");
     assert!(err.contains("tok/s"), "summary on stderr: {err}");
 
+    // --json: one object instead of the streamed text.
+    let (out, err, code) = edgellm(&[
+        "ask",
+        "--model",
+        m,
+        "--kernels",
+        "reference",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "48",
+        "--json",
+        "What is the capital of France?",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(v["text"], "The capital of France is Paris.", "{v}");
+    assert_eq!(v["finish_reason"], "stop", "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64() > Some(0), "{v}");
+    assert!(v["timing"]["ttft_ms"].as_f64() > Some(0.0), "{v}");
+
     // Sampling with a seed is reproducible, and --raw skips the template.
     let run = |seed: &str| {
         edgellm(&[

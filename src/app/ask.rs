@@ -55,6 +55,9 @@ pub struct AskArgs {
     /// Answer in-process even when a daemon is running
     #[arg(long)]
     local: bool,
+    /// Print one JSON object (text, finish_reason, usage, timing) instead of streaming the text
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(a: AskArgs) -> Result<()> {
@@ -114,9 +117,15 @@ pub fn run(a: AskArgs) -> Result<()> {
         match client::connect(&sock) {
             Ok(mut stream) => {
                 let body = wire_body(&req, format!("ask-{}-{seed}", std::process::id()));
-                let mut out = std::io::stdout().lock();
-                let c = client::generate(&mut stream, body, &mut out)?;
-                writeln!(out)?;
+                let c = if a.json {
+                    client::generate(&mut stream, body, &mut std::io::sink())?
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    let c = client::generate(&mut stream, body, &mut out)?;
+                    writeln!(out)?;
+                    c
+                };
+                finish(&c, a.json)?;
                 eprintln!("{} (daemon at {})", cli::summary(&c), sock.display());
                 return Ok(());
             }
@@ -131,8 +140,26 @@ pub fn run(a: AskArgs) -> Result<()> {
     let mut engine = open_engine(&spec, "answering on")?.engine;
     let n_ctx = engine.backend.n_ctx();
     engine.set_window(Window::new(n_ctx, 4, 0));
-    let c = cli::ask(&mut engine, &req, std::io::stdout().lock())?;
+    let c = if a.json {
+        cli::ask(&mut engine, &req, std::io::sink())?
+    } else {
+        cli::ask(&mut engine, &req, std::io::stdout().lock())?
+    };
+    finish(&c, a.json)?;
     eprintln!("{}", cli::summary(&c));
+    Ok(())
+}
+
+/// With `--json`: the completion as one JSON object on stdout, as the daemon's `done` reply
+/// carries it (text, finish_reason, usage, timing).
+fn finish(c: &edgellm::api::Completion, json: bool) -> Result<()> {
+    if json {
+        let mut v = serde_json::to_value(c)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("session");
+        }
+        println!("{v}");
+    }
     Ok(())
 }
 

@@ -488,7 +488,12 @@ fn ask_and_status_through_the_daemon() {
     assert!(!err.contains("daemon at"), "{err}");
     assert_eq!(via, local);
     assert!(!via.trim().is_empty());
-    assert_eq!(d.status()["requests"]["done"], 1);
+    // --json through the daemon: the same answer, as one object.
+    let (j, err, code) = edgellm(&[&["ask", "--json", "--socket", s][..], &q].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&j).expect("one JSON object");
+    assert_eq!(v["text"].as_str(), Some(via.trim_end_matches('\n')), "{v}");
+    assert_eq!(d.status()["requests"]["done"], 2);
     assert!(!d.log().contains("request done"), "{}", d.log());
 
     // A generation four times the window (n_ctx 256) slides it and says how much it evicted.
