@@ -38,7 +38,7 @@ impl Message {
     }
 }
 
-/// Most tools a request may offer, and most calls one turn may carry.
+/// Most tools a request may offer.
 pub const MAX_TOOLS: usize = 64;
 
 /// A call of one of the request's tools, in the shape chat templates expect (OpenAI's, with
