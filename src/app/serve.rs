@@ -175,7 +175,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         unix::claim_path(&cfg.socket.path)?;
     }
     // Bound before the model loads: a port in use is refused at once.
-    let http_settings = http::Settings::from_config(&cfg.http, http::ModelCard::default())?;
+    let http_settings = http::Settings::from_config(&cfg.http)?;
     let http_bound = http::bind(
         &http_settings.listen,
         cfg.socket_mode().map_err(UsageError)?,

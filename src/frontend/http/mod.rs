@@ -39,7 +39,7 @@ use tokio::task::JoinSet;
 
 use super::{until_true, Context};
 use crate::api::wire::{check_priority, MAX_DEADLINE_MS};
-use crate::api::{ErrorCode, Event, GenerateRequest};
+use crate::api::{Completion, ErrorCode, Event, GenerateRequest};
 use crate::config::{HttpConfig, HttpListen};
 use crate::queue::{Caller, Job, Owner, Reply, Submit};
 
@@ -123,8 +123,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The settings of `[http]`, reading the API key from its file or variable.
-    pub fn from_config(c: &HttpConfig, mut model: ModelCard) -> Result<Settings, HttpError> {
+    /// The settings of `[http]`, reading the API key from its file or variable; the model is
+    /// described once it is loaded.
+    pub fn from_config(c: &HttpConfig) -> Result<Settings, HttpError> {
         let listen = c
             .listen
             .iter()
@@ -153,14 +154,13 @@ impl Settings {
                 "http.api_key_file / http.api_key_env: the key is empty".into(),
             ));
         }
-        model.aliases = c.model_aliases.clone();
         Ok(Settings {
             listen,
             api_key: key,
             max_body_bytes: c.max_body_bytes,
             request_timeout: Duration::from_millis(c.request_timeout_ms),
             max_connections: c.max_connections,
-            model,
+            model: ModelCard::default(),
         })
     }
 }
@@ -236,7 +236,8 @@ impl Shared {
 }
 
 /// Serves every listener until `shutdown` turns true; then stops accepting, lets each
-/// connection finish its requests, and returns. Unix socket paths are removed.
+/// connection finish its requests, and returns. (The daemon removes Unix socket paths, also
+/// when this is cut short.)
 pub async fn serve(
     bound: Vec<Bound>,
     settings: Settings,
@@ -250,37 +251,53 @@ pub async fn serve(
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(shared.settings.max_connections));
     let mut loops = JoinSet::new();
-    let mut paths = Vec::new();
     for b in bound {
-        let shared = shared.clone();
-        let slots = slots.clone();
-        let shutdown = shutdown.clone();
-        match b {
-            Bound::Tcp(s) => match TcpListener::from_std(s) {
-                Ok(l) => {
-                    loops.spawn(accept_tcp(l, shared, slots, shutdown));
-                }
-                Err(e) => tracing::error!("http: listener not served: {e}"),
-            },
-            Bound::Unix(s, path) => {
-                paths.push(path);
-                match UnixListener::from_std(s) {
-                    Ok(l) => {
-                        loops.spawn(accept_unix(l, shared, slots, shutdown));
-                    }
-                    Err(e) => tracing::error!("http: listener not served: {e}"),
-                }
-            }
+        let (shared, slots, shutdown) = (shared.clone(), slots.clone(), shutdown.clone());
+        let served = match b {
+            Bound::Tcp(s) => TcpListener::from_std(s)
+                .map(|l| loops.spawn(accept_loop(l, shared, slots, shutdown))),
+            Bound::Unix(s, _) => UnixListener::from_std(s)
+                .map(|l| loops.spawn(accept_loop(l, shared, slots, shutdown))),
+        };
+        if let Err(e) = served {
+            tracing::error!("http: listener not served: {e}");
         }
     }
     while loops.join_next().await.is_some() {}
-    for p in paths {
-        let _ = std::fs::remove_file(p);
+}
+
+/// A listener: its connections, and who is at the other end, for logs and ownership.
+trait Accept: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_peer(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_peer(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (s, peer) = self.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, peer.to_string()))
     }
 }
 
-async fn accept_tcp(
-    l: TcpListener,
+impl Accept for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_peer(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (s, _) = self.accept().await?;
+        let peer = s
+            .peer_cred()
+            .map_or_else(|_| "unix".into(), |c| format!("uid:{}", c.uid()));
+        Ok((s, peer))
+    }
+}
+
+/// Accepts connections until `shutdown` turns true, backing off when accepting fails (out of
+/// descriptors), then waits for the connections to end.
+async fn accept_loop<L: Accept>(
+    l: L,
     shared: Arc<Shared>,
     slots: Arc<tokio::sync::Semaphore>,
     mut shutdown: watch::Receiver<bool>,
@@ -289,53 +306,13 @@ async fn accept_tcp(
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
-            a = l.accept() => a,
+            a = l.accept_peer() => a,
             _ = until_true(&mut shutdown) => break,
         };
         while conns.try_join_next().is_some() {}
         match accepted {
             Ok((s, peer)) => {
                 backoff = Duration::from_millis(10);
-                let _ = s.set_nodelay(true);
-                conns.spawn(connection(
-                    s,
-                    peer.to_string(),
-                    shared.clone(),
-                    slots.clone(),
-                    shutdown.clone(),
-                ));
-            }
-            Err(e) => {
-                tracing::warn!("http: accept failed: {e}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-    drop(l);
-    while conns.join_next().await.is_some() {}
-}
-
-async fn accept_unix(
-    l: UnixListener,
-    shared: Arc<Shared>,
-    slots: Arc<tokio::sync::Semaphore>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut conns = JoinSet::new();
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let accepted = tokio::select! {
-            a = l.accept() => a,
-            _ = until_true(&mut shutdown) => break,
-        };
-        while conns.try_join_next().is_some() {}
-        match accepted {
-            Ok((s, _)) => {
-                backoff = Duration::from_millis(10);
-                let peer = s
-                    .peer_cred()
-                    .map_or_else(|_| "unix".into(), |c| format!("uid:{}", c.uid()));
                 conns.spawn(connection(
                     s,
                     peer,
@@ -519,16 +496,26 @@ pub struct Inflight {
 }
 
 impl Inflight {
-    /// The terminal event, after the tokens (which a non-streamed request does not get).
-    pub async fn outcome(&mut self) -> Event {
+    /// The completion of a request that is not streamed, or its refusal as a failure.
+    pub async fn completion(&mut self) -> Result<Box<Completion>, Failure> {
         while let Some(r) = self.rx.recv().await {
-            if r.event.is_terminal() {
-                self.finished = true;
-                return r.event;
+            match r.event {
+                Event::Token(_) => {}
+                Event::Done(c) => {
+                    self.finished = true;
+                    return Ok(c);
+                }
+                Event::Error(code, m) => {
+                    self.finished = true;
+                    return Err(Failure::of(code, m));
+                }
             }
         }
         self.finished = true;
-        Event::Error(ErrorCode::Internal, "the engine dropped the request".into())
+        Err(Failure::of(
+            ErrorCode::Internal,
+            "the engine dropped the request".into(),
+        ))
     }
 }
 

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::openai::{arguments_value, offered, Stop};
 use super::{
     check_model, json_response, parse_body, rfc3339, streamed_response, submit, Body, Failure,
-    Format, Inflight, Req, Shared, Streamed,
+    Format, Req, Shared, Streamed,
 };
 use crate::api::{
     Completion, Event, FinishReason, GenerateRequest, Message, Prompt, SamplingParams, ToolCall,
@@ -133,14 +133,7 @@ impl Common {
             },
             seed: o.seed.map_or(d.seed, |s| s as u64),
         };
-        req.stop = o
-            .stop
-            .as_ref()
-            .map(|s| match s {
-                Stop::One(s) => vec![s.clone()],
-                Stop::Many(v) => v.clone(),
-            })
-            .unwrap_or_default();
+        req.stop = o.stop.clone().map(Stop::into_vec).unwrap_or_default();
         Ok(())
     }
 }
@@ -183,7 +176,7 @@ pub async fn chat(r: &Req, shared: &Arc<Shared>) -> Result<Response<Body>, Failu
     let model = check_model(shared, common.model.as_deref())?;
     if body.messages.is_empty() {
         // Ollama loads the model on an empty chat; here it is always loaded.
-        return Ok(loaded(&model, "chat"));
+        return Ok(loaded(&model, Kind::Chat));
     }
     let mut messages = Vec::with_capacity(body.messages.len());
     for (i, m) in body.messages.into_iter().enumerate() {
@@ -213,24 +206,7 @@ pub async fn chat(r: &Req, shared: &Arc<Shared>) -> Result<Response<Body>, Failu
     }
     let mut req = GenerateRequest::new(Prompt::Messages(messages));
     req.tools = offered(body.tools, None)?;
-    common.apply(&mut req, shared, &r.path)?;
-    let stream = common.stream.unwrap_or(true);
-    let job = submit(r, shared, req, stream, model)?;
-    if stream {
-        let fmt = Ndjson {
-            model: job.model.clone(),
-            chat: true,
-        };
-        return Ok(streamed_response(
-            "application/x-ndjson",
-            Streamed::new(job, Box::new(fmt), None),
-        ));
-    }
-    let (c, job) = finish(job).await?;
-    let mut out = head(&job.model);
-    out["message"] = message(&c.text, &c.tool_calls);
-    add_stats(&mut out, &c);
-    Ok(json_response(StatusCode::OK, &out))
+    answer(r, shared, req, &common, model, Kind::Chat).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,7 +258,7 @@ pub async fn generate(r: &Req, shared: &Arc<Shared>) -> Result<Response<Body>, F
     }
     let prompt = body.prompt.unwrap_or_default();
     if prompt.is_empty() {
-        return Ok(loaded(&model, "generate"));
+        return Ok(loaded(&model, Kind::Generate));
     }
     let p = if body.raw {
         Prompt::Raw(prompt)
@@ -294,54 +270,64 @@ pub async fn generate(r: &Req, shared: &Arc<Shared>) -> Result<Response<Body>, F
         m.push(Message::new("user", &prompt));
         Prompt::Messages(m)
     };
-    let mut req = GenerateRequest::new(p);
+    let req = GenerateRequest::new(p);
+    answer(r, shared, req, &common, model, Kind::Generate).await
+}
+
+/// Which endpoint answers: `/api/chat` puts the text in `message`, `/api/generate` in
+/// `response`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Generate,
+}
+
+impl Kind {
+    /// A reply object for `model` carrying `text` (and, in a chat, `calls`).
+    fn reply(self, model: &str, text: &str, calls: &[ToolCall]) -> Value {
+        let mut v = json!({"model": model, "created_at": rfc3339(SystemTime::now())});
+        match self {
+            Kind::Chat => v["message"] = message(text, calls),
+            Kind::Generate => v["response"] = json!(text),
+        }
+        v
+    }
+}
+
+/// Sets the request's options, queues it, and answers: a stream of JSON lines, or one object.
+async fn answer(
+    r: &Req,
+    shared: &Arc<Shared>,
+    mut req: GenerateRequest,
+    common: &Common,
+    model: String,
+    kind: Kind,
+) -> Result<Response<Body>, Failure> {
     common.apply(&mut req, shared, &r.path)?;
     let stream = common.stream.unwrap_or(true);
-    let job = submit(r, shared, req, stream, model)?;
+    let mut job = submit(r, shared, req, stream, model)?;
     if stream {
         let fmt = Ndjson {
             model: job.model.clone(),
-            chat: false,
+            kind,
         };
         return Ok(streamed_response(
             "application/x-ndjson",
             Streamed::new(job, Box::new(fmt), None),
         ));
     }
-    let (c, job) = finish(job).await?;
-    let mut out = head(&job.model);
-    out["response"] = json!(c.text);
+    let c = job.completion().await?;
+    let mut out = kind.reply(&job.model, &c.text, &c.tool_calls);
     add_stats(&mut out, &c);
     Ok(json_response(StatusCode::OK, &out))
 }
 
 /// The answer to a request that only asks for the model to be loaded.
-fn loaded(model: &str, kind: &str) -> Response<Body> {
-    let mut out = head(model);
-    if kind == "chat" {
-        out["message"] = json!({"role": "assistant", "content": ""});
-    } else {
-        out["response"] = json!("");
-    }
+fn loaded(model: &str, kind: Kind) -> Response<Body> {
+    let mut out = kind.reply(model, "", &[]);
     out["done"] = json!(true);
     out["done_reason"] = json!("load");
     json_response(StatusCode::OK, &out)
-}
-
-async fn finish(mut job: Inflight) -> Result<(Box<Completion>, Inflight), Failure> {
-    match job.outcome().await {
-        Event::Done(c) => Ok((c, job)),
-        Event::Error(code, m) => Err(Failure::of(code, m)),
-        Event::Token(_) => Err(Failure::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "no terminal reply",
-        )),
-    }
-}
-
-fn head(model: &str) -> Value {
-    json!({"model": model, "created_at": rfc3339(SystemTime::now())})
 }
 
 /// An assistant message, with its tool calls as Ollama sends them (arguments an object).
@@ -392,7 +378,7 @@ fn add_stats(v: &mut Value, c: &Completion) {
 
 struct Ndjson {
     model: String,
-    chat: bool,
+    kind: Kind,
 }
 
 fn line(v: &Value) -> Vec<u8> {
@@ -403,30 +389,20 @@ fn line(v: &Value) -> Vec<u8> {
 
 impl Format for Ndjson {
     fn event(&mut self, event: &Event) -> Option<Bytes> {
-        let mut v = head(&self.model);
         match event {
             Event::Token(t) => {
-                if self.chat {
-                    v["message"] = message(t, &[]);
-                } else {
-                    v["response"] = json!(t);
-                }
+                let mut v = self.kind.reply(&self.model, t, &[]);
                 v["done"] = json!(false);
                 Some(Bytes::from(line(&v)))
             }
             Event::Done(c) => {
                 let mut out = Vec::new();
-                if self.chat && !c.tool_calls.is_empty() {
-                    let mut call = head(&self.model);
-                    call["message"] = message("", &c.tool_calls);
+                if self.kind == Kind::Chat && !c.tool_calls.is_empty() {
+                    let mut call = self.kind.reply(&self.model, "", &c.tool_calls);
                     call["done"] = json!(false);
                     out.extend(line(&call));
                 }
-                if self.chat {
-                    v["message"] = message("", &[]);
-                } else {
-                    v["response"] = json!("");
-                }
+                let mut v = self.kind.reply(&self.model, "", &[]);
                 add_stats(&mut v, c);
                 out.extend(line(&v));
                 Some(Bytes::from(out))

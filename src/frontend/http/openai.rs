@@ -14,14 +14,14 @@ use serde_json::{json, Value};
 
 use super::{
     check_model, json_response, parse_body, streamed_response, submit, unix_now, Body, Failure,
-    Format, Inflight, Req, Shared, Streamed,
+    Format, Req, Shared, Streamed,
 };
 use crate::api::{
     Completion, Event, FinishReason, GenerateRequest, Message, Prompt, SamplingParams, ToolCall,
 };
 
 /// `stop`: a string or a list of them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
@@ -291,55 +291,7 @@ pub async fn chat(r: &Req, shared: &Arc<Shared>) -> Result<Response<Body>, Failu
     }
     let mut req = GenerateRequest::new(Prompt::Messages(messages(body.messages)?));
     req.tools = offered(body.tools, body.tool_choice.as_ref())?;
-    let stream = common.stream;
-    let usage = common
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    common.apply(&mut req, shared.ctx.limits().default_max_tokens)?;
-    let job = submit(r, shared, req, stream, model)?;
-    if stream {
-        let id = format!("chatcmpl-{}", job.id);
-        let fmt = ChatStream {
-            id,
-            model: job.model.clone(),
-            created: unix_now(),
-            usage,
-        };
-        let head = fmt.chunk(json!({"role": "assistant", "content": ""}), None);
-        return Ok(streamed_response(
-            "text/event-stream",
-            Streamed::new(job, Box::new(fmt), Some(head)),
-        ));
-    }
-    let (c, job) = finish(job).await?;
-    let calls = wire_calls(&c.tool_calls);
-    let content = if c.text.is_empty() && !calls.is_empty() {
-        Value::Null
-    } else {
-        Value::String(c.text.clone())
-    };
-    let mut message = json!({"role": "assistant", "content": content});
-    if !calls.is_empty() {
-        message["tool_calls"] = Value::Array(calls);
-    }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "id": format!("chatcmpl-{}", job.id),
-            "object": "chat.completion",
-            "created": unix_now(),
-            "model": job.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": null,
-                "finish_reason": finish_reason(&c),
-            }],
-            "usage": usage_of(&c),
-        }),
-    ))
+    answer(r, shared, req, common, model, Kind::Chat).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -379,57 +331,85 @@ pub async fn completions(r: &Req, shared: &Arc<Shared>) -> Result<Response<Body>
             ))
         }
     };
-    let mut req = GenerateRequest::new(Prompt::Raw(prompt));
+    let req = GenerateRequest::new(Prompt::Raw(prompt));
+    answer(r, shared, req, common, model, Kind::Text).await
+}
+
+/// Which endpoint answers: chat completions (`message`, streamed as `delta`s) or text
+/// completions (`text`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+impl Kind {
+    fn object(self, stream: bool) -> &'static str {
+        match (self, stream) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+}
+
+/// Sets the request's length and sampling, queues it, and answers: server-sent events, or one
+/// object.
+async fn answer(
+    r: &Req,
+    shared: &Arc<Shared>,
+    mut req: GenerateRequest,
+    common: Common,
+    model: String,
+    kind: Kind,
+) -> Result<Response<Body>, Failure> {
     let stream = common.stream;
     let usage = common
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
     common.apply(&mut req, shared.ctx.limits().default_max_tokens)?;
-    let job = submit(r, shared, req, stream, model)?;
+    let mut job = submit(r, shared, req, stream, model)?;
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Text => "cmpl",
+    };
+    let fmt = Sse {
+        kind,
+        id: format!("{prefix}-{}", job.id),
+        model: job.model.clone(),
+        created: unix_now(),
+        usage,
+    };
     if stream {
-        let fmt = TextStream {
-            id: format!("cmpl-{}", job.id),
-            model: job.model.clone(),
-            created: unix_now(),
-            usage,
-        };
+        let head = (kind == Kind::Chat)
+            .then(|| fmt.chunk(fmt.choice(json!({"role": "assistant", "content": ""}), None)));
         return Ok(streamed_response(
             "text/event-stream",
-            Streamed::new(job, Box::new(fmt), None),
+            Streamed::new(job, Box::new(fmt), head),
         ));
     }
-    let (c, job) = finish(job).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "id": format!("cmpl-{}", job.id),
-            "object": "text_completion",
-            "created": unix_now(),
-            "model": job.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [{
-                "index": 0,
-                "text": c.text,
-                "logprobs": null,
-                "finish_reason": finish_reason(&c),
-            }],
-            "usage": usage_of(&c),
-        }),
-    ))
-}
-
-/// Waits for the completion of a request that is not streamed.
-async fn finish(mut job: Inflight) -> Result<(Box<Completion>, Inflight), Failure> {
-    match job.outcome().await {
-        Event::Done(c) => Ok((c, job)),
-        Event::Error(code, m) => Err(Failure::of(code, m)),
-        Event::Token(_) => Err(Failure::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "no terminal reply",
-        )),
+    let c = job.completion().await?;
+    let mut choice = json!({"index": 0, "logprobs": null, "finish_reason": finish_reason(&c)});
+    match kind {
+        Kind::Chat => {
+            let calls = wire_calls(&c.tool_calls);
+            let content = if c.text.is_empty() && !calls.is_empty() {
+                Value::Null
+            } else {
+                Value::String(c.text.clone())
+            };
+            let mut message = json!({"role": "assistant", "content": content});
+            if !calls.is_empty() {
+                message["tool_calls"] = Value::Array(calls);
+            }
+            choice["message"] = message;
+        }
+        Kind::Text => choice["text"] = json!(c.text),
     }
+    let mut out = fmt.envelope(kind.object(false), json!([choice]));
+    out["usage"] = usage_of(&c);
+    Ok(json_response(StatusCode::OK, &out))
 }
 
 fn fingerprint() -> String {
@@ -486,23 +466,44 @@ fn error_event(code: crate::api::ErrorCode, message: &str) -> Bytes {
     sse(&Failure::of(code, message.to_string()).body(super::Api::OpenAi))
 }
 
-struct ChatStream {
+/// A streamed answer, as server-sent events.
+struct Sse {
+    kind: Kind,
     id: String,
     model: String,
     created: u64,
+    /// `stream_options.include_usage`: every chunk has `usage: null`, a last one the usage.
     usage: bool,
 }
 
-impl ChatStream {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Bytes {
-        let mut v = json!({
+impl Sse {
+    /// The fields every object of the answer carries, around `choices`.
+    fn envelope(&self, object: &str, choices: Value) -> Value {
+        json!({
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": object,
             "created": self.created,
             "model": self.model,
             "system_fingerprint": fingerprint(),
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
+            "choices": choices,
+        })
+    }
+
+    /// A streamed choice: chat's `delta`, a completion's `text`.
+    fn choice(&self, content: Value, finish: Option<&str>) -> Value {
+        let mut c = json!({"index": 0});
+        c[match self.kind {
+            Kind::Chat => "delta",
+            Kind::Text => "text",
+        }] = content;
+        c["logprobs"] = Value::Null;
+        c["finish_reason"] = json!(finish);
+        c
+    }
+
+    /// One event of one choice.
+    fn chunk(&self, choice: Value) -> Bytes {
+        let mut v = self.envelope(self.kind.object(true), json!([choice]));
         if self.usage {
             v["usage"] = Value::Null;
         }
@@ -510,72 +511,29 @@ impl ChatStream {
     }
 }
 
-impl Format for ChatStream {
+impl Format for Sse {
     fn event(&mut self, event: &Event) -> Option<Bytes> {
+        let chat = self.kind == Kind::Chat;
         match event {
-            Event::Token(t) => Some(self.chunk(json!({"content": t}), None)),
+            Event::Token(t) => {
+                let content = if chat {
+                    json!({"content": t})
+                } else {
+                    json!(t)
+                };
+                Some(self.chunk(self.choice(content, None)))
+            }
             Event::Done(c) => {
                 let mut out = Vec::new();
                 let calls = wire_calls(&c.tool_calls);
-                if !calls.is_empty() {
-                    out.extend_from_slice(&self.chunk(json!({"tool_calls": calls}), None));
+                if chat && !calls.is_empty() {
+                    let delta = json!({"tool_calls": calls});
+                    out.extend_from_slice(&self.chunk(self.choice(delta, None)));
                 }
-                out.extend_from_slice(&self.chunk(json!({}), Some(finish_reason(c))));
+                let last = if chat { json!({}) } else { json!("") };
+                out.extend_from_slice(&self.chunk(self.choice(last, Some(finish_reason(c)))));
                 if self.usage {
-                    out.extend_from_slice(&sse(&json!({
-                        "id": self.id,
-                        "object": "chat.completion.chunk",
-                        "created": self.created,
-                        "model": self.model,
-                        "system_fingerprint": fingerprint(),
-                        "choices": [],
-                        "usage": usage_of(c),
-                    })));
-                }
-                Some(Bytes::from(out))
-            }
-            Event::Error(code, m) => Some(error_event(*code, m)),
-        }
-    }
-
-    fn end(&mut self) -> Option<Bytes> {
-        Some(Bytes::from_static(b"data: [DONE]\n\n"))
-    }
-}
-
-struct TextStream {
-    id: String,
-    model: String,
-    created: u64,
-    usage: bool,
-}
-
-impl TextStream {
-    fn chunk(&self, text: &str, finish: Option<&str>) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-        });
-        if self.usage {
-            v["usage"] = Value::Null;
-        }
-        v
-    }
-}
-
-impl Format for TextStream {
-    fn event(&mut self, event: &Event) -> Option<Bytes> {
-        match event {
-            Event::Token(t) => Some(sse(&self.chunk(t, None))),
-            Event::Done(c) => {
-                let mut out = sse(&self.chunk("", Some(finish_reason(c)))).to_vec();
-                if self.usage {
-                    let mut u = self.chunk("", None);
-                    u["choices"] = json!([]);
+                    let mut u = self.envelope(self.kind.object(true), json!([]));
                     u["usage"] = usage_of(c);
                     out.extend_from_slice(&sse(&u));
                 }
