@@ -438,6 +438,15 @@ const RANGES: &[(&str, u64, u64)] = &[
     ("http.max_connections", 1, 4096),
 ];
 
+/// A secret's sources (inline, file, variable): at most one may be set; whether one is.
+fn at_most_one(keys: [&str; 3], values: [&String; 3]) -> Result<bool, String> {
+    match values.iter().filter(|v| !v.is_empty()).count() {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(format!("{}: give at most one", keys.join(", "))),
+    }
+}
+
 /// Longest path a `sockaddr_un` holds (108 bytes with the terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
@@ -607,15 +616,10 @@ impl Config {
                 m.group
             ));
         }
-        let sources = [&m.password, &m.password_file, &m.password_env]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .count();
-        if sources > 1 {
-            return Err(
-                "mqtt.password, mqtt.password_file, mqtt.password_env: give at most one".into(),
-            );
-        }
+        at_most_one(
+            ["mqtt.password", "mqtt.password_file", "mqtt.password_env"],
+            [&m.password, &m.password_file, &m.password_env],
+        )?;
         if m.client_cert.is_empty() != m.client_key.is_empty() {
             return Err("mqtt.client_cert and mqtt.client_key: give both or neither".into());
         }
@@ -638,17 +642,12 @@ impl Config {
             .iter()
             .map(|l| HttpListen::parse(l))
             .collect::<Result<Vec<_>, _>>()?;
-        let sources = [&h.api_key, &h.api_key_file, &h.api_key_env]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .count();
-        if sources > 1 {
-            return Err(
-                "http.api_key, http.api_key_file, http.api_key_env: give at most one".into(),
-            );
-        }
+        let keyed = at_most_one(
+            ["http.api_key", "http.api_key_file", "http.api_key_env"],
+            [&h.api_key, &h.api_key_file, &h.api_key_env],
+        )?;
         if let Some(open) = listen.iter().find(|l| !l.is_local()) {
-            if sources == 0 {
+            if !keyed {
                 return Err(format!(
                     "http.listen: {open} is reachable from other machines; set http.api_key_file (or http.api_key_env, http.api_key) so that clients must send a bearer token, or listen on a loopback address"
                 ));
