@@ -46,7 +46,7 @@ const EDGES: [u64; 9] = [
 
 /// One mutation of `b` within `b[..end]`: a byte set, a bit flipped, an 8-byte field set to an
 /// edge value, a chunk deleted, duplicated, or the tail cut.
-pub fn mutate(b: &mut Vec<u8>, end: usize, rng: &mut Rng) {
+fn mutate(b: &mut Vec<u8>, end: usize, rng: &mut Rng) {
     if b.is_empty() {
         b.push(rng.next_u64() as u8);
         return;
@@ -146,7 +146,7 @@ fn corpus() -> Vec<Vec<u8>> {
 }
 
 /// Pieces spliced into lines: JSON structure, big and odd numbers, escapes, control text.
-pub const PIECES: [&str; 16] = [
+const PIECES: [&str; 16] = [
     "{",
     "}",
     "[",
@@ -165,6 +165,20 @@ pub const PIECES: [&str; 16] = [
     "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
 ];
 
+/// One to four mutations of a JSON request: pieces of JSON spliced in, or [`mutate`]'s.
+pub fn mutate_request(line: &mut Vec<u8>, rng: &mut Rng) {
+    for _ in 0..1 + rng.next_u64() % 4 {
+        if rng.next_u64().is_multiple_of(3) {
+            let p = PIECES[(rng.next_u64() as usize) % PIECES.len()].as_bytes();
+            let at = (rng.next_u64() as usize) % (line.len() + 1);
+            line.splice(at..at, p.iter().copied());
+        } else {
+            let end = line.len();
+            mutate(line, end, rng);
+        }
+    }
+}
+
 /// Mutated request lines through the one parser every front-end uses: answered or refused,
 /// never a panic; a refusal names its code.
 #[test]
@@ -177,16 +191,7 @@ fn request_line_mutations_never_panic() {
     for seed in first_seed()..first_seed() + cases() {
         let mut rng = Rng::new(seed);
         let mut line = corpus[(rng.next_u64() as usize) % corpus.len()].clone();
-        for _ in 0..1 + rng.next_u64() % 4 {
-            if rng.next_u64().is_multiple_of(3) {
-                let p = PIECES[(rng.next_u64() as usize) % PIECES.len()].as_bytes();
-                let at = (rng.next_u64() as usize) % (line.len() + 1);
-                line.splice(at..at, p.iter().copied());
-            } else {
-                let end = line.len();
-                mutate(&mut line, end, &mut rng);
-            }
-        }
+        mutate_request(&mut line, &mut rng);
         let r = catch_unwind(AssertUnwindSafe(|| {
             wire::parse(&line, &limits, 0, now).map(|_| ())
         }));

@@ -16,7 +16,7 @@ use edgellm_testkit::SynthSpec;
 
 use crate::common::{default_model, temp_dir};
 use crate::daemon::harness::{synth_file, TestDaemon};
-use crate::fuzz::{cases, first_seed, mutate, PIECES};
+use crate::fuzz::{cases, first_seed, mutate_request};
 use crate::qwen::qwen_model;
 
 /// A free loopback port (bound, read, released).
@@ -702,16 +702,7 @@ fn mutated_bodies_are_answered() {
         let mut rng = Rng::new(seed);
         let (path, body) = &corpus[(rng.next_u64() as usize) % corpus.len()];
         let mut body = body.clone();
-        for _ in 0..1 + rng.next_u64() % 4 {
-            if rng.next_u64().is_multiple_of(3) {
-                let p = PIECES[(rng.next_u64() as usize) % PIECES.len()].as_bytes();
-                let at = (rng.next_u64() as usize) % (body.len() + 1);
-                body.splice(at..at, p.iter().copied());
-            } else {
-                let end = body.len();
-                mutate(&mut body, end, &mut rng);
-            }
-        }
+        mutate_request(&mut body, &mut rng);
         send(&mut w, "POST", path, &[], &body);
         let resp = read_response(&mut r).unwrap_or_else(|| {
             panic!(

@@ -125,36 +125,29 @@ pub(crate) fn greedy_exact_answers(model: &Path, cases: &[Json]) {
 fn ask_command_streams_only_the_answer() {
     let m = model();
     let m = m.to_str().expect("utf-8 path");
-    let (out, err, code) = edgellm(&[
-        "ask",
-        "--model",
-        m,
-        "--kernels",
-        "reference",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "48",
-        "What is the capital of France?",
-    ]);
+    let greedy = |extra: &[&str]| {
+        let mut args = vec![
+            "ask",
+            "--model",
+            m,
+            "--kernels",
+            "reference",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "48",
+        ];
+        args.extend_from_slice(extra);
+        args.push("What is the capital of France?");
+        edgellm(&args)
+    };
+    let (out, err, code) = greedy(&[]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "The capital of France is Paris.\n");
     assert!(err.contains("tok/s"), "summary on stderr: {err}");
 
     // --json: one object instead of the streamed text.
-    let (out, err, code) = edgellm(&[
-        "ask",
-        "--model",
-        m,
-        "--kernels",
-        "reference",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "48",
-        "--json",
-        "What is the capital of France?",
-    ]);
+    let (out, err, code) = greedy(&["--json"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 1, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
