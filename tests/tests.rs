@@ -1,5 +1,6 @@
 //! One integration test binary (as ripgrep does): each module guards one part.
 //!
+//! - `cli`: `models` against a local package index, `chat` and progress bars on a pty, `info`.
 //! - `gguf_errors`: malformed files are typed errors, never panics.
 //! - `fuzz`: deterministic mutators over GGUF headers and request lines.
 //! - `engine`: a synthetic model through the whole engine (runs under qemu on aarch64 too).
@@ -10,6 +11,7 @@
 //! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
 //! - `qwen`: the second real model (Qwen2.5-Coder-0.5B Q4_K_M) against llama.cpp's reference.
 
+mod cli;
 mod common;
 mod daemon;
 mod engine;

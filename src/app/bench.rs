@@ -106,7 +106,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let first_ms = t0.elapsed().as_secs_f64() * 1e3;
     b.reset();
     let name = file_name(&loaded.path);
-    let mut r = measure(b, &name, n_prompt, n_gen, reps)?;
+    let bar = super::progress::counter("measuring", reps as u64 + 1, "runs");
+    let r = measure(b, &name, n_prompt, n_gen, reps, &mut || bar.inc(1));
+    bar.finish_and_clear();
+    let mut r = r?;
     r.load_ms = Some(load_ms);
     r.load_to_first_token_ms = Some(first_ms);
     if a.bandwidth {
@@ -166,6 +169,7 @@ pub fn measure(
     n_prompt: usize,
     n_gen: usize,
     reps: usize,
+    on_run: &mut dyn FnMut(),
 ) -> Result<BenchReport, BackendError> {
     let vocab = backend.n_vocab() as u64;
     let mut rng = Rng::new(1234);
@@ -196,6 +200,7 @@ pub fn measure(
             pp.push(pp_s);
             tg.push(tg_s);
         }
+        on_run();
     }
     let pp_s = median(&mut pp);
     let tg_s = median(&mut tg);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use edgellm::convert::export_onnx::export;
+use edgellm::convert::export_onnx::export_with_progress;
 
 #[derive(Args)]
 pub struct ExportOnnxArgs {
@@ -21,8 +21,13 @@ pub struct ExportOnnxArgs {
 }
 
 pub fn run(a: ExportOnnxArgs) -> Result<()> {
-    let r = export(&a.model, &a.out, a.accuracy_level)
-        .with_context(|| format!("exporting {}", a.model.display()))?;
+    let bar = super::progress::counter("exporting", 1, "layers");
+    let r = export_with_progress(&a.model, &a.out, a.accuracy_level, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    let r = r.with_context(|| format!("exporting {}", a.model.display()))?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

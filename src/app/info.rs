@@ -1,10 +1,11 @@
 //! `edgellm info`: what this machine and config give the daemon, as JSON: the backend and
 //! provider in use, ONNX Runtime's version and providers, the CPU's features and the int4
-//! kernels chosen, and the memory budget. Loads the model as `serve` would.
+//! kernels chosen, and the memory budget; the model file loaded, with its sha256. Loads the
+//! model as `serve` would.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
@@ -12,9 +13,10 @@ use edgellm::backend::ort::runtime;
 use edgellm::backend::Provider;
 use edgellm::config::Config;
 use edgellm::daemon::budget::Budget;
+use edgellm::models;
 
 use super::serve::{budget_for, set_model, spec_from_config};
-use super::{open_engine, UsageError};
+use super::{open_engine, progress, UsageError};
 
 #[derive(Args)]
 pub struct InfoArgs {
@@ -29,6 +31,7 @@ pub struct InfoArgs {
 #[derive(Serialize)]
 struct Info {
     version: &'static str,
+    model: ModelInfo,
     backend: String,
     compute: String,
     threads: usize,
@@ -37,6 +40,60 @@ struct Info {
     ort_providers_configured: Vec<Provider>,
     cpu: CpuInfo,
     memory: Budget,
+}
+
+/// The model file loaded: its path and name, size, and (a GGUF) its sha256 and type.
+#[derive(Serialize)]
+struct ModelInfo {
+    path: PathBuf,
+    file: String,
+    bytes: u64,
+    sha256: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    architecture: Option<String>,
+}
+
+impl ModelInfo {
+    fn of(path: &std::path::Path) -> Result<ModelInfo> {
+        let file = super::file_name(path);
+        if path.is_dir() {
+            let listed = models::installed(path.parent().unwrap_or(path))?;
+            let me = listed.into_iter().find(|i| i.path == path);
+            return Ok(ModelInfo {
+                path: path.to_path_buf(),
+                file,
+                bytes: me.as_ref().map(|i| i.bytes).unwrap_or(0),
+                sha256: None,
+                kind: Some("onnx".into()),
+                architecture: me.map(|i| i.architecture),
+            });
+        }
+        let bytes = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        let bar = progress::hashing(&format!("sha256 of {file}"), bytes);
+        let sha256 = models::sha256_file(path, |d| bar.set_position(d))
+            .with_context(|| format!("reading {}", path.display()))?;
+        bar.finish_and_clear();
+        let g = edgellm::gguf::Gguf::open(path).ok();
+        Ok(ModelInfo {
+            path: path.to_path_buf(),
+            file,
+            bytes,
+            sha256: Some(sha256),
+            kind: g
+                .as_ref()
+                .and_then(|g| g.get("general.file_type"))
+                .and_then(|t| t.as_u64())
+                .and_then(models::file_type_name)
+                .map(str::to_string),
+            architecture: g
+                .as_ref()
+                .and_then(|g| g.get_str("general.architecture").ok())
+                .map(str::to_string),
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -64,7 +121,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    set_model(&mut cfg, a.model);
+    set_model(&mut cfg, a.model)?;
     cfg.validate().map_err(UsageError)?;
     let spec = spec_from_config(&cfg)?;
     let budget = budget_for(&spec, &cfg)?;
@@ -82,6 +139,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
     };
     let out = Info {
         version: env!("CARGO_PKG_VERSION"),
+        model: ModelInfo::of(&loaded.path)?,
         backend: match &loaded.fallback {
             Some(why) => format!("{} (fallback: {why})", b.backend),
             None => b.backend.clone(),

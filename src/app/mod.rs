@@ -5,10 +5,13 @@
 
 pub mod ask;
 pub mod bench;
+pub mod chat;
 pub mod config;
 pub mod export_onnx;
 pub mod info;
+pub mod models;
 pub mod perplexity;
+pub mod progress;
 pub mod quantize;
 pub mod serve;
 pub mod status;
@@ -29,7 +32,7 @@ use edgellm::frontend::client::ClientError;
 use edgellm::frontend::{cli, mqtt};
 use edgellm::kernels::KernelChoice;
 
-const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+use edgellm::models::DEFAULT_MODEL;
 
 /// Bad usage: exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -159,8 +162,9 @@ pub fn init_logging(filter: &str) -> edgellm::daemon::SetLogFilter {
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// GGUF model file, or an ONNX model folder for --backend ort (default: $EDGELLM_MODEL,
-    /// then models/cache/SmolLM2-135M-Instruct.Q4_1.gguf)
+    /// GGUF model file, an ONNX model folder for --backend ort, or the name of one in the model
+    /// directory (`edgellm models list`) (default: $EDGELLM_MODEL, then
+    /// Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf in the model directory)
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
     /// cpu (the int4 engine on a GGUF), ort (ONNX Runtime on an ONNX folder, falling back to
@@ -190,8 +194,10 @@ impl ModelArgs {
     /// present, is the fallback), a file a GGUF.
     pub fn spec(&self, n_ctx: usize, max_batch: usize) -> Result<LoadSpec> {
         let (gguf, onnx) = match &self.model {
-            Some(p) if is_onnx_dir(p) => (model_path(None).ok(), Some(p.clone())),
-            Some(p) => (Some(p.clone()), None),
+            Some(p) => match model_path(Some(p))? {
+                p if is_onnx_dir(&p) => (model_path(None).ok(), Some(p)),
+                p => (Some(p), None),
+            },
             None => (Some(model_path(None)?), None),
         };
         if self.backend == BackendChoice::Ort && onnx.is_none() {
@@ -303,36 +309,39 @@ pub fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// `--model`, then `$EDGELLM_MODEL`, then the default model under `models/cache/` in the current
-/// directory or beside the executable's source tree.
+/// `--model` (a path, or a name in the model directory), then `$EDGELLM_MODEL`, then the default
+/// model in the model directory, in `models/cache/` of the current directory, or in
+/// /var/lib/edgellm/models.
 pub fn model_path(arg: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = arg {
-        return Ok(p.to_path_buf());
+        // A path as given when something is there or it names a directory; else a name.
+        if p.exists() || p.components().count() > 1 {
+            return Ok(p.to_path_buf());
+        }
+        let name = p.to_string_lossy();
+        return edgellm::models::resolve(&name, &edgellm::models::default_dir())
+            .map_err(|e| UsageError(e.to_string()).into());
     }
     if let Some(p) = std::env::var_os("EDGELLM_MODEL") {
         return Ok(PathBuf::from(p));
     }
     let mut tried = Vec::new();
-    let mut candidates = vec![PathBuf::from("models/cache").join(DEFAULT_MODEL)];
-    if let Ok(exe) = std::env::current_exe() {
-        // target/{release,debug}/edgellm → the checkout's models/cache
-        if let Some(root) = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .and_then(|d| d.parent())
-        {
-            candidates.push(root.join("models/cache").join(DEFAULT_MODEL));
-        }
-    }
-    candidates.push(PathBuf::from("/var/lib/edgellm/models").join(DEFAULT_MODEL));
+    let candidates = [
+        edgellm::models::default_dir().join(DEFAULT_MODEL),
+        PathBuf::from("models/cache").join(DEFAULT_MODEL),
+        PathBuf::from(edgellm::models::SYSTEM_MODEL_DIR).join(DEFAULT_MODEL),
+    ];
     for c in candidates {
         if c.is_file() {
             return Ok(c);
         }
-        tried.push(c.display().to_string());
+        let shown = c.display().to_string();
+        if !tried.contains(&shown) {
+            tried.push(shown);
+        }
     }
     bail!(UsageError(format!(
-        "no model given and the default model is not at any of: {}. Run models/fetch.sh, or pass --model or EDGELLM_MODEL",
+        "no model given and the default model is not at any of: {}. Run `edgellm models fetch qwen2.5-coder-0.5b-instruct`, or pass --model or EDGELLM_MODEL",
         tried.join(", ")
     )))
 }

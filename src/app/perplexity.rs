@@ -111,14 +111,17 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
             ""
         }
     );
+    let bar = super::progress::counter("PPL", (tokens.len() / ctx.max(1)) as u64, "chunks");
     let r = perplexity(
         engine.backend.as_mut(),
         exact.as_mut().map(|e| e as &mut dyn Backend),
         &tokens,
         ctx,
         bos,
-        &mut |c, n, p| eprintln!("[{c}/{n}] {p:.4}"),
-    )?;
+        &mut |c, n, p| report(&bar, c, n, p),
+    );
+    bar.finish_and_clear();
+    let r = r?;
     eprintln!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_stderr);
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
@@ -143,6 +146,7 @@ fn stream(a: &PerplexityArgs, text: &str) -> Result<()> {
             String::new()
         }
     );
+    let bar = super::progress::counter("PPL", tokens.len() as u64, "tokens");
     let r = perplexity_stream(
         engine.backend.as_mut(),
         &tokens,
@@ -156,9 +160,22 @@ fn stream(a: &PerplexityArgs, text: &str) -> Result<()> {
                 0
             },
         },
-        &mut |d, n, p| eprintln!("[{d}/{n}] {p:.4}"),
-    )?;
+        &mut |d, n, p| report(&bar, d, n, p),
+    );
+    bar.finish_and_clear();
+    let r = r?;
     eprintln!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_stderr);
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
+}
+
+/// Progress: on a terminal a bar; else llama-perplexity's `[done/total] ppl` lines.
+fn report(bar: &indicatif::ProgressBar, done: usize, total: usize, ppl: f64) {
+    if bar.is_hidden() {
+        eprintln!("[{done}/{total}] {ppl:.4}");
+    } else {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(format!("PPL {ppl:.4}"));
+    }
 }

@@ -100,12 +100,13 @@ pub fn budget_for(spec: &LoadSpec, cfg: &Config) -> Result<Budget> {
 }
 
 /// `--model` on `serve` and `info`: a folder is the ONNX model, a file the GGUF.
-pub fn set_model(cfg: &mut Config, model: Option<PathBuf>) {
-    match model {
+pub fn set_model(cfg: &mut Config, model: Option<PathBuf>) -> anyhow::Result<()> {
+    match model.map(|m| model_path(Some(&m))).transpose()? {
         Some(m) if is_onnx_dir(&m) => cfg.model.onnx = Some(m),
         Some(m) => cfg.model.path = Some(m),
         None => {}
     }
+    Ok(())
 }
 
 /// Bytes the session store may take, as the memory budget counts them (0 when sessions are off).
@@ -126,7 +127,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Some(s) = a.socket {
         cfg.socket.path = s;
     }
-    set_model(&mut cfg, a.model);
+    set_model(&mut cfg, a.model)?;
     if let Some(b) = a.backend {
         cfg.model.backend = b;
     }
@@ -338,7 +339,7 @@ fn about_model(path: &std::path::Path, v: edgellm::backend::Vocabulary<'_>) -> A
         quantization = gguf
             .get("general.file_type")
             .and_then(|t| t.as_u64())
-            .and_then(file_type_name)
+            .and_then(edgellm::models::file_type_name)
             .map(str::to_string);
     }
     About {
@@ -353,28 +354,4 @@ fn about_model(path: &std::path::Path, v: edgellm::backend::Vocabulary<'_>) -> A
         },
         quantization,
     }
-}
-
-/// llama.cpp's `general.file_type` values.
-fn file_type_name(t: u64) -> Option<&'static str> {
-    Some(match t {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        32 => "BF16",
-        _ => return None,
-    })
 }

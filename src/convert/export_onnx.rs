@@ -409,6 +409,16 @@ impl Builder<'_> {
 /// `accuracy_level` is MatMulNBits': 4 quantizes activations to int8 per block (fast, as the
 /// int4 engine does), 1 keeps them in f32 (exact, as the int4 engine's reference kernels).
 pub fn export(gguf: &Path, out: &Path, accuracy_level: i64) -> Result<ExportReport, ExportError> {
+    export_with_progress(gguf, out, accuracy_level, &mut |_, _| {})
+}
+
+/// As [`export`]; `progress(layers_written, n_layer)` is called as the layers are written.
+pub fn export_with_progress(
+    gguf: &Path,
+    out: &Path,
+    accuracy_level: i64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ExportReport, ExportError> {
     if !(0..=4).contains(&accuracy_level) {
         return Err(ExportError::Unsupported(format!(
             "accuracy level {accuracy_level}: allowed 0..=4"
@@ -606,6 +616,7 @@ pub fn export(gguf: &Path, out: &Path, accuracy_level: i64) -> Result<ExportRepo
 
     let mut h = "h0".to_string();
     for i in 0..c.n_layer {
+        progress(i, c.n_layer);
         let p = |s: &str| format!("blk.{i}.{s}");
         let o = |s: &str| format!("l{i}.{s}");
         b.vector(&p("attn_norm.weight"))?;

@@ -2,17 +2,19 @@
 //! generated and nothing else; a one-line summary on stderr.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::api::{Completion, FinishReason, GenerateRequest};
 use crate::engine::{Engine, EngineError, Sink};
 
 /// Writes each piece of text as it comes and flushes, so a reader sees tokens as they arrive.
-struct Stdout<W: Write> {
+struct Stdout<'a, W: Write> {
     out: W,
     error: Option<std::io::Error>,
+    cancel: &'a AtomicBool,
 }
 
-impl<W: Write> Sink for Stdout<W> {
+impl<W: Write> Sink for Stdout<'_, W> {
     fn text(&mut self, text: &str) {
         if self.error.is_none() {
             if let Err(e) = self
@@ -27,7 +29,10 @@ impl<W: Write> Sink for Stdout<W> {
 
     fn interrupt(&mut self) -> Option<FinishReason> {
         // A closed stdout (e.g. `| head`) ends generation instead of computing for nobody.
-        self.error.as_ref().map(|_| FinishReason::Cancelled)
+        if self.error.is_some() || self.cancel.swap(false, Ordering::Relaxed) {
+            return Some(FinishReason::Cancelled);
+        }
+        None
     }
 }
 
@@ -45,7 +50,21 @@ pub fn ask<W: Write>(
     req: &GenerateRequest,
     out: W,
 ) -> Result<Completion, AskError> {
-    let mut sink = Stdout { out, error: None };
+    ask_until(engine, req, out, &AtomicBool::new(false))
+}
+
+/// As [`ask`], and the answer ends `cancelled` when `cancel` is set (it is cleared then).
+pub fn ask_until<W: Write>(
+    engine: &mut Engine,
+    req: &GenerateRequest,
+    out: W,
+    cancel: &AtomicBool,
+) -> Result<Completion, AskError> {
+    let mut sink = Stdout {
+        out,
+        error: None,
+        cancel,
+    };
     let c = engine.generate(req, &mut sink)?;
     if let Some(e) = sink.error {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
