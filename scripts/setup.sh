@@ -61,6 +61,19 @@ if [ "$want_test" = 1 ]; then
 fi
 bash "$root/scripts/fetch-ort.sh" >/dev/null
 if [ "$want_test" = 1 ]; then
+  # A Debian bookworm root with systemd, for booting the package under systemd-nspawn; made
+  # once from Debian's packages and kept as a tar in the cache.
+  rootfs="$HOME/.cache/edgellm/rootfs/bookworm-systemd.tar"
+  if [ ! -f "$rootfs" ]; then
+    echo "setup: making a Debian bookworm root with debootstrap (once)" >&2
+    mkdir -p "$(dirname "$rootfs")"
+    tmp="$(mktemp -d)"
+    sudo_ debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus bookworm "$tmp/root" \
+      http://deb.debian.org/debian >/dev/null
+    sudo_ tar -C "$tmp/root" -cf "$rootfs.part" .
+    mv "$rootfs.part" "$rootfs"
+    sudo_ rm -rf "$tmp"
+  fi
   # The official clients, pinned; pip's cache keeps the wheels for reruns.
   venv="$HOME/.cache/edgellm/venv"
   if ! "$venv/bin/python" -c 'import openai, ollama' 2>/dev/null; then

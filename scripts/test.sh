@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: setup, formatting, lints, the native tests (real model, reference data),
-# then the kernel and engine tests cross-compiled for aarch64 and run under qemu, once with
-# qemu's default CPU (NEON + dotprod) and once as a Cortex-A53 (plain NEON).
+# The whole test suite: setup, formatting, lints, the Debian packages for amd64 and arm64 (the
+# native tests check them, install one with dpkg and boot it under systemd-nspawn), the native
+# tests (real models, reference data), then the kernel and engine tests cross-compiled for
+# aarch64 and run under qemu, once with qemu's default CPU (NEON + dotprod) and once as a
+# Cortex-A53 (plain NEON).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,6 +17,9 @@ cargo fmt --check
 
 step "cargo clippy"
 cargo clippy --release --all-targets --quiet -- -D warnings
+
+step "Debian packages (amd64, arm64)"
+bash scripts/package.sh
 
 step "native tests (x86_64)"
 cargo test --release

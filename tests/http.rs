@@ -599,7 +599,7 @@ fn readme_curl_examples_run() {
     let port = free_port();
     let d = TestDaemon::start(
         "http-readme",
-        &default_model(),
+        &crate::qwen::qwen_model(),
         &format!("[http]\nlisten = [\"127.0.0.1:{port}\"]\n[model]\nn_ctx = 512\n"),
         &[],
     );

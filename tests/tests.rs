@@ -7,6 +7,8 @@
 //! - `daemon`: config, protocol, queue; `edgellm serve` over a real socket, notify, units.
 //! - `http`: the HTTP API against the official `openai` and `ollama` Python clients.
 //! - `mqtt`: the MQTT front-end against real mosquitto brokers.
+//! - `package`: the Debian packages: contents, lintian, dpkg on this machine, and booted
+//!   under systemd in a Debian root with `systemd-nspawn`.
 //! - `ort`: the ONNX Runtime backend on real ONNX Runtime and onnxruntime-genai's model.
 //! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
 //! - `qwen`: the second real model (Qwen2.5-Coder-0.5B Q4_K_M) against llama.cpp's reference.
@@ -20,5 +22,6 @@ mod gguf_errors;
 mod http;
 mod mqtt;
 mod ort;
+mod package;
 mod qwen;
 mod smollm2;

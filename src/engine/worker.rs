@@ -325,6 +325,7 @@ fn log(job: &Job, outcome: &Event) {
         Event::Done(c) => tracing::info!(
             id = &*job.id,
             frontend = job.frontend,
+            priority = job.priority,
             prompt_tokens = c.usage.prompt_tokens,
             completion_tokens = c.usage.completion_tokens,
             cached_tokens = c.usage.cached_tokens,
@@ -339,6 +340,7 @@ fn log(job: &Job, outcome: &Event) {
         Event::Error(code, message) => tracing::info!(
             id = &*job.id,
             frontend = job.frontend,
+            priority = job.priority,
             code = code.as_str(),
             total_ms = waited_ms,
             "request failed: {message}"

@@ -339,3 +339,30 @@ fn memory_budget_names_each_part_and_the_limit() {
     let e = own.check().expect_err("over the config limit");
     assert!(e.contains("(memory.max_bytes)"), "{e}");
 }
+
+/// Socket peers by name or number: names are looked up when the config is read (the board
+/// example config names its group instead of hard-coding a gid); an unknown name is an error
+/// naming the key and the name.
+#[test]
+fn socket_peers_by_name_or_number() {
+    let c = Config::parse(
+        "[socket]\nallowed_uids = [\"root\", 1000]\nallowed_gids = [\"root\", 7]\nadmin_gids = [\"root\"]\n",
+        Path::new("x"),
+    )
+    .expect("parses");
+    assert_eq!(c.socket.allowed_uids, vec![0, 1000]);
+    assert_eq!(c.socket.allowed_gids, vec![0, 7]);
+    assert_eq!(c.socket.admin_gids, vec![0]);
+    let e = parse_err("[socket]\nallowed_gids = [\"no-such-group-here\"]\n");
+    assert!(
+        e.contains("allowed_gids") && e.contains("no group named \"no-such-group-here\""),
+        "{e}"
+    );
+    let e = parse_err("[socket]\nadmin_uids = [\"no-such-user-here\"]\n");
+    assert!(
+        e.contains("admin_uids") && e.contains("no user named"),
+        "{e}"
+    );
+    let e = parse_err("[socket]\nallowed_uids = [-1]\n");
+    assert!(e.contains("allowed_uids"), "{e}");
+}
