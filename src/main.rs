@@ -56,24 +56,6 @@ enum Cmd {
     Manpages { dir: std::path::PathBuf },
 }
 
-/// `edgellm manpages DIR`: edgellm.1 and edgellm-COMMAND.1 for each command.
-fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cmd = Cli::command();
-    let write = |name: &str, c: clap::Command| -> anyhow::Result<()> {
-        let path = dir.join(format!("{name}.1"));
-        let mut out = Vec::new();
-        clap_mangen::Man::new(c).render(&mut out)?;
-        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))
-    };
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let name = format!("edgellm-{}", sub.get_name());
-        write(&name, sub.clone().name(name.clone()))?;
-    }
-    write("edgellm", cmd)
-}
-
 fn main() -> ExitCode {
     // Before any thread starts: ONNX Runtime, if it is loaded later, must not phone home.
     edgellm::backend::ort::runtime::disable_telemetry();
@@ -96,16 +78,8 @@ fn main() -> ExitCode {
         Cmd::Quantize(a) => app::quantize::run(a),
         Cmd::Bench(a) => app::bench::run(a),
         Cmd::Models(a) => app::models::run(a),
-        Cmd::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "edgellm",
-                &mut std::io::stdout(),
-            );
-            Ok(())
-        }
-        Cmd::Manpages { dir } => manpages(&dir),
+        Cmd::Completions { shell } => app::docs::completions(Cli::command(), shell),
+        Cmd::Manpages { dir } => app::docs::manpages(Cli::command(), &dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -69,29 +69,21 @@ impl ModelInfo {
                 architecture: me.map(|i| i.architecture),
             });
         }
-        let bytes = std::fs::metadata(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .len();
-        let bar = progress::hashing(&format!("sha256 of {file}"), bytes);
-        let sha256 = models::sha256_file(path, |d| bar.set_position(d))
+        let d = models::describe(path, &models::manifests());
+        if let Some(e) = d.error {
+            anyhow::bail!("reading {}: {e}", path.display());
+        }
+        let bar = progress::hashing(&format!("sha256 of {file}"), d.bytes);
+        let sha256 = models::sha256_file(path, |done| bar.set_position(done))
             .with_context(|| format!("reading {}", path.display()))?;
         bar.finish_and_clear();
-        let g = edgellm::gguf::Gguf::open(path).ok();
         Ok(ModelInfo {
             path: path.to_path_buf(),
             file,
-            bytes,
+            bytes: d.bytes,
             sha256: Some(sha256),
-            kind: g
-                .as_ref()
-                .and_then(|g| g.get("general.file_type"))
-                .and_then(|t| t.as_u64())
-                .and_then(models::file_type_name)
-                .map(str::to_string),
-            architecture: g
-                .as_ref()
-                .and_then(|g| g.get_str("general.architecture").ok())
-                .map(str::to_string),
+            kind: Some(d.kind),
+            architecture: Some(d.architecture),
         })
     }
 }

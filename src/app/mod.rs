@@ -7,6 +7,7 @@ pub mod ask;
 pub mod bench;
 pub mod chat;
 pub mod config;
+pub mod docs;
 pub mod export_onnx;
 pub mod info;
 pub mod models;

@@ -297,35 +297,45 @@ pub fn installed(dir: &Path) -> Result<Vec<Installed>, ModelError> {
         if !path.is_file() || !name.to_ascii_lowercase().ends_with(".gguf") {
             continue;
         }
-        let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
-        let manifest = manifests
-            .iter()
-            .find(|m| m.file.name == name)
-            .map(|m| m.id.clone());
-        let (kind, architecture, error) = match Gguf::open(&path) {
-            Ok(g) => (
-                g.get("general.file_type")
-                    .and_then(|t| t.as_u64())
-                    .and_then(file_type_name)
-                    .map(str::to_string)
-                    .unwrap_or_else(|| main_tensor_type(&g)),
-                g.get_str("general.architecture").unwrap_or("").to_string(),
-                None,
-            ),
-            Err(e) => (String::new(), String::new(), Some(e.to_string())),
-        };
-        out.push(Installed {
-            name,
-            path,
-            bytes,
-            kind,
-            architecture,
-            manifest,
-            error,
-        });
+        out.push(describe(&path, &manifests));
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// A GGUF file as [`installed`] lists it: size, type, architecture, the manifest that makes it
+/// (among `manifests`), or why it does not parse.
+pub fn describe(path: &Path, manifests: &[Manifest]) -> Installed {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let manifest = manifests
+        .iter()
+        .find(|m| m.file.name == name)
+        .map(|m| m.id.clone());
+    let (kind, architecture, error) = match Gguf::open(path) {
+        Ok(g) => (
+            g.get("general.file_type")
+                .and_then(|t| t.as_u64())
+                .and_then(file_type_name)
+                .map(str::to_string)
+                .unwrap_or_else(|| main_tensor_type(&g)),
+            g.get_str("general.architecture").unwrap_or("").to_string(),
+            None,
+        ),
+        Err(e) => (String::new(), String::new(), Some(e.to_string())),
+    };
+    Installed {
+        name,
+        path: path.to_path_buf(),
+        bytes,
+        kind,
+        architecture,
+        manifest,
+        error,
+    }
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
