@@ -62,12 +62,7 @@ pub struct AskArgs {
 
 pub fn run(a: AskArgs) -> Result<()> {
     let question = read_arg(a.question)?;
-    let seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-    });
+    let seed = super::seed_or_clock(a.seed);
     let prompt = if a.raw {
         Prompt::Raw(question)
     } else {

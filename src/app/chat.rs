@@ -138,12 +138,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     );
     let mut system = a.system.clone();
     let mut history: Vec<Message> = Vec::new();
-    let mut seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-    });
+    let mut seed = super::seed_or_clock(a.seed);
     let mut session_n = 0u32;
     let mut stdout = std::io::stdout();
     loop {

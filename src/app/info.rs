@@ -57,31 +57,25 @@ struct ModelInfo {
 impl ModelInfo {
     fn of(path: &std::path::Path) -> Result<ModelInfo> {
         let file = super::file_name(path);
-        if path.is_dir() {
-            let listed = models::installed(path.parent().unwrap_or(path))?;
-            let me = listed.into_iter().find(|i| i.path == path);
-            return Ok(ModelInfo {
-                path: path.to_path_buf(),
-                file,
-                bytes: me.as_ref().map(|i| i.bytes).unwrap_or(0),
-                sha256: None,
-                kind: Some("onnx".into()),
-                architecture: me.map(|i| i.architecture),
-            });
-        }
         let d = models::describe(path, &models::manifests());
         if let Some(e) = d.error {
             anyhow::bail!("reading {}: {e}", path.display());
         }
-        let bar = progress::hashing(&format!("sha256 of {file}"), d.bytes);
-        let sha256 = models::sha256_file(path, |done| bar.set_position(done))
-            .with_context(|| format!("reading {}", path.display()))?;
-        bar.finish_and_clear();
+        // An ONNX folder has no one file to hash.
+        let sha256 = if d.kind == "onnx" {
+            None
+        } else {
+            let bar = progress::hashing(&format!("sha256 of {file}"), d.bytes);
+            let h = models::sha256_file(path, |done| bar.set_position(done))
+                .with_context(|| format!("reading {}", path.display()))?;
+            bar.finish_and_clear();
+            Some(h)
+        };
         Ok(ModelInfo {
             path: path.to_path_buf(),
             file,
             bytes: d.bytes,
-            sha256: Some(sha256),
+            sha256,
             kind: Some(d.kind),
             architecture: Some(d.architecture),
         })

@@ -290,6 +290,16 @@ pub fn socket_path(d: &DaemonArgs) -> Result<PathBuf> {
     })
 }
 
+/// `--seed`, else one from the clock.
+pub fn seed_or_clock(seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    })
+}
+
 /// The argument, or stdin when it is "-".
 pub fn read_arg(s: String) -> Result<String> {
     if s == "-" {

@@ -308,13 +308,7 @@ fn about_model(path: &std::path::Path, v: edgellm::backend::Vocabulary<'_>) -> A
     use std::hash::{Hash, Hasher};
     let meta = std::fs::metadata(path).ok();
     let size = if path.is_dir() {
-        std::fs::read_dir(path)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        edgellm::models::dir_bytes(path)
     } else {
         meta.as_ref().map_or(0, std::fs::Metadata::len)
     };
@@ -336,11 +330,7 @@ fn about_model(path: &std::path::Path, v: edgellm::backend::Vocabulary<'_>) -> A
             .unwrap_or("")
             .to_string();
         parameter_size = gguf.get_str("general.size_label").unwrap_or("").to_string();
-        quantization = gguf
-            .get("general.file_type")
-            .and_then(|t| t.as_u64())
-            .and_then(edgellm::models::file_type_name)
-            .map(str::to_string);
+        quantization = edgellm::models::file_type(gguf).map(str::to_string);
     }
     About {
         card: http::ModelCard {

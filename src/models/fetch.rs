@@ -291,9 +291,9 @@ fn download(
     progress.stage(&format!("downloading {name}"), total);
     let tmp = temp_beside(dest);
     let result = (|| {
-        let mut out = BufWriter::new(File::create(&tmp).map_err(io(tmp.display()))?);
+        let file = File::create(&tmp).map_err(io(tmp.display()))?;
+        let mut out = HashingWriter::new(BufWriter::new(file));
         let mut reader = r.into_reader();
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut buf = vec![0u8; 256 << 10];
         let mut done = 0u64;
         loop {
@@ -304,13 +304,12 @@ fn download(
             if n == 0 {
                 break;
             }
-            ctx.update(&buf[..n]);
             out.write_all(&buf[..n]).map_err(io(tmp.display()))?;
             done += n as u64;
             progress.advance(done);
         }
-        out.flush().map_err(io(tmp.display()))?;
-        let got = hex(ctx.finish().as_ref());
+        let (mut w, got) = out.finish();
+        w.flush().map_err(io(tmp.display()))?;
         if got != want {
             return Err(FetchError::Checksum {
                 what: name.clone(),

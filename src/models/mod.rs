@@ -282,34 +282,34 @@ pub fn installed(dir: &Path) -> Result<Vec<Installed>, ModelError> {
         if name.starts_with('.') {
             continue;
         }
-        if path.is_dir() && path.join("genai_config.json").is_file() {
-            out.push(Installed {
-                bytes: dir_bytes(&path),
-                kind: "onnx".into(),
-                architecture: onnx_model_type(&path).unwrap_or_default(),
-                manifest: None,
-                error: None,
-                name,
-                path,
-            });
-            continue;
+        let onnx = path.is_dir() && path.join("genai_config.json").is_file();
+        let gguf = path.is_file() && name.to_ascii_lowercase().ends_with(".gguf");
+        if onnx || gguf {
+            out.push(describe(&path, &manifests));
         }
-        if !path.is_file() || !name.to_ascii_lowercase().ends_with(".gguf") {
-            continue;
-        }
-        out.push(describe(&path, &manifests));
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
-/// A GGUF file as [`installed`] lists it: size, type, architecture, the manifest that makes it
-/// (among `manifests`), or why it does not parse.
+/// A model as [`installed`] lists it: a GGUF file (size, type, architecture, the manifest among
+/// `manifests` that makes it, or why it does not parse), or an ONNX model folder.
 pub fn describe(path: &Path, manifests: &[Manifest]) -> Installed {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    if path.is_dir() {
+        return Installed {
+            name,
+            path: path.to_path_buf(),
+            bytes: dir_bytes(path),
+            kind: "onnx".into(),
+            architecture: onnx_model_type(path).unwrap_or_default(),
+            manifest: None,
+            error: None,
+        };
+    }
     let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let manifest = manifests
         .iter()
@@ -317,9 +317,7 @@ pub fn describe(path: &Path, manifests: &[Manifest]) -> Installed {
         .map(|m| m.id.clone());
     let (kind, architecture, error) = match Gguf::open(path) {
         Ok(g) => (
-            g.get("general.file_type")
-                .and_then(|t| t.as_u64())
-                .and_then(file_type_name)
+            file_type(&g)
                 .map(str::to_string)
                 .unwrap_or_else(|| main_tensor_type(&g)),
             g.get_str("general.architecture").unwrap_or("").to_string(),
@@ -338,7 +336,8 @@ pub fn describe(path: &Path, manifests: &[Manifest]) -> Installed {
     }
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+/// The bytes of the files in a folder (an ONNX model's).
+pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
@@ -371,6 +370,13 @@ fn main_tensor_type(g: &Gguf) -> String {
         .max_by_key(|(_, b)| *b)
         .map(|(n, _)| n)
         .unwrap_or_default()
+}
+
+/// A GGUF's `general.file_type` by llama.cpp's name for it ("Q4_K_M"), when it has one.
+pub fn file_type(g: &Gguf) -> Option<&'static str> {
+    g.get("general.file_type")
+        .and_then(|t| t.as_u64())
+        .and_then(file_type_name)
 }
 
 /// llama.cpp's `general.file_type` values.
