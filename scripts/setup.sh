@@ -9,7 +9,9 @@
 #   scripts/setup.sh --test   also what the test suite needs: systemd's tools (systemd-analyze,
 #                             systemd-socket-activate, systemd-nspawn), debootstrap, lintian,
 #                             mosquitto and its clients, openssl, the aarch64 cross toolchain and
-#                             qemu, the small model (SmolLM2-135M, 98 MB), curl, and a virtualenv
+#                             qemu, the small model (SmolLM2-135M, 98 MB), Qualcomm's QNN
+#                             execution provider (scripts/fetch-ort.sh --qnn: 99 MB wheel,
+#                             its HTP backend a simulator on x86-64), curl, and a virtualenv
 #                             with the official `openai` and `ollama` Python clients
 #                             (~/.cache/edgellm/venv) for the HTTP API tests
 set -euo pipefail
@@ -59,7 +61,12 @@ if [ "$want_test" = 1 ]; then
   # The small model (98 MB): the tests that need speed, and llama.cpp's reference data.
   bash "$root/models/fetch.sh" smollm2 >/dev/null
 fi
-bash "$root/scripts/fetch-ort.sh" >/dev/null
+if [ "$want_test" = 1 ]; then
+  # Also Qualcomm's QNN execution provider (its HTP backend runs as a simulator on x86-64).
+  bash "$root/scripts/fetch-ort.sh" --qnn >/dev/null
+else
+  bash "$root/scripts/fetch-ort.sh" >/dev/null
+fi
 if [ "$want_test" = 1 ]; then
   # A Debian bookworm root with systemd, for booting the package under systemd-nspawn; made
   # once from Debian's packages and kept as a tar in the cache.

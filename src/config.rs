@@ -56,6 +56,8 @@ pub struct OrtConfig {
     pub max_batch: usize,
     pub provider_options:
         std::collections::BTreeMap<Provider, std::collections::BTreeMap<String, String>>,
+    /// Plugin execution provider libraries, by the provider they serve.
+    pub ep_libraries: std::collections::BTreeMap<Provider, PathBuf>,
 }
 
 impl Default for OrtConfig {
@@ -65,6 +67,7 @@ impl Default for OrtConfig {
             providers: vec![Provider::Cpu],
             max_batch: 64,
             provider_options: Default::default(),
+            ep_libraries: Default::default(),
         }
     }
 }
@@ -514,6 +517,9 @@ impl Config {
             .into_iter()
             .flatten()
         {
+            *p = base.join(&*p);
+        }
+        for p in c.ort.ep_libraries.values_mut() {
             *p = base.join(&*p);
         }
         c.socket.path = base.join(&c.socket.path);

@@ -10,6 +10,7 @@
 //! - `package`: the Debian packages: contents, lintian, dpkg on this machine, and booted
 //!   under systemd in a Debian root with `systemd-nspawn`.
 //! - `ort`: the ONNX Runtime backend on real ONNX Runtime and onnxruntime-genai's model.
+//! - `npu`: `export-onnx --target qnn` run by Qualcomm's QNN provider on its HTP simulator.
 //! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
 //! - `qwen`: the second real model (Qwen2.5-Coder-0.5B Q4_K_M) against llama.cpp's reference.
 
@@ -21,6 +22,7 @@ mod fuzz;
 mod gguf_errors;
 mod http;
 mod mqtt;
+mod npu;
 mod ort;
 mod package;
 mod qwen;

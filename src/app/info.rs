@@ -26,6 +26,12 @@ pub struct InfoArgs {
     /// GGUF model file or ONNX model folder (overrides model.path / model.onnx)
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
+    /// Execution providers in order of preference, comma-separated (overrides ort.providers)
+    #[arg(long, value_enum, value_delimiter = ',')]
+    providers: Option<Vec<Provider>>,
+    /// Print JSON (what info always prints; accepted for scripts that say so)
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Serialize)]
@@ -89,6 +95,12 @@ enum OrtInfo {
         library: PathBuf,
         version: String,
         providers_available: Vec<&'static str>,
+        /// Plugin provider libraries registered (`ort.ep_libraries`) and their devices.
+        ep_libraries: Vec<runtime::EpLibrary>,
+        /// Which provider runs which nodes of the model's graph, and the weight bytes they
+        /// read (NPU exports).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        placement: Option<edgellm::backend::ort::npu::Placement>,
     },
     Missing {
         error: String,
@@ -108,6 +120,10 @@ pub fn run(a: InfoArgs) -> Result<()> {
         None => Config::default(),
     };
     set_model(&mut cfg, a.model)?;
+    if let Some(p) = a.providers {
+        cfg.ort.providers = p;
+    }
+    let _ = a.json;
     cfg.validate().map_err(UsageError)?;
     let spec = spec_from_config(&cfg)?;
     let budget = budget_for(&spec, &cfg)?;
@@ -120,6 +136,8 @@ pub fn run(a: InfoArgs) -> Result<()> {
             library: rt.library,
             version: rt.version,
             providers_available: rt.providers,
+            ep_libraries: runtime::ep_libraries(),
+            placement: b.placement.clone(),
         },
         Err(e) => OrtInfo::Missing { error: e },
     };
@@ -130,7 +148,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             Some(why) => format!("{} (fallback: {why})", b.backend),
             None => b.backend.clone(),
         },
-        compute: b.compute,
+        compute: b.compute.clone(),
         threads: b.threads,
         n_ctx: b.n_ctx,
         ort,

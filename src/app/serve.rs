@@ -71,6 +71,7 @@ pub fn spec_from_config(cfg: &Config) -> Result<LoadSpec> {
             library: cfg.ort.library.clone(),
             providers: cfg.ort.providers.clone(),
             provider_options: cfg.ort.provider_options.clone(),
+            ep_libraries: cfg.ort.ep_libraries.clone(),
             threads: cfg.model.threads,
             n_ctx: cfg.model.n_ctx,
             max_batch: cfg.ort.max_batch,

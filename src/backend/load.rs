@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::cpu::model::ModelError;
 use super::cpu::{CpuBackend, CpuOptions};
+use super::ort::npu::{self, NpuBackend};
 use super::ort::{OrtBackend, OrtError, OrtOptions};
 use super::{Backend, BackendChoice, MemoryPlan};
 use crate::gguf::Gguf;
@@ -91,9 +92,14 @@ pub fn open(spec: &LoadSpec) -> Result<Opened, OpenError> {
             "the ort backend needs an ONNX model folder (model.onnx or --model DIR; `edgellm export-onnx` writes one from a GGUF)".into(),
         ));
     };
-    match OrtBackend::open(dir, &spec.ort) {
-        Ok(b) => Ok(Opened {
-            backend: Box::new(b),
+    let opened: Result<Box<dyn Backend>, OrtError> = if npu::is_npu_dir(dir) {
+        NpuBackend::open(dir, &spec.ort).map(|b| Box::new(b) as Box<dyn Backend>)
+    } else {
+        OrtBackend::open(dir, &spec.ort).map(|b| Box::new(b) as Box<dyn Backend>)
+    };
+    match opened {
+        Ok(backend) => Ok(Opened {
+            backend,
             fallback: None,
             path: dir.clone(),
         }),
@@ -124,6 +130,7 @@ pub fn open_cpu(spec: &LoadSpec) -> Result<Opened, OpenError> {
 /// is readable, else the int4 engine's (which a failing ONNX setup falls back to).
 pub fn plan(spec: &LoadSpec) -> Result<MemoryPlan, OpenError> {
     let ort_plan = match (&spec.onnx, spec.wants_ort()) {
+        (Some(dir), true) if npu::is_npu_dir(dir) => Some(NpuBackend::plan(dir, &spec.ort)),
         (Some(dir), true) => Some(OrtBackend::plan(dir, &spec.ort)),
         _ => None,
     };

@@ -173,6 +173,9 @@ pub struct BackendInfo {
     pub token_read_bytes: Option<u64>,
     /// Matrices repacked at load into the kernels' own layout (CPU engine on x86).
     pub repacked_matrices: usize,
+    /// Which execution provider runs which part of the graph (NPU graphs on ONNX Runtime).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<ort::npu::Placement>,
 }
 
 #[derive(Debug, thiserror::Error)]

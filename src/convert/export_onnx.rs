@@ -62,15 +62,15 @@ pub struct ExportReport {
 }
 
 /// Initializer bytes go to `model.onnx.data`; the graph refers to them by offset.
-struct Data {
-    file: std::io::BufWriter<std::fs::File>,
-    path: String,
-    offset: u64,
-    inits: Vec<TensorProto>,
+pub(crate) struct Data {
+    pub(crate) file: std::io::BufWriter<std::fs::File>,
+    pub(crate) path: String,
+    pub(crate) offset: u64,
+    pub(crate) inits: Vec<TensorProto>,
 }
 
 impl Data {
-    fn add(
+    pub(crate) fn add(
         &mut self,
         name: &str,
         data_type: i32,
@@ -122,7 +122,12 @@ impl Data {
         Ok(())
     }
 
-    fn add_f32(&mut self, name: &str, dims: &[i64], v: &[f32]) -> Result<(), ExportError> {
+    pub(crate) fn add_f32(
+        &mut self,
+        name: &str,
+        dims: &[i64],
+        v: &[f32],
+    ) -> Result<(), ExportError> {
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.add(name, dtype::FLOAT, dims, &bytes)
     }
@@ -869,8 +874,7 @@ fn write_side_files(g: &Gguf, c: &Config, out: &Path, gguf: &Path) -> Result<(),
         let path = p.display().to_string();
         move |source| ExportError::Io { path, source }
     };
-    let tok = crate::engine::tokenizer::Tokenizer::from_gguf(g, gguf.parent())
-        .map_err(|e| ExportError::Unsupported(format!("tokenizer: {e}")))?;
+    let tok = write_tokenizer_files(g, out, gguf)?;
     let eos: Vec<u32> = tok.eos.into_iter().collect();
     let cfg = serde_json::json!({
         "model": {
@@ -905,6 +909,22 @@ fn write_side_files(g: &Gguf, c: &Config, out: &Path, gguf: &Path) -> Result<(),
     });
     let p = out.join("genai_config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&cfg).unwrap_or_default()).map_err(io(&p))?;
+    Ok(())
+}
+
+/// `tokenizer.json` (the GGUF tokenizer as the engine builds it) and `chat_template.jinja`;
+/// returns the tokenizer.
+pub(crate) fn write_tokenizer_files(
+    g: &Gguf,
+    out: &Path,
+    gguf: &Path,
+) -> Result<crate::engine::tokenizer::Tokenizer, ExportError> {
+    let io = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| ExportError::Io { path, source }
+    };
+    let tok = crate::engine::tokenizer::Tokenizer::from_gguf(g, gguf.parent())
+        .map_err(|e| ExportError::Unsupported(format!("tokenizer: {e}")))?;
     let p = out.join("tokenizer.json");
     let json = tok
         .to_json()
@@ -914,5 +934,5 @@ fn write_side_files(g: &Gguf, c: &Config, out: &Path, gguf: &Path) -> Result<(),
         let p = out.join("chat_template.jinja");
         std::fs::write(&p, t).map_err(io(&p))?;
     }
-    Ok(())
+    Ok(tok)
 }

@@ -5,7 +5,10 @@
 //! - [`quantize`]: `edgellm quantize`, a GGUF's matrices requantized to another type.
 //! - [`export_onnx`]: `edgellm export-onnx`, a GGUF's int4 weights as an ONNX model folder in
 //!   onnxruntime-genai's layout, for the ORT backend.
+//! - [`export_npu`]: `edgellm export-onnx --target qnn`, static-shape QDQ graphs calibrated on
+//!   the int4 engine, for an NPU's execution provider.
 
+pub mod export_npu;
 pub mod export_onnx;
 pub mod quantize;
 pub mod writer;

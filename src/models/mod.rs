@@ -282,7 +282,8 @@ pub fn installed(dir: &Path) -> Result<Vec<Installed>, ModelError> {
         if name.starts_with('.') {
             continue;
         }
-        let onnx = path.is_dir() && path.join("genai_config.json").is_file();
+        let onnx = path.is_dir()
+            && (path.join("genai_config.json").is_file() || path.join(NPU_CONFIG).is_file());
         let gguf = path.is_file() && name.to_ascii_lowercase().ends_with(".gguf");
         if onnx || gguf {
             out.push(describe(&path, &manifests));
@@ -349,7 +350,17 @@ pub fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The file `edgellm export-onnx --target qnn` describes its folder with.
+const NPU_CONFIG: &str = "edgellm_npu.json";
+
+/// genai's `model.type`, or an NPU export's architecture and target ("llama, qnn").
 fn onnx_model_type(dir: &Path) -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string(dir.join(NPU_CONFIG)) {
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let arch = v.get("architecture")?.as_str()?;
+        let target = v.get("target")?.as_str()?;
+        return Some(format!("{arch}, {target}"));
+    }
     let text = std::fs::read_to_string(dir.join("genai_config.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.pointer("/model/type")?.as_str().map(str::to_string)

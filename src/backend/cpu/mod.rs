@@ -166,7 +166,37 @@ pub struct CpuBackend {
     /// The repacking is still to do: at [`Backend::finish_load`], beside the tokenizer, or
     /// else before the first step.
     repack_pending: bool,
+    /// Called with the activations around every matrix product ([`Site`]): calibration.
+    observer: Option<Observer>,
 }
+
+/// Where an activation is observed in [`CpuBackend::set_observer`]: the input of each group of
+/// matrix products and the output of each product (before any bias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Site {
+    /// The attention norm's output: the input of q, k and v.
+    AttnIn,
+    Q,
+    K,
+    V,
+    /// The attention's output: the input of o.
+    AttnOut,
+    O,
+    /// The feed-forward norm's output: the input of gate and up.
+    FfnIn,
+    Gate,
+    Up,
+    /// silu(gate) × up: the input of down.
+    FfnMid,
+    Down,
+    /// The final norm's output (layer `n_layer`): the input of the LM head.
+    HeadIn,
+    Logits,
+}
+
+/// `(layer, site, rows × cols values, cols)`.
+pub type Observer = Box<dyn FnMut(usize, Site, &[f32], usize) + Send>;
 
 impl std::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,7 +254,14 @@ impl CpuBackend {
             kv,
             packs: Packs::default(),
             repack_pending: opts.repack,
+            observer: None,
         })
+    }
+
+    /// Observes the activations of every step from now on (`None`: stop). Calibration runs
+    /// with `all_logits`, so that every position reaches the head.
+    pub fn set_observer(&mut self, observer: Option<Observer>) {
+        self.observer = observer;
     }
 
     /// Repacks the weights now if that is still to do.
@@ -339,6 +376,7 @@ impl Backend for CpuBackend {
             state_bytes: self.state_bytes(),
             token_read_bytes: Some(self.w.token_read_bytes()),
             repacked_matrices: self.packs.count(),
+            placement: None,
         }
     }
 
@@ -492,8 +530,14 @@ impl CpuBackend {
             s,
             kv,
             packs,
+            observer,
             ..
         } = self;
+        let mut see = |li: usize, site: Site, v: &[f32], cols: usize| {
+            if let Some(f) = observer.as_mut() {
+                f(li, site, v, cols);
+            }
+        };
         let bytes = gguf.bytes();
         let n = tokens.len();
         let (dim, qd, kvd, hd) = (c.dim, c.q_dim(), c.kv_dim(), c.head_dim);
@@ -527,6 +571,10 @@ impl CpuBackend {
                 ],
                 &mut s.scratch,
             );
+            see(li, Site::AttnIn, &s.xb[..n * dim], dim);
+            see(li, Site::Q, &s.q[..n * qd], qd);
+            see(li, Site::K, &s.k[..n * kvd], kvd);
+            see(li, Site::V, &s.v[..n * kvd], kvd);
             for (b, out, width) in [
                 (l.bq, &mut s.q, qd),
                 (l.bk, &mut s.k, kvd),
@@ -572,6 +620,8 @@ impl CpuBackend {
                 &mut [(&wo, &mut s.xb2[..])],
                 &mut s.scratch,
             );
+            see(li, Site::AttnOut, &s.xb[..n * qd], qd);
+            see(li, Site::O, &s.xb2[..n * dim], dim);
             add(&mut s.x[..n * dim], &s.xb2[..n * dim]);
 
             // Feed-forward block (SwiGLU).
@@ -587,6 +637,9 @@ impl CpuBackend {
                 &mut [(&wg, &mut s.hb[..]), (&wu, &mut s.hb2[..])],
                 &mut s.scratch,
             );
+            see(li, Site::FfnIn, &s.xb[..n * dim], dim);
+            see(li, Site::Gate, &s.hb[..n * c.ffn], c.ffn);
+            see(li, Site::Up, &s.hb2[..n * c.ffn], c.ffn);
             let nf = n * c.ffn;
             for (g, u) in s.hb[..nf].iter_mut().zip(&s.hb2[..nf]) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
@@ -601,6 +654,8 @@ impl CpuBackend {
                 &mut [(&wd, &mut s.xb2[..])],
                 &mut s.scratch,
             );
+            see(li, Site::FfnMid, &s.hb[..nf], c.ffn);
+            see(li, Site::Down, &s.xb2[..n * dim], dim);
             add(&mut s.x[..n * dim], &s.xb2[..n * dim]);
         }
 
@@ -623,6 +678,8 @@ impl CpuBackend {
             &mut [(&wout, &mut s.logits[..])],
             &mut s.scratch,
         );
+        see(c.n_layer, Site::HeadIn, &s.xb[..m * dim], dim);
+        see(c.n_layer, Site::Logits, &s.logits[..m * c.vocab], c.vocab);
     }
 }
 
@@ -681,8 +738,13 @@ fn rope_table(c: &Config, pos: usize, n: usize, out: &mut [f32]) {
 
 /// cos/sin of every rotated pair for one (possibly negative) position `p`, as [`rope_table`].
 fn rope_row(c: &Config, p: f32, out: &mut [f32]) {
-    let hd = c.head_dim;
-    let scale = c.rope_theta.powf(-2.0 / hd as f32);
+    rope_angles(c.rope_theta, c.head_dim, p, out)
+}
+
+/// cos/sin of every rotated pair of a head of `hd` values at position `p` for rotary base
+/// `theta`, interleaved (`cos₀ sin₀ cos₁ sin₁ …`), as the engine computes them.
+pub fn rope_angles(theta: f32, hd: usize, p: f32, out: &mut [f32]) {
+    let scale = theta.powf(-2.0 / hd as f32);
     let mut theta = p;
     for i in 0..hd / 2 {
         let (sin, cos) = theta.sin_cos();

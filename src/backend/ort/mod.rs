@@ -14,6 +14,7 @@
 
 pub mod graph;
 pub mod model;
+pub mod npu;
 pub mod onnx;
 pub mod runtime;
 
@@ -56,6 +57,10 @@ pub struct OrtOptions {
     pub providers: Vec<Provider>,
     /// Options handed to each provider as they are (`device_id`, `backend_path`, ...).
     pub provider_options: BTreeMap<Provider, BTreeMap<String, String>>,
+    /// Plugin execution provider libraries (`ort.ep_libraries`), registered before the first
+    /// session; a provider without one here uses [`runtime::default_ep_library`], else the
+    /// provider built into the library.
+    pub ep_libraries: BTreeMap<Provider, PathBuf>,
     pub threads: usize,
     pub n_ctx: usize,
     /// Tokens per forward call: the logits of a chunk are `max_batch × n_vocab` floats.
@@ -68,6 +73,7 @@ impl Default for OrtOptions {
             library: None,
             providers: vec![Provider::Cpu],
             provider_options: BTreeMap::new(),
+            ep_libraries: BTreeMap::new(),
             threads: 0,
             n_ctx: 2048,
             max_batch: 64,
@@ -141,7 +147,7 @@ impl std::fmt::Debug for OrtBackend {
     }
 }
 
-fn ort_err(e: impl std::fmt::Display) -> BackendError {
+pub(crate) fn ort_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Other(format!("ONNX Runtime: {e}"))
 }
 
@@ -173,6 +179,7 @@ impl OrtBackend {
     /// the first provider of `opts.providers` that takes it.
     pub fn open(dir: &Path, opts: &OrtOptions) -> Result<OrtBackend, OrtError> {
         let rt = runtime::init(opts.library.as_deref()).map_err(OrtError::Runtime)?;
+        runtime::register_for_chain(&opts.providers, &opts.ep_libraries);
         tracing::debug!(
             "ONNX Runtime {} from {} (providers built in: {:?})",
             rt.version,
@@ -193,28 +200,30 @@ impl OrtBackend {
         // Each provider that fails says why, in the log and, if none works, in the error.
         let mut failures = Vec::new();
         let mut chosen = None;
-        for &p in &opts.providers {
-            let name = p.name();
-            let mut attempt = session_with(env, &model, p, opts, threads, edited.as_ref());
-            if let (Err(SessionError::Load(e)), Some(_)) = (&attempt, &edited) {
-                tracing::warn!(
+        runtime::stdout_to_stderr(|| {
+            for &p in &opts.providers {
+                let name = p.name();
+                let mut attempt = session_with(env, &model, p, opts, threads, edited.as_ref());
+                if let (Err(SessionError::Load(e)), Some(_)) = (&attempt, &edited) {
+                    tracing::warn!(
                     "ort: the graph with its head cut to the wanted positions did not load on {name} ({e}); loading {} as it is",
                     model.onnx.display()
                 );
-                attempt = session_with(env, &model, p, opts, threads, None);
-            }
-            match attempt {
-                Ok((s, last_logits)) => {
-                    tracing::info!("ort: execution provider {name} registered");
-                    chosen = Some((name.to_string(), s, last_logits));
-                    break;
+                    attempt = session_with(env, &model, p, opts, threads, None);
                 }
-                Err(e) => {
-                    tracing::warn!("ort: execution provider {name} failed: {e}");
-                    failures.push(format!("{name}: {e}"));
+                match attempt {
+                    Ok((s, last_logits)) => {
+                        tracing::info!("ort: execution provider {name} registered");
+                        chosen = Some((name.to_string(), s, last_logits));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("ort: execution provider {name} failed: {e}");
+                        failures.push(format!("{name}: {e}"));
+                    }
                 }
             }
-        }
+        });
         let Some((provider, session, last_logits)) = chosen else {
             return Err(OrtError::NoProvider(if failures.is_empty() {
                 "ort.providers is empty".into()
@@ -455,7 +464,7 @@ fn add_external_files(
 }
 
 #[derive(Debug)]
-enum SessionError {
+pub(crate) enum SessionError {
     /// The provider could not be set up (before any graph was read).
     Provider(String),
     /// The session did not build on the graph.
@@ -504,22 +513,159 @@ fn session_with(
     let setup = |e: ort::Error| SessionError::Provider(e.to_string());
     let mut b = Session::builder(env)
         .map_err(setup)?
+        // `ort` asks ONNX Runtime to pick devices itself (most efficient first) unless told
+        // otherwise: with a plugin NPU registered, a session meant for the CPU would go there.
+        .with_auto_device(ort::session::builder::AutoDevicePolicy::PreferCPU)
+        .map_err(|e| setup(e.into()))?
         .with_intra_threads(threads)
         .map_err(|e| setup(e.into()))?
         .with_inter_threads(1)
         .map_err(|e| setup(e.into()))?
         .with_log_level(ort::logging::LogLevel::Error)
         .map_err(|e| setup(e.into()))?;
-    dispatch
-        .register(&mut b)
-        .map_err(|e| SessionError::Provider(e.to_string()))?;
+    b = with_provider(env, b, provider, options, dispatch)?;
+    // A plugin provider that takes none of the graph's nodes leaves it all to ORT's CPU
+    // provider: that counts as failing, so that the chain goes on (and says why). The nodes
+    // each provider was given are in ORT's verbose log of the session's creation.
+    let placed = match runtime::plugin_eps(provider) {
+        Some(Ok(eps)) => {
+            let counts = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+            let seen = counts.clone();
+            b = b
+                .with_log_level(ort::logging::LogLevel::Verbose)
+                .map_err(|e| setup(e.into()))?
+                .with_logger(std::sync::Arc::new(
+                    move |level: ort::logging::LogLevel, _: &str, _: &str, _: &str, m: &str| {
+                        if let Some((ep, n)) = placed_nodes(m) {
+                            if let Ok(mut c) = seen.lock() {
+                                c.insert(ep, n);
+                            }
+                        } else if level >= ort::logging::LogLevel::Error {
+                            tracing::error!("ort: {m}");
+                        }
+                    },
+                ))
+                .map_err(|e| setup(e.into()))?;
+            Some((eps, counts))
+        }
+        _ => None,
+    };
     let load = |e: ort::Error| SessionError::Load(e.to_string());
-    match edited {
+    let out = match edited {
         Some(g) => {
             add_external_files(&mut b, g).map_err(SessionError::Load)?;
-            Ok((b.commit_from_memory(&g.bytes).map_err(load)?, true))
+            (b.commit_from_memory(&g.bytes).map_err(load)?, true)
         }
-        None => Ok((b.commit_from_file(&model.onnx).map_err(load)?, false)),
+        None => (b.commit_from_file(&model.onnx).map_err(load)?, false),
+    };
+    if let Some((eps, counts)) = placed {
+        let counts = counts.lock().map(|c| c.clone()).unwrap_or_default();
+        let took: usize = eps.iter().filter_map(|e| counts.get(e)).sum();
+        tracing::info!("ort: nodes placed per provider: {counts:?}");
+        if took == 0 {
+            return Err(SessionError::Load(format!(
+                "{provider} took none of the graph's nodes (placed: {counts:?}); a graph made for it is needed (for qnn: `edgellm export-onnx --target qnn`)"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Options a plugin provider gets unless `ort.provider_options` says otherwise. QNN: the HTP
+/// (its NPU backend), float parts in fp16 there, which needs a SoC to prepare for (60: the
+/// Snapdragon 8 Gen 3, HTP v75; a board names its own).
+pub(crate) fn plugin_defaults(provider: Provider) -> &'static [(&'static str, &'static str)] {
+    match provider {
+        Provider::Qnn => &[
+            ("backend_type", "htp"),
+            ("enable_htp_fp16_precision", "1"),
+            ("soc_model", "60"),
+            ("htp_arch", "75"),
+        ],
+        _ => &[],
+    }
+}
+
+/// `("qnn", 5)` from ORT's verbose line `Node(s) placed on [qnn]. Number of nodes: 5`.
+fn placed_nodes(message: &str) -> Option<(String, usize)> {
+    let rest = message.trim().strip_prefix("Node(s) placed on [")?;
+    let (ep, rest) = rest.split_once(']')?;
+    let n = rest
+        .trim()
+        .strip_prefix(". Number of nodes:")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((ep.to_string(), n))
+}
+
+/// Adds `provider` to a session builder: through the devices of its plugin library when one is
+/// registered for it ([`runtime::plugin_eps`]; its options go to the plugin as they are), else
+/// the provider built into the library (`dispatch`).
+pub(crate) fn with_provider(
+    env: &ort::environment::Environment,
+    b: ort::session::builder::SessionBuilder,
+    provider: Provider,
+    options: Option<&BTreeMap<String, String>>,
+    dispatch: ort::ep::ExecutionProviderDispatch,
+) -> Result<ort::session::builder::SessionBuilder, SessionError> {
+    match runtime::plugin_eps(provider) {
+        Some(Ok(eps)) => {
+            let mut options = options.cloned().unwrap_or_default();
+            for &(k, v) in plugin_defaults(provider) {
+                let path_given = k == "backend_type" && options.contains_key("backend_path");
+                if !options.contains_key(k) && !path_given {
+                    options.insert(k.to_string(), v.to_string());
+                }
+            }
+            let options = Some(&options);
+            let devices: Vec<_> = env
+                .devices()
+                .filter(|d| d.ep().is_ok_and(|e| eps.iter().any(|x| x == e)))
+                .collect();
+            if devices.is_empty() {
+                return Err(SessionError::Provider(format!(
+                    "the plugin library for {provider} offers no device"
+                )));
+            }
+            // `with_devices` hands each device's EP the options prefixed with its name.
+            let opts: Vec<(String, String)> = eps
+                .iter()
+                .flat_map(|ep| {
+                    options
+                        .into_iter()
+                        .flatten()
+                        .map(move |(k, v)| (format!("{ep}.{k}"), v.clone()))
+                })
+                .collect();
+            b.with_devices(devices, Some(&opts))
+                .map_err(|e| SessionError::Provider(e.to_string()))
+        }
+        Some(Err(reason)) => Err(SessionError::Provider(reason)),
+        // ONNX Runtime's own CPU device, named: a session given no device picks one by policy,
+        // and a plugin's device can present itself as a CPU (QNN's HTP simulator does).
+        None if provider == Provider::Cpu => {
+            let cpu: Vec<_> = env
+                .devices()
+                .filter(|d| d.ep().is_ok_and(|e| e == "CPUExecutionProvider"))
+                .collect();
+            if cpu.is_empty() {
+                let mut b = b;
+                dispatch
+                    .register(&mut b)
+                    .map_err(|e| SessionError::Provider(e.to_string()))?;
+                return Ok(b);
+            }
+            b.with_devices(cpu, None)
+                .map_err(|e| SessionError::Provider(e.to_string()))
+        }
+        None => {
+            let mut b = b;
+            dispatch
+                .register(&mut b)
+                .map_err(|e| SessionError::Provider(e.to_string()))?;
+            Ok(b)
+        }
     }
 }
 
@@ -560,6 +706,7 @@ impl Backend for OrtBackend {
             state_bytes: kv + (self.logits.len() * 4) as u64,
             token_read_bytes: None,
             repacked_matrices: 0,
+            placement: None,
         }
     }
 
@@ -804,7 +951,7 @@ fn status_result(status: ort::sys::OrtStatusPtr) -> Result<(), String> {
 /// Every row moves to a lower or equal place and heads are taken in order, so nothing is
 /// overwritten before it is read.
 #[allow(clippy::too_many_arguments)]
-fn repack(
+pub(crate) fn repack(
     data: &mut [f32],
     heads: usize,
     hd: usize,
@@ -832,7 +979,7 @@ fn repack(
 }
 
 /// Rotates one cached key by the angles in `by` (cos, sin per pair).
-fn rotate(key: &mut [f32], by: &[(f32, f32)], interleaved: bool) {
+pub(crate) fn rotate(key: &mut [f32], by: &[(f32, f32)], interleaved: bool) {
     let half = key.len() / 2;
     for (i, &(c, s)) in by.iter().enumerate() {
         let (a, b) = if interleaved {
@@ -843,5 +990,30 @@ fn rotate(key: &mut [f32], by: &[(f32, f32)], interleaved: bool) {
         let (x, y) = (key[a], key[b]);
         key[a] = x * c - y * s;
         key[b] = x * s + y * c;
+    }
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::placed_nodes;
+
+    #[test]
+    fn placement_lines_of_the_verbose_log_are_read() {
+        assert_eq!(
+            placed_nodes(" Node(s) placed on [qnn]. Number of nodes: 5"),
+            Some(("qnn".to_string(), 5))
+        );
+        assert_eq!(
+            placed_nodes("Node(s) placed on [CPUExecutionProvider]. Number of nodes: 308"),
+            Some(("CPUExecutionProvider".to_string(), 308))
+        );
+        assert_eq!(
+            placed_nodes("All nodes placed on [CPUExecutionProvider]. Number of nodes: 3"),
+            None
+        );
+        assert_eq!(
+            placed_nodes("Node(s) placed on [qnn]. Number of nodes: many"),
+            None
+        );
     }
 }

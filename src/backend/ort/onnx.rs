@@ -12,6 +12,8 @@ use std::path::Path;
 pub mod dtype {
     pub const FLOAT: i32 = 1;
     pub const UINT8: i32 = 2;
+    pub const INT8: i32 = 3;
+    pub const UINT16: i32 = 4;
     pub const INT32: i32 = 6;
     pub const INT64: i32 = 7;
 }
@@ -20,6 +22,7 @@ pub mod dtype {
 pub mod attr_type {
     pub const FLOAT: i32 = 1;
     pub const INT: i32 = 2;
+    pub const INTS: i32 = 7;
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -278,6 +281,15 @@ pub fn attr_int(name: &str, i: i64) -> AttributeProto {
         name: name.into(),
         r#type: attr_type::INT,
         i,
+        ..Default::default()
+    }
+}
+
+pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attr_type::INTS,
+        ints: ints.to_vec(),
         ..Default::default()
     }
 }

@@ -144,3 +144,200 @@ fn available_providers() -> Vec<&'static str> {
     }
     out
 }
+
+/// A plugin execution provider library (`ort.ep_libraries`): registered into the process's
+/// environment (`RegisterExecutionProviderLibrary`) before any session is made, once per name.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EpLibrary {
+    /// The provider name it serves (`qnn`, ...), the key in `ort.ep_libraries`.
+    pub name: String,
+    pub path: PathBuf,
+    /// Why it could not be registered; `None` when it was.
+    pub error: Option<String>,
+    /// The devices it brought (ONNX Runtime's `GetEpDevices`, those that appeared with it).
+    pub devices: Vec<EpDevice>,
+}
+
+/// One device a provider offers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EpDevice {
+    /// The provider's own name for itself ("QNN", "CPUExecutionProvider").
+    pub ep: String,
+    pub ep_vendor: String,
+    /// "cpu", "gpu" or "npu": what ONNX Runtime calls the hardware.
+    pub device_type: String,
+    pub vendor: String,
+    pub device_id: u32,
+}
+
+static EP_LIBRARIES: std::sync::Mutex<Vec<EpLibrary>> = std::sync::Mutex::new(Vec::new());
+
+fn devices(env: &ort::environment::Environment) -> Vec<EpDevice> {
+    env.devices()
+        .map(|d| {
+            let hw = d.hardware_device();
+            EpDevice {
+                ep: d.ep().unwrap_or("?").to_string(),
+                ep_vendor: d.ep_vendor().unwrap_or("?").to_string(),
+                device_type: format!("{:?}", hw.ty()).to_lowercase(),
+                vendor: hw.vendor().unwrap_or("?").to_string(),
+                device_id: hw.id(),
+            }
+        })
+        .collect()
+}
+
+/// Registers each plugin library of `libs` (provider name → path) not registered yet; a
+/// library that fails is remembered with its reason (and not tried again in this process).
+/// Needs [`init`] first. Returns every library registered or tried so far.
+pub fn register_ep_libraries(libs: &std::collections::BTreeMap<String, PathBuf>) -> Vec<EpLibrary> {
+    let Ok(mut known) = EP_LIBRARIES.lock() else {
+        return Vec::new();
+    };
+    let Some(env) = environment() else {
+        return known.clone();
+    };
+    for (name, path) in libs {
+        if known.iter().any(|l| &l.name == name) {
+            continue;
+        }
+        let before = devices(env);
+        let mut lib = EpLibrary {
+            name: name.clone(),
+            path: path.clone(),
+            error: None,
+            devices: Vec::new(),
+        };
+        if !path.is_file() {
+            lib.error = Some(format!(
+                "ort.ep_libraries.{name} = {}: no such file (scripts/fetch-ort.sh --qnn fetches the QNN provider)",
+                path.display()
+            ));
+        } else {
+            match env.register_ep_library(name.clone(), path) {
+                Ok(()) => {
+                    lib.devices = devices(env)
+                        .into_iter()
+                        .filter(|d| !before.contains(d))
+                        .collect();
+                    if lib.devices.is_empty() {
+                        lib.error = Some(format!(
+                            "ort.ep_libraries.{name} = {}: registered, but it offers no device on this machine",
+                            path.display()
+                        ));
+                    }
+                }
+                Err(e) => {
+                    lib.error = Some(format!("ort.ep_libraries.{name} = {}: {e}", path.display()))
+                }
+            }
+        }
+        match &lib.error {
+            None => tracing::info!(
+                "ort: plugin execution provider {name} registered from {}: {}",
+                path.display(),
+                lib.devices
+                    .iter()
+                    .map(|d| format!("{} ({} {}, {})", d.ep, d.vendor, d.device_type, d.ep_vendor))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(e) => tracing::warn!("ort: {e}"),
+        }
+        known.push(lib);
+    }
+    known.clone()
+}
+
+/// The plugin libraries registered or tried in this process.
+pub fn ep_libraries() -> Vec<EpLibrary> {
+    EP_LIBRARIES.lock().map(|l| l.clone()).unwrap_or_default()
+}
+
+/// The plugin library serving provider `name`, if one was configured.
+pub fn ep_library(name: &str) -> Option<EpLibrary> {
+    ep_libraries().into_iter().find(|l| l.name == name)
+}
+
+/// The version of the QNN execution provider (`onnxruntime-qnn` on PyPI) that
+/// `scripts/fetch-ort.sh --qnn` fetches and the tests run.
+pub const QNN_VERSION: &str = "2.7.0";
+
+fn download_cache() -> PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    std::env::var_os("EDGELLM_DOWNLOAD_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&home).join(".cache/edgellm/downloads"))
+}
+
+/// Where `scripts/fetch-ort.sh --qnn` puts the plugin library of `provider`, when it is there:
+/// used for a provider of the chain that `ort.ep_libraries` does not name.
+pub fn default_ep_library(provider: crate::backend::Provider) -> Option<PathBuf> {
+    let path = match provider {
+        crate::backend::Provider::Qnn => download_cache()
+            .join(format!(
+                "onnxruntime-qnn-{QNN_VERSION}-{}",
+                std::env::consts::ARCH
+            ))
+            .join("onnxruntime_qnn/libonnxruntime_providers_qnn.so"),
+        _ => return None,
+    };
+    path.is_file().then_some(path)
+}
+
+/// Registers the plugin libraries the providers of a chain use: `configured` first, else
+/// [`default_ep_library`]. Needs [`init`] first.
+pub fn register_for_chain(
+    chain: &[crate::backend::Provider],
+    configured: &std::collections::BTreeMap<crate::backend::Provider, PathBuf>,
+) {
+    let libs: std::collections::BTreeMap<String, PathBuf> = chain
+        .iter()
+        .filter_map(|p| {
+            configured
+                .get(p)
+                .cloned()
+                .or_else(|| default_ep_library(*p))
+                .map(|path| (p.name().to_string(), path))
+        })
+        .collect();
+    if !libs.is_empty() {
+        register_ep_libraries(&libs);
+    }
+}
+
+/// For a provider served by a plugin library: the names its devices go by, or why the library
+/// could not be registered. `None`: no plugin serves it (the library's built-in one is used).
+pub fn plugin_eps(provider: crate::backend::Provider) -> Option<Result<Vec<String>, String>> {
+    let lib = ep_library(provider.name())?;
+    if let Some(e) = lib.error {
+        return Some(Err(e));
+    }
+    let mut eps: Vec<String> = lib.devices.into_iter().map(|d| d.ep).collect();
+    eps.dedup();
+    Some(Ok(eps))
+}
+
+/// Runs `f` with the process's standard output sent to standard error. QNN's HTP simulator
+/// prints a line to standard output as it loads, which would otherwise land in `info`'s JSON
+/// or before an answer; C's buffer is flushed before output goes back.
+pub fn stdout_to_stderr<T>(f: impl FnOnce() -> T) -> T {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // SAFETY: dup, dup2, fflush and close on this process's own descriptors 1 and 2.
+    let saved = unsafe { libc::dup(1) };
+    if saved < 0 || unsafe { libc::dup2(2, 1) } < 0 {
+        if saved >= 0 {
+            unsafe { libc::close(saved) };
+        }
+        return f();
+    }
+    let out = f();
+    // SAFETY: as above; `saved` is the descriptor dup returned.
+    unsafe {
+        libc::fflush(std::ptr::null_mut());
+        libc::dup2(saved, 1);
+        libc::close(saved);
+    }
+    out
+}
