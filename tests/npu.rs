@@ -293,8 +293,8 @@ fn qnn_runs_every_matrix_product_and_agrees_with_the_int4_engine() {
     assert!(top1 >= 80.0, "top-1 {top1}%: {r}");
 }
 
-/// `edgellm ask` on the NPU answers the chat; so does the daemon, whose status and STATUS=
-/// line name QNN.
+/// `edgellm ask` on the NPU answers the chat ("The capital of France is Paris."); the daemon
+/// serves the start of the same answer, and its status and STATUS= line name QNN.
 #[test]
 fn ask_and_the_daemon_answer_on_qnn() {
     let _one = serial();
@@ -331,7 +331,7 @@ fn ask_and_the_daemon_answer_on_qnn() {
     );
     let mut c = daemon.connect();
     c.send(&json!({"id": "n1", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "max_tokens": 8, "temperature": 0}));
+        "max_tokens": 3, "temperature": 0}));
     let done = loop {
         let v = c.recv();
         if v["id"] == "n1" && (v["type"] == "done" || v["type"] == "error") {
@@ -339,9 +339,11 @@ fn ask_and_the_daemon_answer_on_qnn() {
         }
     };
     assert_eq!(done["type"], "done", "{done}");
+    // The start of the answer `ask` gave (the simulator takes ~6 s a token).
+    let text = done["text"].as_str().unwrap_or("");
     assert!(
-        done["text"].as_str().is_some_and(|t| t.contains("Paris")),
-        "{done}"
+        !text.trim().is_empty() && out.trim_start().starts_with(text.trim()),
+        "{done} vs {out}"
     );
     let s = daemon.status();
     assert_eq!(

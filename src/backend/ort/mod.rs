@@ -513,8 +513,8 @@ fn session_with(
     let setup = |e: ort::Error| SessionError::Provider(e.to_string());
     let mut b = Session::builder(env)
         .map_err(setup)?
-        // `ort` asks ONNX Runtime to pick devices itself (most efficient first) unless told
-        // otherwise: with a plugin NPU registered, a session meant for the CPU would go there.
+        // `ort` sets ONNX Runtime's device policy to "most efficient first" in every builder;
+        // ours are CPU-first, and `with_provider` names the devices a session gets.
         .with_auto_device(ort::session::builder::AutoDevicePolicy::PreferCPU)
         .map_err(|e| setup(e.into()))?
         .with_intra_threads(threads)
