@@ -402,11 +402,10 @@ impl Graph<'_> {
     /// The decoder for chunks of `t` tokens.
     fn build(&mut self, t: usize) -> Result<(), ExportError> {
         let c = self.c;
-        let (hd, nh, nkv, dim, eps) = (
+        let (hd, nh, nkv, eps) = (
             c.head_dim as i64,
             c.n_head as i64,
             c.n_kv_head as i64,
-            c.dim as i64,
             c.eps,
         );
         let groups = nh / nkv;
@@ -618,7 +617,6 @@ impl Graph<'_> {
         };
         let logits = self.matmul(head, None, &x, "logits_q", nl, Site::Logits)?;
         self.op("Identity", "logits", &[&logits], &["logits"], vec![]);
-        let _ = dim;
         Ok(())
     }
 
