@@ -89,11 +89,15 @@ impl OrtOptions {
             0 => model.context_length.min(4096),
             n => n,
         };
-        let threads = match self.threads {
+        (n_ctx, self.threads())
+    }
+
+    /// Compute threads: `threads`, or one per core when 0.
+    fn threads(&self) -> usize {
+        match self.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
-        };
-        (n_ctx, threads)
+        }
     }
 }
 
@@ -490,40 +494,10 @@ fn session_with(
     threads: usize,
     edited: Option<&EditedGraph>,
 ) -> Result<(Session, bool), SessionError> {
-    use ort::ep;
     let options = opts.provider_options.get(&provider);
-    fn with<E: ArbitrarilyConfigurableExecutionProvider>(
-        mut e: E,
-        o: Option<&BTreeMap<String, String>>,
-    ) -> E {
-        for (k, v) in o.into_iter().flatten() {
-            e = e.with_arbitrary_config(k, v);
-        }
-        e
-    }
-    use ort::ep::ArbitrarilyConfigurableExecutionProvider;
-    let dispatch = match provider {
-        Provider::Qnn => with(ep::QNN::default(), options).build(),
-        Provider::Cuda => with(ep::CUDA::default(), options).build(),
-        Provider::Tensorrt => with(ep::TensorRT::default(), options).build(),
-        Provider::Xnnpack => with(ep::XNNPACK::default(), options).build(),
-        Provider::Cpu => ep::CPU::default().build(),
-    }
-    .error_on_failure();
     let setup = |e: ort::Error| SessionError::Provider(e.to_string());
-    let mut b = Session::builder(env)
-        .map_err(setup)?
-        // `ort` sets ONNX Runtime's device policy to "most efficient first" in every builder;
-        // ours are CPU-first, and `with_provider` names the devices a session gets.
-        .with_auto_device(ort::session::builder::AutoDevicePolicy::PreferCPU)
-        .map_err(|e| setup(e.into()))?
-        .with_intra_threads(threads)
-        .map_err(|e| setup(e.into()))?
-        .with_inter_threads(1)
-        .map_err(|e| setup(e.into()))?
-        .with_log_level(ort::logging::LogLevel::Error)
-        .map_err(|e| setup(e.into()))?;
-    b = with_provider(env, b, provider, options, dispatch)?;
+    let mut b = session_builder(env, threads).map_err(SessionError::Provider)?;
+    b = with_provider(env, b, provider, options)?;
     // A plugin provider that takes none of the graph's nodes leaves it all to ORT's CPU
     // provider: that counts as failing, so that the chain goes on (and says why). The nodes
     // each provider was given are in ORT's verbose log of the session's creation.
@@ -571,6 +545,51 @@ fn session_with(
     Ok(out)
 }
 
+/// A session builder as every session here starts: `threads` compute threads, errors only in
+/// ORT's own log, and ONNX Runtime's device policy CPU-first (`ort` sets "most efficient first"
+/// in every builder); [`with_provider`] names the devices a session gets.
+pub(crate) fn session_builder(
+    env: &ort::environment::Environment,
+    threads: usize,
+) -> Result<ort::session::builder::SessionBuilder, String> {
+    let e = |e: ort::Error| e.to_string();
+    Session::builder(env)
+        .map_err(e)?
+        .with_auto_device(ort::session::builder::AutoDevicePolicy::PreferCPU)
+        .map_err(|x| e(x.into()))?
+        .with_intra_threads(threads)
+        .map_err(|x| e(x.into()))?
+        .with_inter_threads(1)
+        .map_err(|x| e(x.into()))?
+        .with_log_level(ort::logging::LogLevel::Error)
+        .map_err(|x| e(x.into()))
+}
+
+/// `provider` as the library builds it in, with `options` handed over as they are.
+fn builtin(
+    provider: Provider,
+    options: Option<&BTreeMap<String, String>>,
+) -> ort::ep::ExecutionProviderDispatch {
+    use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider};
+    fn with<E: ArbitrarilyConfigurableExecutionProvider>(
+        mut e: E,
+        o: Option<&BTreeMap<String, String>>,
+    ) -> E {
+        for (k, v) in o.into_iter().flatten() {
+            e = e.with_arbitrary_config(k, v);
+        }
+        e
+    }
+    match provider {
+        Provider::Qnn => with(ep::QNN::default(), options).build(),
+        Provider::Cuda => with(ep::CUDA::default(), options).build(),
+        Provider::Tensorrt => with(ep::TensorRT::default(), options).build(),
+        Provider::Xnnpack => with(ep::XNNPACK::default(), options).build(),
+        Provider::Cpu => ep::CPU::default().build(),
+    }
+    .error_on_failure()
+}
+
 /// Options a plugin provider gets unless `ort.provider_options` says otherwise. QNN: the HTP
 /// (its NPU backend), float parts in fp16 there, which needs a SoC to prepare for (60: the
 /// Snapdragon 8 Gen 3, HTP v75; a board names its own).
@@ -584,6 +603,22 @@ pub(crate) fn plugin_defaults(provider: Provider) -> &'static [(&'static str, &'
         ],
         _ => &[],
     }
+}
+
+/// The options a plugin provider is given: `configured` over [`plugin_defaults`] (no
+/// `backend_type` where a `backend_path` is configured).
+pub(crate) fn plugin_options(
+    provider: Provider,
+    configured: Option<&BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
+    let mut options = configured.cloned().unwrap_or_default();
+    for &(k, v) in plugin_defaults(provider) {
+        let path_given = k == "backend_type" && options.contains_key("backend_path");
+        if !options.contains_key(k) && !path_given {
+            options.insert(k.to_string(), v.to_string());
+        }
+    }
+    options
 }
 
 /// `("qnn", 5)` from ORT's verbose line `Node(s) placed on [qnn]. Number of nodes: 5`.
@@ -600,24 +635,17 @@ fn placed_nodes(message: &str) -> Option<(String, usize)> {
 }
 
 /// Adds `provider` to a session builder: through the devices of its plugin library when one is
-/// registered for it ([`runtime::plugin_eps`]; its options go to the plugin as they are), else
-/// the provider built into the library (`dispatch`).
+/// registered for it ([`runtime::plugin_eps`]; its options over [`plugin_defaults`]), else the
+/// provider built into the library ([`builtin`], its options as they are).
 pub(crate) fn with_provider(
     env: &ort::environment::Environment,
     b: ort::session::builder::SessionBuilder,
     provider: Provider,
     options: Option<&BTreeMap<String, String>>,
-    dispatch: ort::ep::ExecutionProviderDispatch,
 ) -> Result<ort::session::builder::SessionBuilder, SessionError> {
     match runtime::plugin_eps(provider) {
         Some(Ok(eps)) => {
-            let mut options = options.cloned().unwrap_or_default();
-            for &(k, v) in plugin_defaults(provider) {
-                let path_given = k == "backend_type" && options.contains_key("backend_path");
-                if !options.contains_key(k) && !path_given {
-                    options.insert(k.to_string(), v.to_string());
-                }
-            }
+            let options = plugin_options(provider, options);
             let options = Some(&options);
             let devices: Vec<_> = env
                 .devices()
@@ -642,26 +670,23 @@ pub(crate) fn with_provider(
                 .map_err(|e| SessionError::Provider(e.to_string()))
         }
         Some(Err(reason)) => Err(SessionError::Provider(reason)),
-        // ONNX Runtime's own CPU device, named: a session given no device picks one by policy,
-        // and a plugin's device can present itself as a CPU (QNN's HTP simulator does).
-        None if provider == Provider::Cpu => {
-            let cpu: Vec<_> = env
-                .devices()
-                .filter(|d| d.ep().is_ok_and(|e| e == "CPUExecutionProvider"))
-                .collect();
-            if cpu.is_empty() {
-                let mut b = b;
-                dispatch
-                    .register(&mut b)
-                    .map_err(|e| SessionError::Provider(e.to_string()))?;
-                return Ok(b);
-            }
-            b.with_devices(cpu, None)
-                .map_err(|e| SessionError::Provider(e.to_string()))
-        }
         None => {
+            // ONNX Runtime's own CPU device, named: a session given no device picks one by
+            // policy, and a plugin's device can present itself as a CPU (QNN's HTP simulator
+            // does).
+            if provider == Provider::Cpu {
+                let cpu: Vec<_> = env
+                    .devices()
+                    .filter(|d| d.ep().is_ok_and(|e| e == "CPUExecutionProvider"))
+                    .collect();
+                if !cpu.is_empty() {
+                    return b
+                        .with_devices(cpu, None)
+                        .map_err(|e| SessionError::Provider(e.to_string()));
+                }
+            }
             let mut b = b;
-            dispatch
+            builtin(provider, options)
                 .register(&mut b)
                 .map_err(|e| SessionError::Provider(e.to_string()))?;
             Ok(b)
@@ -805,13 +830,14 @@ impl Backend for OrtBackend {
         }
         out.reserve(self.saved_bytes(len));
         for t in &self.kv {
-            let data = t.extract_tensor().1;
-            for h in 0..self.model.n_kv_head {
-                let base = h * stride * hd;
-                for v in &data[base..base + len * hd] {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-            }
+            save_heads(
+                t.extract_tensor().1,
+                self.model.n_kv_head,
+                stride,
+                hd,
+                len,
+                out,
+            );
         }
         Ok(())
     }
@@ -834,13 +860,7 @@ impl Backend for OrtBackend {
         let stride = self.stride();
         let mut src = data.chunks_exact(4);
         for t in &mut self.kv {
-            let dst = t.extract_tensor_mut().1;
-            for h in 0..heads {
-                let base = h * stride * hd;
-                for (d, s) in dst[base..base + len * hd].iter_mut().zip(&mut src) {
-                    *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-                }
-            }
+            load_heads(t.extract_tensor_mut().1, heads, stride, hd, len, &mut src);
         }
         Ok(())
     }
@@ -909,6 +929,42 @@ impl Backend for OrtBackend {
         } else {
             self.logits[..n_vocab].copy_from_slice(&data[(rows - 1) * n_vocab..]);
             Ok(&self.logits[..n_vocab])
+        }
+    }
+}
+
+/// Appends positions `0..len` of each of `heads` heads of a cache tensor (head `h` from
+/// position `h × stride`, `hd` values a position) to `out`, little-endian f32: the layout
+/// [`Backend::save`] writes.
+pub(crate) fn save_heads(
+    data: &[f32],
+    heads: usize,
+    stride: usize,
+    hd: usize,
+    len: usize,
+    out: &mut Vec<u8>,
+) {
+    for h in 0..heads {
+        let base = h * stride * hd;
+        for v in &data[base..base + len * hd] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// Reads back what [`save_heads`] wrote for one tensor from `src` (4-byte chunks).
+pub(crate) fn load_heads(
+    dst: &mut [f32],
+    heads: usize,
+    stride: usize,
+    hd: usize,
+    len: usize,
+    src: &mut std::slice::ChunksExact<'_, u8>,
+) {
+    for h in 0..heads {
+        let base = h * stride * hd;
+        for (d, s) in dst[base..base + len * hd].iter_mut().zip(&mut *src) {
+            *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
         }
     }
 }

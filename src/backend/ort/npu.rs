@@ -202,24 +202,6 @@ struct Graph {
     placement: Option<Placement>,
 }
 
-fn builder(
-    env: &ort::environment::Environment,
-    threads: usize,
-) -> Result<ort::session::builder::SessionBuilder, String> {
-    let e = |e: ort::Error| e.to_string();
-    Session::builder(env)
-        .map_err(e)?
-        // Only the providers asked for (see `session_with`).
-        .with_auto_device(ort::session::builder::AutoDevicePolicy::PreferCPU)
-        .map_err(|x| e(x.into()))?
-        .with_intra_threads(threads)
-        .map_err(|x| e(x.into()))?
-        .with_inter_threads(1)
-        .map_err(|x| e(x.into()))?
-        .with_log_level(ort::logging::LogLevel::Error)
-        .map_err(|x| e(x.into()))
-}
-
 /// The cache record of a compiled context: what it was made from.
 fn cache_record(
     cfg: &NpuConfig,
@@ -279,14 +261,9 @@ fn open_graph(at: &Place<'_>, file: &str, t: usize, provider: Provider) -> Resul
     let path = dir.join(file);
     let original = onnx::read_model(&path).map_err(|e| e.to_string())?;
     if provider == Provider::Cpu {
-        let mut b = super::with_provider(
-            env,
-            builder(env, threads)?,
-            provider,
-            None,
-            dispatch(provider, &BTreeMap::new()),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut b =
+            super::with_provider(env, super::session_builder(env, threads)?, provider, None)
+                .map_err(|e| e.to_string())?;
         let s = b.commit_from_file(&path).map_err(|e| e.to_string())?;
         return Ok(Graph {
             session: s,
@@ -294,29 +271,16 @@ fn open_graph(at: &Place<'_>, file: &str, t: usize, provider: Provider) -> Resul
             placement: Some(placement_cpu(&original)),
         });
     }
-    // What the session gets: the configured options over the plugin's defaults (the record
-    // of a compiled context names them).
-    let mut options: BTreeMap<String, String> = super::plugin_defaults(provider)
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    if let Some(o) = opts.provider_options.get(&provider) {
-        options.extend(o.clone());
-    }
+    let configured = opts.provider_options.get(&provider);
+    // What a plugin gets (the record of a compiled context names it).
+    let options = super::plugin_options(provider, configured);
     let with = |b| -> Result<ort::session::builder::SessionBuilder, String> {
-        super::with_provider(
-            env,
-            b,
-            provider,
-            Some(&options),
-            dispatch(provider, &options),
-        )
-        .map_err(|e| e.to_string())
+        super::with_provider(env, b, provider, configured).map_err(|e| e.to_string())
     };
     let plugin = matches!(runtime::plugin_eps(provider), Some(Ok(_)));
     if !plugin {
         // A provider built into the library: no context cache, no placement to read.
-        let s = with(builder(env, threads)?)?
+        let s = with(super::session_builder(env, threads)?)?
             .commit_from_file(&path)
             .map_err(|e| e.to_string())?;
         return Ok(Graph {
@@ -349,7 +313,7 @@ fn open_graph(at: &Place<'_>, file: &str, t: usize, provider: Provider) -> Resul
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok());
         if recorded.as_ref() == Some(&record) {
-            let loaded = with(builder(env, threads)?)
+            let loaded = with(super::session_builder(env, threads)?)
                 .and_then(|mut b| b.commit_from_file(&ctx).map_err(|e| e.to_string()));
             match (loaded, onnx::read_model(&ctx)) {
                 (Ok(s), Ok(compiled)) => {
@@ -380,7 +344,7 @@ fn open_graph(at: &Place<'_>, file: &str, t: usize, provider: Provider) -> Resul
     remove();
     let started = std::time::Instant::now();
     let ctx_s = ctx.display().to_string();
-    let mut b = with(builder(env, threads)?)?;
+    let mut b = with(super::session_builder(env, threads)?)?;
     for (k, v) in [
         ("ep.context_enable", "1"),
         ("ep.context_file_path", ctx_s.as_str()),
@@ -423,31 +387,6 @@ fn open_graph(at: &Place<'_>, file: &str, t: usize, provider: Provider) -> Resul
     })
 }
 
-/// The provider built into the library, for providers no plugin serves.
-fn dispatch(
-    provider: Provider,
-    options: &BTreeMap<String, String>,
-) -> ort::ep::ExecutionProviderDispatch {
-    use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider};
-    fn with<E: ArbitrarilyConfigurableExecutionProvider>(
-        mut e: E,
-        o: &BTreeMap<String, String>,
-    ) -> E {
-        for (k, v) in o {
-            e = e.with_arbitrary_config(k, v);
-        }
-        e
-    }
-    match provider {
-        Provider::Qnn => with(ep::QNN::default(), options).build(),
-        Provider::Cuda => with(ep::CUDA::default(), options).build(),
-        Provider::Tensorrt => with(ep::TensorRT::default(), options).build(),
-        Provider::Xnnpack => with(ep::XNNPACK::default(), options).build(),
-        Provider::Cpu => ep::CPU::default().build(),
-    }
-    .error_on_failure()
-}
-
 pub struct NpuBackend {
     cfg: NpuConfig,
     dir: PathBuf,
@@ -487,7 +426,7 @@ impl NpuBackend {
             kv_cache: per_position * c.n_ctx as u64,
             scratch: (2 * c.chunk * c.vocab * 4) as u64,
             n_ctx: c.n_ctx,
-            threads: resolve_threads(opts.threads),
+            threads: opts.threads(),
             bytes_per_position: per_position,
         })
     }
@@ -506,7 +445,7 @@ impl NpuBackend {
                 opts.n_ctx
             );
         }
-        let threads = resolve_threads(opts.threads);
+        let threads = opts.threads();
         let mut failures = Vec::new();
         let mut chosen = None;
         let at = Place {
@@ -691,13 +630,6 @@ fn view<'a>(shape: Vec<usize>, data: &'a [f32]) -> Result<TensorRef<'a, f32>, Ba
     TensorRef::from_array_view(a).map_err(ort_err)
 }
 
-fn resolve_threads(t: usize) -> usize {
-    match t {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
-}
-
 impl Backend for NpuBackend {
     fn vocabulary(&self) -> Vocabulary<'_> {
         Vocabulary::Folder {
@@ -791,11 +723,7 @@ impl Backend for NpuBackend {
         }
         out.reserve(self.saved_bytes(len));
         for data in &self.kv {
-            for h in 0..self.cfg.n_kv_head {
-                for v in &data[h * n_ctx * hd..(h * n_ctx + len) * hd] {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-            }
+            super::save_heads(data, self.cfg.n_kv_head, n_ctx, hd, len, out);
         }
         Ok(())
     }
@@ -812,14 +740,7 @@ impl Backend for NpuBackend {
         let (hd, n_ctx) = (self.cfg.head_dim, self.cfg.n_ctx);
         let mut src = data.chunks_exact(4);
         for dst in &mut self.kv {
-            for h in 0..self.cfg.n_kv_head {
-                for (d, s) in dst[h * n_ctx * hd..(h * n_ctx + len) * hd]
-                    .iter_mut()
-                    .zip(&mut src)
-                {
-                    *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-                }
-            }
+            super::load_heads(dst, self.cfg.n_kv_head, n_ctx, hd, len, &mut src);
         }
         Ok(())
     }

@@ -39,11 +39,7 @@ pub fn library_path(configured: Option<&Path>) -> PathBuf {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    let cache = std::env::var_os("EDGELLM_DOWNLOAD_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(&home).join(".cache/edgellm/downloads"));
-    cache
+    download_cache()
         .join(format!(
             "onnxruntime-{TESTED_VERSION}-{}",
             std::env::consts::ARCH
@@ -263,6 +259,8 @@ pub fn ep_library(name: &str) -> Option<EpLibrary> {
 /// `scripts/fetch-ort.sh --qnn` fetches and the tests run.
 pub const QNN_VERSION: &str = "2.7.0";
 
+/// `$EDGELLM_DOWNLOAD_CACHE`, else `~/.cache/edgellm/downloads`: where the fetch script
+/// extracts ONNX Runtime and the QNN provider.
 fn download_cache() -> PathBuf {
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
     std::env::var_os("EDGELLM_DOWNLOAD_CACHE")
