@@ -293,11 +293,16 @@ impl Graph<'_> {
             &[n as i64],
             &vec![0u8; n],
         )?;
+        self.keep_written();
+        self.matrices += 1;
+        Ok(wname)
+    }
+
+    /// Moves the initializers just written to the data file into `weights`.
+    fn keep_written(&mut self) {
         for init in self.data.inits.drain(..) {
             self.weights.insert(init.name.clone(), init);
         }
-        self.matrices += 1;
-        Ok(wname)
     }
 
     /// A float vector of the GGUF (norm weights, biases), permuted to halves when asked.
@@ -321,9 +326,7 @@ impl Graph<'_> {
             }
         }
         self.data.add_f32(name, &[n as i64], &v)?;
-        for init in self.data.inits.drain(..) {
-            self.weights.insert(init.name.clone(), init);
-        }
+        self.keep_written();
         Ok(name.to_string())
     }
 
@@ -698,7 +701,7 @@ pub fn export_npu(
     }
     let text = std::fs::read_to_string(&opts.calibrate).map_err(io(&opts.calibrate))?;
     let calib_sha =
-        crate::models::sha256_file(&opts.calibrate, |_| {}).map_err(io(&opts.calibrate))?;
+        crate::models::hex(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
     let g = Gguf::open(gguf).map_err(ModelError::from)?;
     let c = Config::from_gguf(&g)?;
     if c.arch != Arch::Llama && c.arch != Arch::Qwen2 {
@@ -786,11 +789,7 @@ pub fn export_npu(
             )
             .as_bytes(),
         );
-        h.finish()
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        crate::models::hex(h.finish().as_ref())
     };
     let eos: Vec<u32> = tok.eos.into_iter().collect();
     let cfg = serde_json::json!({
