@@ -43,7 +43,7 @@ enum Cmd {
     /// Write an ONNX model folder (onnxruntime-genai's layout) from a GGUF, keeping its int4
     /// blocks, for the ORT backend
     ExportOnnx(app::export_onnx::ExportOnnxArgs),
-    /// Requantize a GGUF model's matrices to another type (as llama-quantize --allow-requantize)
+    /// Requantize a GGUF model's matrices to another type: rounded to nearest (as llama-quantize --allow-requantize), or with --calibrate FILE by GPTQ against the model's activations on that text
     Quantize(app::quantize::QuantizeArgs),
     /// Measure prompt and generation speed (one JSON object)
     Bench(app::bench::BenchArgs),

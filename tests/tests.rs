@@ -12,6 +12,7 @@
 //! - `ort`: the ONNX Runtime backend on real ONNX Runtime and onnxruntime-genai's model.
 //! - `npu`: `export-onnx --target qnn` run by Qualcomm's QNN provider on its HTP simulator.
 //! - `smollm2`: the real default model against llama.cpp's reference data, and the CLI.
+//! - `quantize`: `edgellm quantize --calibrate` (GPTQ) on a synthetic model and the default one.
 //! - `qwen`: the second real model (Qwen2.5-Coder-0.5B Q4_K_M) against llama.cpp's reference.
 
 mod cli;
@@ -25,5 +26,6 @@ mod mqtt;
 mod npu;
 mod ort;
 mod package;
+mod quantize;
 mod qwen;
 mod smollm2;

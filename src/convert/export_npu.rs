@@ -32,11 +32,10 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::backend::cpu::model::{Arch, Config, ModelError, RopeStyle};
-use crate::backend::cpu::{CpuBackend, CpuOptions, Site};
+use crate::backend::cpu::Site;
 use crate::backend::ort::onnx::{
     self, attr_float, attr_int, attr_ints, dtype, node, value_info, NodeProto, TensorProto,
 };
-use crate::backend::Backend;
 use crate::gguf::Gguf;
 use crate::kernels::quant::dequantize_row;
 
@@ -97,32 +96,10 @@ pub fn calibrate(
     max_tokens: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Ranges, usize), ExportError> {
-    let g = Gguf::open(gguf).map_err(ModelError::from)?;
-    let tok = crate::engine::tokenizer::Tokenizer::from_gguf(&g, gguf.parent())
-        .map_err(|e| ExportError::Unsupported(format!("tokenizer: {e}")))?;
-    let mut ids = tok
-        .encode(text)
-        .map_err(|e| ExportError::Unsupported(format!("calibration text: {e}")))?;
-    ids.truncate(max_tokens);
-    if ids.len() < 16 {
-        return Err(ExportError::Unsupported(format!(
-            "the calibration text is {} tokens: at least 16 are needed",
-            ids.len()
-        )));
-    }
-    let batch = 64;
-    let mut cpu = CpuBackend::load(
-        g,
-        &CpuOptions {
-            n_ctx: window.max(batch),
-            max_batch: batch,
-            logit_rows: batch,
-            ..Default::default()
-        },
-    )?;
+    let ids = super::calibrate::tokens(gguf, text, max_tokens)?;
     let ranges = std::sync::Arc::new(std::sync::Mutex::new(Ranges::new()));
     let seen = ranges.clone();
-    cpu.set_observer(Some(Box::new(move |layer, site, v, _cols| {
+    let observer = Box::new(move |layer, site, v: &[f32], _cols| {
         let (lo, hi) = v
             .iter()
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
@@ -133,17 +110,8 @@ pub fn calibrate(
             e.0 = e.0.min(lo);
             e.1 = e.1.max(hi);
         }
-    })));
-    let windows: Vec<&[u32]> = ids.chunks(window.max(batch)).collect();
-    for (i, w) in windows.iter().enumerate() {
-        cpu.reset();
-        for (j, part) in w.chunks(batch).enumerate() {
-            cpu.forward(part, j * batch, true)
-                .map_err(|e| ExportError::Unsupported(format!("calibration run: {e}")))?;
-        }
-        progress(i + 1, windows.len());
-    }
-    cpu.set_observer(None);
+    });
+    super::calibrate::run(gguf, &ids, window, true, observer, None, progress)?;
     let r = ranges.lock().map(|r| r.clone()).unwrap_or_default();
     Ok((r, ids.len()))
 }

@@ -348,7 +348,8 @@ pub fn q5_values(qs: &[u8; QK / 2], qh: [u8; 4]) -> [u8; QK] {
 }
 
 /// The inverse of [`q5_values`]: qs and qh of 32 values below 32.
-fn pack_q5(q: &[u8; QK]) -> ([u8; QK / 2], [u8; 4]) {
+/// Five-bit codes (0..=31) as Q5_0/Q5_1 store them: low nibbles and a word of high bits.
+pub fn pack_q5(q: &[u8; QK]) -> ([u8; QK / 2], [u8; 4]) {
     let (mut qs, mut qh) = ([0u8; QK / 2], 0u32);
     for j in 0..QK / 2 {
         qs[j] = (q[j] & 0x0f) | ((q[j + QK / 2] & 0x0f) << 4);
@@ -608,17 +609,7 @@ fn quantize_k_min(c: &[f32], top: f32) -> (u16, u16, [u8; 12], [u8; QK_K]) {
             0
         };
     }
-    let mut sc = [0u8; 12];
-    for j in 0..8 {
-        if j < 4 {
-            sc[j] = ls[j];
-            sc[j + 4] = lm[j];
-        } else {
-            sc[j + 4] = (ls[j] & 0x0f) | ((lm[j] & 0x0f) << 4);
-            sc[j - 4] |= (ls[j] >> 4) << 6;
-            sc[j] |= (lm[j] >> 4) << 6;
-        }
-    }
+    let sc = pack_k_scales(&ls, &lm);
     let d16 = f32_to_f16(d);
     let dmin16 = f32_to_f16(dmin);
     let (dr, mr) = (f16_to_f32(d16), f16_to_f32(dmin16));
@@ -643,18 +634,7 @@ pub fn quantize_q4k(x: &[f32]) -> Vec<BlockQ4K> {
     x.chunks_exact(QK_K)
         .map(|c| {
             let (d, dmin, scales, q) = quantize_k_min(c, 15.0);
-            let mut qs = [0u8; 128];
-            for (j, qj) in q.chunks_exact(32).enumerate() {
-                for (l, &v) in qj.iter().enumerate() {
-                    qs[(j / 2) * 32 + l] |= v << (4 * (j % 2));
-                }
-            }
-            BlockQ4K {
-                d,
-                dmin,
-                scales,
-                qs,
-            }
+            q4k_block(d, dmin, scales, &q)
         })
         .collect()
 }
@@ -663,20 +643,7 @@ pub fn quantize_q5k(x: &[f32]) -> Vec<BlockQ5K> {
     x.chunks_exact(QK_K)
         .map(|c| {
             let (d, dmin, scales, q) = quantize_k_min(c, 31.0);
-            let (mut qs, mut qh) = ([0u8; 128], [0u8; 32]);
-            for (j, qj) in q.chunks_exact(32).enumerate() {
-                for (l, &v) in qj.iter().enumerate() {
-                    qs[(j / 2) * 32 + l] |= (v & 0x0f) << (4 * (j % 2));
-                    qh[l] |= (v >> 4) << j;
-                }
-            }
-            BlockQ5K {
-                d,
-                dmin,
-                scales,
-                qh,
-                qs,
-            }
+            q5k_block(d, dmin, scales, &q)
         })
         .collect()
 }
@@ -711,26 +678,78 @@ pub fn quantize_q6k(x: &[f32]) -> Vec<BlockQ6K> {
                 };
                 q[i] = (qi + 32) as u8;
             }
-            let mut ql = [0u8; 128];
-            let mut qh = [0u8; 64];
-            for n in 0..2 {
-                for l in 0..32 {
-                    let b = n * 128;
-                    let (q1, q2, q3, q4) = (q[b + l], q[b + l + 32], q[b + l + 64], q[b + l + 96]);
-                    ql[n * 64 + l] = (q1 & 0x0f) | ((q3 & 0x0f) << 4);
-                    ql[n * 64 + l + 32] = (q2 & 0x0f) | ((q4 & 0x0f) << 4);
-                    qh[n * 32 + l] =
-                        (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
-                }
-            }
-            BlockQ6K {
-                ql,
-                qh,
-                scales,
-                d: d16,
-            }
+            q6k_block(d16, scales, &q)
         })
         .collect()
+}
+
+/// Six-bit scales and mins of Q4_K/Q5_K's eight sub-blocks, packed into their 12 bytes.
+pub fn pack_k_scales(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+    let mut sc = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = ls[j];
+            sc[j + 4] = lm[j];
+        } else {
+            sc[j + 4] = (ls[j] & 0x0f) | ((lm[j] & 0x0f) << 4);
+            sc[j - 4] |= (ls[j] >> 4) << 6;
+            sc[j] |= (lm[j] >> 4) << 6;
+        }
+    }
+    sc
+}
+
+/// A Q4_K block from its header and 256 codes (0..=15).
+pub fn q4k_block(d: u16, dmin: u16, scales: [u8; 12], q: &[u8; QK_K]) -> BlockQ4K {
+    let mut qs = [0u8; 128];
+    for (j, qj) in q.chunks_exact(32).enumerate() {
+        for (l, &v) in qj.iter().enumerate() {
+            qs[(j / 2) * 32 + l] |= (v & 0x0f) << (4 * (j % 2));
+        }
+    }
+    BlockQ4K {
+        d,
+        dmin,
+        scales,
+        qs,
+    }
+}
+
+/// A Q5_K block from its header and 256 codes (0..=31).
+pub fn q5k_block(d: u16, dmin: u16, scales: [u8; 12], q: &[u8; QK_K]) -> BlockQ5K {
+    let (mut qs, mut qh) = ([0u8; 128], [0u8; 32]);
+    for (j, qj) in q.chunks_exact(32).enumerate() {
+        for (l, &v) in qj.iter().enumerate() {
+            qs[(j / 2) * 32 + l] |= (v & 0x0f) << (4 * (j % 2));
+            qh[l] |= ((v >> 4) & 1) << j;
+        }
+    }
+    BlockQ5K {
+        d,
+        dmin,
+        scales,
+        qh,
+        qs,
+    }
+}
+
+/// A Q6_K block from its scale, sixteen sub-block scales and 256 codes (0..=63, value − 32).
+pub fn q6k_block(d: u16, scales: [i8; 16], q: &[u8; QK_K]) -> BlockQ6K {
+    let mut ql = [0u8; 128];
+    let mut qh = [0u8; 64];
+    for n in 0..2 {
+        for l in 0..32 {
+            let b = n * 128;
+            let (q1, q2, q3, q4) = (q[b + l], q[b + l + 32], q[b + l + 64], q[b + l + 96]);
+            ql[n * 64 + l] = (q1 & 0x0f) | ((q3 & 0x0f) << 4);
+            ql[n * 64 + l + 32] = (q2 & 0x0f) | ((q4 & 0x0f) << 4);
+            qh[n * 32 + l] = ((q1 >> 4) & 3)
+                | (((q2 >> 4) & 3) << 2)
+                | (((q3 >> 4) & 3) << 4)
+                | (((q4 >> 4) & 3) << 6);
+        }
+    }
+    BlockQ6K { ql, qh, scales, d }
 }
 
 /// Encodes f32 values as a tensor of type `ty` (for tests and synthetic models).
