@@ -874,9 +874,10 @@ pub fn gptq(
                 s.spawn(move || gptq_rows(&f, wb, n, h, prep, imp, ob))
             })
             .collect();
+        // A band that panicked would leave its rows empty: pass the panic on instead.
         handles
             .into_iter()
-            .map(|j| j.join().unwrap_or_default())
+            .map(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
     for r in reports {
@@ -1136,19 +1137,21 @@ mod tests {
 
     #[test]
     fn gptq_is_never_worse_than_rounding_and_reports_its_error() {
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-            GgmlType::Q4K,
-            GgmlType::Q6K,
+        for (ty, act_order) in [
+            (GgmlType::Q4_0, true),
+            (GgmlType::Q4_0, false),
+            (GgmlType::Q4_1, true),
+            (GgmlType::Q5_0, true),
+            (GgmlType::Q8_0, true),
+            (GgmlType::Q4K, true),
+            (GgmlType::Q4K, false),
+            (GgmlType::Q6K, true),
         ] {
             let (rows, n) = (40, 512);
             let h = hessian(&inputs(600, n, 11), n);
             let mut rng = Rng(5);
             let w: Vec<f32> = (0..rows * n).map(|_| 0.05 * rng.next()).collect();
-            let prep = prepare(&h, true);
+            let prep = prepare(&h, act_order);
             let (bytes, report) = gptq(ty, &w, n, &h, &prep);
             let plain: Vec<u8> = w
                 .chunks_exact(n)

@@ -241,7 +241,7 @@ pub fn requantize(
                 done += 1;
                 progress(done, total);
             }
-            prepared = next.and_then(|j| j.join().ok()).flatten();
+            prepared = next.and_then(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
         }
     });
     for (t, o) in g.tensors.iter().zip(out) {
