@@ -1018,27 +1018,22 @@ fn gptq_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::sampler::Rng;
 
-    /// A small deterministic generator (xorshift), values in [-1, 1).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
+    /// A seeded value in [-1, 1).
+    fn uniform(rng: &mut Rng) -> f32 {
+        rng.next_f32() * 2.0 - 1.0
     }
 
     /// Correlated inputs with a few loud channels, as a transformer's are.
     fn inputs(rows: usize, n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut x = vec![0f32; rows * n];
         for r in 0..rows {
-            let common = rng.next();
+            let common = uniform(&mut rng);
             for j in 0..n {
                 let loud = if j % 37 == 3 { 8.0 } else { 1.0 };
-                x[r * n + j] = loud * (rng.next() + 0.7 * common * ((j % 5) as f32 - 2.0));
+                x[r * n + j] = loud * (uniform(&mut rng) + 0.7 * common * ((j % 5) as f32 - 2.0));
             }
         }
         x
@@ -1149,8 +1144,8 @@ mod tests {
         ] {
             let (rows, n) = (40, 512);
             let h = hessian(&inputs(600, n, 11), n);
-            let mut rng = Rng(5);
-            let w: Vec<f32> = (0..rows * n).map(|_| 0.05 * rng.next()).collect();
+            let mut rng = Rng::new(5);
+            let w: Vec<f32> = (0..rows * n).map(|_| 0.05 * uniform(&mut rng)).collect();
             let prep = prepare(&h, act_order);
             let (bytes, report) = gptq(ty, &w, n, &h, &prep);
             let plain: Vec<u8> = w
