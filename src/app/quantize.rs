@@ -66,9 +66,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default(),
-                sha256: models::hex(
-                    ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref(),
-                ),
+                sha256: models::sha256_bytes(text.as_bytes()),
                 tokens,
                 window: a.ctx as usize,
             };

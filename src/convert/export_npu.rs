@@ -668,8 +668,7 @@ pub fn export_npu(
         )));
     }
     let text = std::fs::read_to_string(&opts.calibrate).map_err(io(&opts.calibrate))?;
-    let calib_sha =
-        crate::models::hex(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
+    let calib_sha = crate::models::sha256_bytes(text.as_bytes());
     let g = Gguf::open(gguf).map_err(ModelError::from)?;
     let c = Config::from_gguf(&g)?;
     if c.arch != Arch::Llama && c.arch != Arch::Qwen2 {

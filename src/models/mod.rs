@@ -480,6 +480,11 @@ pub fn sha256_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Resul
     Ok(hex(ctx.finish().as_ref()))
 }
 
+/// SHA-256 of bytes in memory, as lowercase hex (a calibration text's, recorded in what it made).
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
